@@ -1,0 +1,32 @@
+# Two commands on a fresh machine: `make demo` (install + pre-train on embedded data) and
+# `make test` (install + test suite). Both create .venv/ at the repo root on first use.
+PYTHON ?= python3
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+# Single-process runs need no launcher; one thread pool per rank is sized by the launcher otherwise.
+export DS_ACCELERATOR ?= cpu
+PYTEST_ARGS ?=
+
+.PHONY: setup demo test test-slow clean
+
+setup: $(STAMP)
+
+# torch/torchvision are pinned through constraints.txt: an unpinned resolution can swap in another build.
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
+	touch $(STAMP)
+
+demo: setup
+	$(BIN)/adamae-pretrain +experiment=demo
+
+test: setup
+	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+
+test-slow: setup
+	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+clean:
+	rm -rf runs outputs .pytest_cache

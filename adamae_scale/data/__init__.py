@@ -1,0 +1,26 @@
+"""Data sources: each yields dicts of tensors ``{"video": [B, 3, T, H, W], ...}`` and has a state."""
+from __future__ import annotations
+
+from typing import Any, Mapping
+
+from .synthetic import SyntheticClips, SyntheticConfig
+
+SOURCES = ("synthetic",)
+
+
+def synthetic_config(data: Mapping[str, Any], model_cfg) -> SyntheticConfig:
+    keys = ("num_objects", "object_size", "speed", "background", "motion_threshold", "seed")
+    return SyntheticConfig(
+        num_frames=model_cfg.num_frames,
+        img_size=model_cfg.img_size,
+        patch_size=model_cfg.patch_size,
+        tubelet_size=model_cfg.tubelet_size,
+        **{k: tuple(data[k]) if isinstance(data[k], (list, tuple)) else data[k] for k in keys},
+    )
+
+
+def build_data(data: Mapping[str, Any], model_cfg, batch_size: int, rank: int, world_size: int):
+    """The training stream named by ``data.name`` for this rank."""
+    if data["name"] == "synthetic":
+        return SyntheticClips(synthetic_config(data, model_cfg), batch_size, rank, world_size)
+    raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")

@@ -1,0 +1,129 @@
+"""Embedded default data: seeded clips of textured objects moving over a static background.
+
+Every clip comes with the per-token ground truth of which tokens contain a moving object, so that
+``focus_ratio`` (does the sampler put visible tokens on motion?) can be measured. The ground truth
+goes to the metrics only: nothing in the model or the losses sees it.
+
+Clip ``i`` is a pure function of ``(seed, i)``, so a stream resumes exactly from a sample index.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterator
+
+import torch
+import torch.nn.functional as F
+
+from .transforms import normalize
+
+
+@dataclass
+class SyntheticConfig:
+    num_frames: int = 16
+    img_size: tuple[int, int] = (224, 224)
+    patch_size: int = 16
+    tubelet_size: int = 2
+    num_objects: tuple[int, int] = (1, 3)  # inclusive range per clip
+    object_size: tuple[float, float] = (0.125, 0.22)  # side / diameter, as a fraction of the short side
+    speed: tuple[float, float] = (0.015, 0.05)  # pixels per frame, as a fraction of the short side
+    background: str = "smooth"  # "smooth" (low-frequency colour field) or "texture" (per-pixel noise)
+    motion_threshold: float = 0.125  # a token is "motion" when objects cover this fraction of its pixels
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        if self.background not in ("smooth", "texture"):
+            raise ValueError(f"data.background must be 'smooth' or 'texture', got {self.background!r}")
+
+
+def _uniform(gen: torch.Generator, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
+    return low + (high - low) * torch.rand(size, generator=gen)
+
+
+def _background(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:
+    h, w = cfg.img_size
+    coarse = 4 if cfg.background == "smooth" else max(h, w)
+    field = torch.rand(1, 3, coarse, coarse, generator=gen)
+    return F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)[0]  # (3, H, W)
+
+
+def _bounce(start: torch.Tensor, velocity: torch.Tensor, frames: int, low: float, high: float) -> torch.Tensor:
+    """Positions over ``frames`` of a point moving at constant speed, reflected at [low, high]."""
+    span = high - low
+    raw = start + velocity * torch.arange(frames, dtype=torch.float32) - low  # (T,)
+    folded = torch.remainder(raw, 2 * span)
+    return low + torch.where(folded > span, 2 * span - folded, folded)
+
+
+def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Clip ``index``: ``(video [3, T, H, W] in [0, 1], motion [N] bool)`` with N tokens (t, h, w)."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    t_frames, (h, w) = cfg.num_frames, cfg.img_size
+    short = min(h, w)
+    frames = _background(cfg, gen)[:, None].repeat(1, t_frames, 1, 1)  # (3, T, H, W)
+    covered = torch.zeros(t_frames, h, w, dtype=torch.bool)
+    yy = torch.arange(h, dtype=torch.float32)[None, :, None]  # (1, H, 1)
+    xx = torch.arange(w, dtype=torch.float32)[None, None, :]  # (1, 1, W)
+
+    count = int(torch.randint(cfg.num_objects[0], cfg.num_objects[1] + 1, (), generator=gen))
+    for _ in range(count):
+        size = max(2, int(_uniform(gen, *cfg.object_size) * short))
+        half = size / 2
+        speed = float(_uniform(gen, *cfg.speed)) * short
+        angle = float(_uniform(gen, 0.0, 2 * torch.pi))
+        cy = _bounce(_uniform(gen, half, h - half), speed * torch.sin(torch.tensor(angle)), t_frames, half, h - half)
+        cx = _bounce(_uniform(gen, half, w - half), speed * torch.cos(torch.tensor(angle)), t_frames, half, w - half)
+        dy = yy - cy[:, None, None]  # (T, H, 1)
+        dx = xx - cx[:, None, None]  # (T, 1, W)
+        if torch.rand((), generator=gen) < 0.5:
+            inside = (dy.abs() < half) & (dx.abs() < half)  # square, (T, H, W)
+        else:
+            inside = dy**2 + dx**2 < half**2  # disk
+        # The texture moves with the object: sample it at object-local coordinates.
+        texture = F.interpolate(
+            torch.rand(1, 3, max(2, size // 3), max(2, size // 3), generator=gen), size=(size, size), mode="nearest"
+        )[0]  # (3, size, size)
+        ly = (dy + half).long().clamp(0, size - 1).expand(t_frames, h, w)
+        lx = (dx + half).long().clamp(0, size - 1).expand(t_frames, h, w)
+        frames = torch.where(inside[None], texture[:, ly, lx], frames)
+        covered |= inside
+
+    motion = token_coverage(covered, cfg.tubelet_size, cfg.patch_size) >= cfg.motion_threshold
+    return frames, motion
+
+
+def token_coverage(covered: torch.Tensor, tubelet: int, patch: int) -> torch.Tensor:
+    """Fraction of each token's pixels that are ``covered``: ``[T, H, W]`` bool → ``[N]`` (t, h, w order)."""
+    t, h, w = covered.shape
+    cubes = covered.float().view(t // tubelet, tubelet, h // patch, patch, w // patch, patch)
+    return cubes.mean(dim=(1, 3, 5)).flatten()
+
+
+class SyntheticClips:
+    """Infinite batches ``{"video": [B, 3, T, H, W] normalised, "motion": [B, N] bool}``.
+
+    Rank ``r`` of ``world`` takes the clips ``(k * world + r) * B + i``; ``state_dict()`` is the index of
+    the next batch, so a resumed run sees exactly the clips an uninterrupted one would.
+    """
+
+    def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
+        self.next_batch = 0
+
+    def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
+        return self
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        first = (self.next_batch * self.world_size + self.rank) * self.batch_size
+        clips = [render_clip(self.cfg, first + i) for i in range(self.batch_size)]
+        self.next_batch += 1
+        video = torch.stack([c[0] for c in clips])  # (B, 3, T, H, W) in [0, 1]
+        return {"video": normalize(video), "motion": torch.stack([c[1] for c in clips])}
+
+    def state_dict(self) -> dict[str, int]:
+        return {"next_batch": self.next_batch}
+
+    def load_state_dict(self, state: dict[str, int]) -> None:
+        self.next_batch = int(state["next_batch"])

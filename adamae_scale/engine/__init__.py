@@ -1,0 +1,1 @@
+"""Training machinery: DeepSpeed set-up, optimisation recipe, loop and checkpoints. Knows no video."""

@@ -1,0 +1,44 @@
+"""The reference optimisation recipe: AdamW with weight-decay groups, lr scaled by batch, per-step
+linear warm-up then cosine decay."""
+from __future__ import annotations
+
+import math
+from typing import Iterable
+
+import torch
+from timm.optim import param_groups_weight_decay
+from torch import nn
+
+# Parameters the reference exempts from weight decay by name (besides every bias and norm).
+NO_WEIGHT_DECAY = ("mask_token",)
+
+
+def scaled_lr(base_lr: float, global_batch: int) -> float:
+    """``lr = base_lr * global_batch / 256`` (the MAE/VideoMAE/AdaMAE linear scaling rule)."""
+    return base_lr * global_batch / 256
+
+
+def lr_at(step: int, peak_lr: float, min_lr: float, warmup_steps: int, total_steps: int) -> float:
+    """Linear warm-up from 0 over ``warmup_steps`` optimizer steps, then half-cosine to ``min_lr``."""
+    if step < warmup_steps:
+        return peak_lr * step / warmup_steps
+    decay_steps = max(total_steps - warmup_steps, 1)
+    progress = min((step - warmup_steps) / decay_steps, 1.0)
+    return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_adamw(
+    model: nn.Module,
+    lr: float,
+    weight_decay: float = 0.05,
+    betas: Iterable[float] = (0.9, 0.95),
+    eps: float = 1e-8,
+) -> torch.optim.AdamW:
+    """AdamW with two groups: decay on weight matrices, none on biases, norms and ``mask_token``."""
+    groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr * group.get("lr_scale", 1.0)

@@ -1,0 +1,111 @@
+"""Wrap a plain ``nn.Module`` for training: process group, DeepSpeed config, ``deepspeed.initialize``.
+
+The model knows nothing of this module; everything DeepSpeed-specific happens here, in one order:
+environment → config (ZeRO JSON + batch, clipping and precision fields) → activation checkpointing →
+``deepspeed.initialize``.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+from dataclasses import dataclass
+from importlib import resources
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+PRECISIONS = ("fp32", "bf16")
+
+
+@dataclass(frozen=True)
+class DistEnv:
+    rank: int
+    local_rank: int
+    world_size: int
+
+
+def dist_env() -> DistEnv:
+    """The rank layout set by a launcher (deepspeed, torchrun, SLURM via srun), or a single process.
+
+    With no launcher, the variables DeepSpeed's process group needs are filled in for one process.
+    """
+    if "RANK" not in os.environ and "SLURM_PROCID" in os.environ and "WORLD_SIZE" not in os.environ:
+        os.environ["RANK"] = os.environ["SLURM_PROCID"]
+        os.environ["LOCAL_RANK"] = os.environ.get("SLURM_LOCALID", "0")
+        os.environ["WORLD_SIZE"] = os.environ["SLURM_NTASKS"]
+    for key, value in (("RANK", "0"), ("WORLD_SIZE", "1"), ("LOCAL_RANK", "0"), ("MASTER_ADDR", "127.0.0.1")):
+        os.environ.setdefault(key, value)
+    if "MASTER_PORT" not in os.environ:
+        os.environ["MASTER_PORT"] = "0" if os.environ["WORLD_SIZE"] == "1" else "29500"
+    return DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+
+
+def load_ds_config(name_or_path: str) -> dict[str, Any]:
+    """``zero0`` … ``zero3`` (shipped in ``ds_configs/``) or a path to a DeepSpeed JSON file."""
+    path = Path(name_or_path)
+    if path.suffix == ".json":
+        if not path.is_file():
+            raise FileNotFoundError(f"ds: DeepSpeed config file {path} does not exist")
+        text = path.read_text()
+    else:
+        shipped = resources.files("adamae_scale.ds_configs").joinpath(f"{name_or_path}.json")
+        if not shipped.is_file():
+            names = sorted(p.name[:-5] for p in resources.files("adamae_scale.ds_configs").iterdir() if p.name.endswith(".json"))
+            raise ValueError(f"ds={name_or_path!r}: expected one of {names} or a path to a .json file")
+        text = shipped.read_text()
+    try:
+        return json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"ds={name_or_path}: not valid JSON ({err})") from err
+
+
+def build_ds_config(
+    base: dict[str, Any],
+    micro_batch_size: int,
+    accumulation: int,
+    world_size: int,
+    precision: str,
+    clip_grad: float,
+) -> dict[str, Any]:
+    """The ZeRO JSON plus the fields this project owns: batch sizes, clipping, precision, logging.
+
+    ``global_batch = micro_batch_size × accumulation × world_size``.
+    """
+    if precision not in PRECISIONS:
+        raise ValueError(f"precision must be one of {PRECISIONS}, got {precision!r}")
+    config = copy.deepcopy(base)
+    config.update(
+        train_micro_batch_size_per_gpu=micro_batch_size,
+        gradient_accumulation_steps=accumulation,
+        train_batch_size=micro_batch_size * accumulation * world_size,
+        gradient_clipping=clip_grad,
+        steps_per_print=10**9,  # progress is reported by the trainer
+        wall_clock_breakdown=False,
+    )
+    # bf16 keeps fp32 parameters and runs matmuls under torch.autocast, so the sampler can stay fp32;
+    # DeepSpeed's "bf16" mode would cast every parameter, the sampler's included, to bf16.
+    config.pop("bf16", None)
+    config.pop("fp16", None)
+    config["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    return config
+
+
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+    """``deepspeed.initialize`` with the client optimizer; returns the engine."""
+    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    import deepspeed
+
+    engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=True)
+    return engine
+
+
+def shutdown() -> None:
+    """Destroy the process group (an exit with it alive occasionally aborts the process)."""
+    import deepspeed.comm as dist
+
+    if dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()

@@ -1,0 +1,127 @@
+"""The training loop. It knows an engine, a loss function and an iterator of tensor dicts: no video.
+
+One ``step`` is one optimizer step = ``accumulation`` micro-batches on every rank, i.e.
+``global_batch = micro_batch_size × accumulation × world_size`` samples.
+"""
+from __future__ import annotations
+
+import time
+from typing import Any, Callable, Iterator, Mapping
+
+import torch
+from tqdm import tqdm
+
+from .checkpoint import Checkpointer
+from .optim import set_lr
+
+LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str, Any]]
+
+
+def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
+    """The RNG seed of one micro-batch: dropout and mask sampling replay exactly after a resume."""
+    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank * 7_919) % (2**63)
+
+
+class Trainer:
+    def __init__(
+        self,
+        engine,
+        loss_fn: LossFn,
+        data: Iterator[dict[str, torch.Tensor]],
+        checkpointer: Checkpointer,
+        logger,
+        lr_schedule: Callable[[int], float],
+        steps: int,
+        global_batch: int,
+        seed: int = 0,
+        log_every: int = 1,
+        progress: bool = True,
+    ):
+        self.engine, self.loss_fn, self.data = engine, loss_fn, data
+        self.checkpointer, self.logger = checkpointer, logger
+        self.lr_schedule, self.steps, self.global_batch = lr_schedule, steps, global_batch
+        self.seed, self.log_every = seed, log_every
+        self.rank = engine.global_rank
+        self.world_size = engine.world_size
+        self.accumulation = engine.gradient_accumulation_steps()
+        self.progress = progress and self.rank == 0
+        self.step = 0
+
+    # -- state -------------------------------------------------------------------------------
+    def state_dict(self) -> dict[str, Any]:
+        state: dict[str, Any] = {"step": self.step}
+        if hasattr(self.data, "state_dict"):
+            state["data"] = self.data.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        self.step = int(state["step"])
+        if "data" in state and hasattr(self.data, "load_state_dict"):
+            self.data.load_state_dict(state["data"])
+
+    def resume(self, mode: str) -> None:
+        state = self.checkpointer.resume(self.engine, mode)
+        if state is not None:
+            self.load_state_dict(state)
+
+    # -- loop --------------------------------------------------------------------------------
+    def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
+        device = self.engine.device
+        return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def train_step(self) -> dict[str, float]:
+        """One optimizer step; returns the micro-batch mean of every scalar the loss function reported."""
+        set_lr(self.engine.optimizer, self.lr_schedule(self.step))
+        totals: dict[str, float] = {}
+        for micro in range(self.accumulation):
+            torch.manual_seed(step_seed(self.seed, self.step, micro, self.rank))
+            batch = self._to_device(next(self.data))
+            outputs = self.loss_fn(self.engine, batch)
+            loss = outputs["loss"]
+            if not torch.isfinite(loss):
+                raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping before it spreads")
+            self.engine.backward(loss)
+            self.engine.step()
+            for key, value in outputs.items():
+                if torch.is_tensor(value) and value.ndim > 0:
+                    continue
+                value = value.detach() if torch.is_tensor(value) else value
+                totals[key] = totals.get(key, 0.0) + float(value) / self.accumulation
+        return totals
+
+    def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        if self.world_size == 1 or not values:
+            return values
+        import deepspeed.comm as dist
+
+        keys = sorted(values)
+        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(packed)
+        return {k: v / self.world_size for k, v in zip(keys, packed.tolist())}
+
+    def fit(self, stop_after: int | None = None) -> dict[str, float]:
+        """Train until ``steps`` (or ``stop_after`` steps of the schedule); log, checkpoint; return the
+        last logged metrics."""
+        end = self.steps if stop_after is None else min(self.steps, stop_after)
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc="pretrain", unit="step")
+        last: dict[str, float] = {}
+        window_start, window_steps = time.perf_counter(), 0
+        while self.step < end:
+            values = self.train_step()
+            self.step += 1
+            window_steps += 1
+            last_step = self.step == end
+            if self.step % self.log_every == 0 or last_step:
+                elapsed = time.perf_counter() - window_start
+                values = self._mean_over_ranks(values)
+                values["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+                values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
+                self.logger.log(self.step, values)
+                last = values
+                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                window_start, window_steps = time.perf_counter(), 0
+            if self.checkpointer.should_save(self.step, last_step):
+                self.checkpointer.save(self.engine, self.step, self.state_dict())
+            bar.update(1)
+        bar.close()
+        return last

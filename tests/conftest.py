@@ -1,0 +1,49 @@
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+
+# A model small enough for CI (2 cores) that still runs every stage of the real pipeline.
+TINY_RUN = [
+    "model=vit_tiny",
+    "model.depth=2",
+    "model.decoder_depth=1",
+    "model.num_frames=4",
+    "model.img_size=[32,32]",
+    "model.patch_size=8",
+    "masking.ratio=0.75",
+    "data=synthetic",
+    "train.micro_batch_size=4",
+    "train.base_lr=0.4",
+    "train.min_lr=0.04",
+    "train.warmup_fraction=0.1",
+    "train.clip_grad=1.0",
+    "eval.focus_batches=1",
+]
+
+
+def cli_env(**extra: str) -> dict[str, str]:
+    env = dict(os.environ)
+    env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
+    for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
+        env.pop(key, None)
+    env.update(extra)
+    return env
+
+
+def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``adamae-pretrain`` as a user runs it: a fresh process with Hydra overrides."""
+    cmd = [sys.executable, "-m", "adamae_scale.pretrain", *overrides]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+    return proc
+
+
+@pytest.fixture
+def tiny_run():
+    return list(TINY_RUN)

@@ -1,0 +1,99 @@
+"""Model family: sizes, shapes, position tables, decoder ordering."""
+import math
+
+import pytest
+import torch
+
+from adamae_scale.models import build_model, config_for, model_names
+from adamae_scale.models.layers import sincos_table_1d
+from adamae_scale.models.masking import split_indices
+
+# (embed_dim, depth, heads, mlp hidden) of the reference / ViT-g widths.
+REFERENCE_WIDTHS = {
+    "vit_tiny": (192, 12, 3, 768),
+    "vit_small": (384, 12, 6, 1536),
+    "vit_base": (768, 12, 12, 3072),
+    "vit_large": (1024, 24, 16, 4096),
+    "vit_huge": (1280, 32, 16, 5120),
+    "vit_giant": (1408, 40, 16, 6144),
+}
+
+
+def encoder_params(dim: int, depth: int, hidden: int, pixels_per_token: int = 1536) -> int:
+    """Closed-form parameter count of the reference encoder (qkv without bias + q/v biases)."""
+    block = (2 * 2 * dim) + (3 * dim * dim + 2 * dim) + (dim * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+    return pixels_per_token * dim + dim + depth * block + 2 * dim
+
+
+@pytest.mark.parametrize("name", sorted(REFERENCE_WIDTHS))
+def test_every_size_builds_with_reference_widths(name):
+    cfg = config_for(name)
+    with torch.device("meta"):
+        model = build_model(cfg)
+    dim, depth, heads, hidden = REFERENCE_WIDTHS[name]
+    assert (cfg.embed_dim, cfg.depth, cfg.num_heads) == (dim, depth, heads)
+    assert len(model.encoder.blocks) == depth
+    assert model.encoder.blocks[0].mlp.fc1.out_features == hidden
+    encoder = sum(p.numel() for p in model.encoder.parameters())
+    assert encoder == encoder_params(dim, depth, hidden)
+    print(f"{name}: total {model.num_params():,} params, encoder {encoder:,}, "
+          f"sampler {sum(p.numel() for p in model.sampler.parameters()):,}")
+
+
+def test_model_names_are_the_six_sizes():
+    assert model_names() == sorted(REFERENCE_WIDTHS)
+
+
+def test_base_sampler_has_about_8_3m_parameters():
+    with torch.device("meta"):
+        model = build_model(config_for("vit_base"))
+    assert abs(sum(p.numel() for p in model.sampler.parameters()) - 8.3e6) < 0.05e6
+
+
+def test_sincos_table_matches_the_formula():
+    table = sincos_table_1d(10, 8)[0]
+    for pos in (0, 3, 9):
+        for ch in range(8):
+            angle = pos / 10000 ** (2 * (ch // 2) / 8)
+            want = math.sin(angle) if ch % 2 == 0 else math.cos(angle)
+            assert abs(table[pos, ch].item() - want) < 1e-6
+
+
+def test_forward_shapes_non_square_and_given_mask():
+    torch.manual_seed(0)
+    cfg = config_for("vit_tiny", num_frames=4, img_size=[32, 48], patch_size=8, depth=2, decoder_depth=1,
+                     mask_ratio=0.75)
+    assert cfg.layout.grid == (2, 4, 6) and cfg.num_visible == 12
+    model = build_model(cfg).eval()
+    video = torch.randn(2, 3, 4, 32, 48)
+    out = model(video)
+    assert out.pred.shape == (2, 36, 3 * 2 * 8 * 8)
+    assert out.mask.shape == (2, 48) and int((~out.mask).sum()) == 24
+
+    # A given mask is used as is, and predictions come back in ascending masked-token order.
+    mask = torch.ones(2, 48, dtype=torch.bool)
+    mask[:, :12] = False
+    again = model(video, mask=mask)
+    assert torch.equal(again.mask, mask)
+    assert torch.equal(again.masked_idx, split_indices(mask)[1])
+    assert torch.equal(again.masked_idx[0], torch.arange(12, 48))
+
+
+def test_prediction_of_a_masked_token_does_not_depend_on_its_own_pixels():
+    torch.manual_seed(0)
+    cfg = config_for("vit_tiny", num_frames=2, img_size=[16, 16], patch_size=8, depth=1, decoder_depth=1,
+                     mask_ratio=0.5, masking="random")
+    model = build_model(cfg).eval()
+    mask = torch.tensor([[False, True, False, True]])
+    video = torch.randn(1, 3, 2, 16, 16)
+    changed = video.clone()
+    changed[:, :, :, 0:8, 8:16] += 5.0  # token 1 (masked)
+    a, b = model(video, mask=mask), model(changed, mask=mask)
+    torch.testing.assert_close(a.pred, b.pred)
+
+
+def test_bad_geometry_is_a_clear_error():
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        config_for("vit_tiny", img_size=[30, 32], patch_size=8)
+    with pytest.raises(ValueError, match="unknown model"):
+        config_for("vit_enormous")

@@ -1,0 +1,64 @@
+"""``adamae-pretrain`` end to end with a real DeepSpeed engine: metrics, TensorBoard, checkpoints,
+resume, and errors that stop before any process group starts."""
+import json
+
+from adamae_scale.metrics import read_metrics
+
+from .conftest import run_pretrain
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def test_pretrain_logs_checkpoints_and_resumes(tmp_path, tiny_run):
+    run_dir = tmp_path / "run"
+    proc = run_pretrain(*tiny_run, "precision=bf16", "train.steps=12", "train.ckpt_every=6", f"run_dir={run_dir}")
+    assert "focus_ratio" in proc.stdout and str(run_dir) in proc.stdout
+
+    records = read_metrics(run_dir / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 13))
+    for key in ("loss", "loss_rec", "loss_sampling", "lr", "clips_per_s", "focus_ratio"):
+        assert all(key in r for r in records), key
+    first, last = records[0]["loss_rec"], min(r["loss_rec"] for r in records[-3:])
+    assert last < first * 0.9, f"loss did not fall: {first} -> {last}"
+    assert list((run_dir / "tb").glob("events.out.tfevents.*"))
+    ckpts = run_dir / "checkpoints"
+    assert (ckpts / "latest").read_text().strip() == "step_00000012"
+    assert (ckpts / "step_00000006").is_dir() and (ckpts / "step_00000012").is_dir()
+    config = json.loads((ckpts / "step_00000012" / "config.json").read_text())
+    assert config["model"]["embed_dim"] == 192 and config["model"]["depth"] == 2
+
+    proc = run_pretrain(*tiny_run, "precision=bf16", "train.steps=16", "train.ckpt_every=6", "train.resume=auto",
+                        f"run_dir={run_dir}")
+    summary = json.loads((run_dir / "summary.json").read_text())
+    assert summary["resumed_from"] == 12 and summary["steps"] == 16
+    steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]
+    assert steps == list(range(1, 13)) + [13, 14, 15, 16]
+    assert (ckpts / "latest").read_text().strip() == "step_00000016"
+
+
+def test_resume_reproduces_the_uninterrupted_run_bitwise_in_fp32(tmp_path, tiny_run):
+    common = [*tiny_run, "precision=fp32", "ds=zero0", "train.steps=8", "eval.focus_batches=0"]
+    straight = tmp_path / "straight"
+    run_pretrain(*common, "train.ckpt_every=0", f"run_dir={straight}")
+
+    stopped = tmp_path / "stopped"
+    # Same schedule (train.steps=8) but stop after the checkpoint at step 4, as a pre-empted job would.
+    run_pretrain(*common, "train.ckpt_every=4", "train.stop_after=4", f"run_dir={stopped}")
+    assert losses(stopped) == losses(straight)[:4]
+    run_pretrain(*common, "train.ckpt_every=4", "train.resume=auto", f"run_dir={stopped}")
+    assert losses(stopped) == losses(straight)
+
+
+def test_bad_config_fails_before_training_with_one_line(tmp_path, tiny_run):
+    proc = run_pretrain(*tiny_run, "precision=fp16", f"run_dir={tmp_path / 'x'}", check=False)
+    assert proc.returncode == 2
+    assert "precision must be one of ('fp32', 'bf16'), got 'fp16'" in proc.stderr
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+    proc = run_pretrain(*tiny_run, "ds=zero7", f"run_dir={tmp_path / 'y'}", check=False)
+    assert proc.returncode == 2 and "ds='zero7'" in proc.stderr
+
+    proc = run_pretrain(*tiny_run, "model.img_size=[30,32]", f"run_dir={tmp_path / 'z'}", check=False)
+    assert proc.returncode == 2 and "multiple of patch_size" in proc.stderr
