@@ -55,9 +55,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         setup.load_ds_config(cfg["ds"]), train["micro_batch_size"], train["accumulation"], env.world_size,
         cfg["precision"], train["clip_grad"],
     )
+    num_params = model.num_params()  # before ZeRO-3 partitions the parameters
     engine = setup.initialize(model, optimizer, ds_config)
     if env.rank == 0:
-        print(f"[adamae] {model_cfg.name}: {model.num_params() / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
+        print(f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
               f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {env.world_size}, global batch {global_batch}, "
               f"peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}", flush=True)
 

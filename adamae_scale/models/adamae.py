@@ -6,8 +6,8 @@ tensors only; losses live in ``adamae_scale.losses`` and nothing here knows abou
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
-from typing import Any
+from dataclasses import asdict, dataclass
+from typing import Any, NamedTuple
 
 import torch
 from torch import nn
@@ -81,8 +81,9 @@ class AdaMAEConfig:
         return out
 
 
-@dataclass
-class AdaMAEOutput:
+class AdaMAEOutput(NamedTuple):
+    """A named tuple so that wrappers which walk module outputs (ZeRO-3's hooks) see every tensor."""
+
     pred: torch.Tensor  # (B, N_masked, pixels_per_token): predictions for masked tokens, ascending
     mask: torch.Tensor  # (B, N) bool, True = masked
     masked_idx: torch.Tensor  # (B, N_masked) token indices of ``pred``'s rows
