@@ -116,6 +116,8 @@ class Trainer:
                 values = self._mean_over_ranks(values)
                 values["lr"] = self.engine.optimizer.param_groups[0]["lr"]
                 values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
+                if hasattr(self.data, "metrics"):  # e.g. samples skipped as corrupt
+                    values.update(self.data.metrics())
                 self.logger.log(self.step, values)
                 last = values
                 bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
