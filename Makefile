@@ -4,8 +4,6 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Single-process runs need no launcher; one thread pool per rank is sized by the launcher otherwise.
-export DS_ACCELERATOR ?= cpu
 PYTEST_ARGS ?=
 
 .PHONY: setup demo test test-slow clean

@@ -26,7 +26,8 @@ class SyntheticConfig:
     num_objects: tuple[int, int] = (1, 3)  # inclusive range per clip
     object_size: tuple[float, float] = (0.125, 0.22)  # side / diameter, as a fraction of the short side
     speed: tuple[float, float] = (0.015, 0.05)  # pixels per frame, as a fraction of the short side
-    background: str = "smooth"  # "smooth" (low-frequency colour field) or "texture" (per-pixel noise)
+    background: str = "smooth"  # "smooth" (2x2 colour gradient), "blobs" (4x4 colour field), "texture" (noise)
+    object_texture: int = 0  # texture cells per object side; 0 = per-pixel noise
     motion_threshold: float = 0.125  # a token is "motion" when objects cover this fraction of its pixels
     seed: int = 0
 
@@ -34,19 +35,23 @@ class SyntheticConfig:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = tuple(int(s) for s in self.img_size)
-        if self.background not in ("smooth", "texture"):
-            raise ValueError(f"data.background must be 'smooth' or 'texture', got {self.background!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"data.background must be one of {tuple(BACKGROUNDS)}, got {self.background!r}")
 
 
 def _uniform(gen: torch.Generator, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
     return low + (high - low) * torch.rand(size, generator=gen)
 
 
+BACKGROUNDS = {"smooth": (2, "bilinear"), "blobs": (4, "bicubic"), "texture": (0, "nearest")}
+
+
 def _background(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:
     h, w = cfg.img_size
-    coarse = 4 if cfg.background == "smooth" else max(h, w)
-    field = torch.rand(1, 3, coarse, coarse, generator=gen)
-    return F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)[0]  # (3, H, W)
+    cells, mode = BACKGROUNDS[cfg.background]
+    field = torch.rand(1, 3, cells or h, cells or w, generator=gen)
+    corners = {"align_corners": True} if mode == "bilinear" else {}
+    return F.interpolate(field, size=(h, w), mode=mode, **corners).clamp(0, 1)[0]  # (3, H, W)
 
 
 def _bounce(start: torch.Tensor, velocity: torch.Tensor, frames: int, low: float, high: float) -> torch.Tensor:
@@ -82,9 +87,8 @@ def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.T
         else:
             inside = dy**2 + dx**2 < half**2  # disk
         # The texture moves with the object: sample it at object-local coordinates.
-        texture = F.interpolate(
-            torch.rand(1, 3, max(2, size // 3), max(2, size // 3), generator=gen), size=(size, size), mode="nearest"
-        )[0]  # (3, size, size)
+        cells = cfg.object_texture or size
+        texture = F.interpolate(torch.rand(1, 3, cells, cells, generator=gen), size=(size, size), mode="nearest")[0]
         ly = (dy + half).long().clamp(0, size - 1).expand(t_frames, h, w)
         lx = (dx + half).long().clamp(0, size - 1).expand(t_frames, h, w)
         frames = torch.where(inside[None], texture[:, ly, lx], frames)

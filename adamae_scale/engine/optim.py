@@ -33,9 +33,18 @@ def build_adamw(
     weight_decay: float = 0.05,
     betas: Iterable[float] = (0.9, 0.95),
     eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """AdamW with two groups: decay on weight matrices, none on biases, norms and ``mask_token``."""
+    cpu_offload: bool = False,
+) -> torch.optim.Optimizer:
+    """AdamW with two groups: decay on weight matrices, none on biases, norms and ``mask_token``.
+
+    With ZeRO optimizer offload the update runs on the CPU, where DeepSpeed's vectorised CPU Adam
+    (compiled once on first use) is the implementation it expects.
+    """
     groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
