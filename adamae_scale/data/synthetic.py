@@ -8,6 +8,8 @@ Clip ``i`` is a pure function of ``(seed, i)``, so a stream resumes exactly from
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -109,25 +111,45 @@ class SyntheticClips:
     """Infinite batches ``{"video": [B, 3, T, H, W] normalised, "motion": [B, N] bool}``.
 
     Rank ``r`` of ``world`` takes the clips ``(k * world + r) * B + i``; ``state_dict()`` is the index of
-    the next batch, so a resumed run sees exactly the clips an uninterrupted one would.
+    the next batch, so a resumed run sees exactly the clips an uninterrupted one would. A background
+    thread renders the next ``prefetch`` batches while the current one trains (torch ops release the GIL).
     """
 
-    def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2):
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.next_batch = 0
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthetic") if prefetch > 0 else None
+        self._pending: deque[tuple[int, Future]] = deque()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        first = (self.next_batch * self.world_size + self.rank) * self.batch_size
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Batch ``index`` of this rank's stream (a pure function of the index)."""
+        first = (index * self.world_size + self.rank) * self.batch_size
         clips = [render_clip(self.cfg, first + i) for i in range(self.batch_size)]
-        self.next_batch += 1
         video = torch.stack([c[0] for c in clips])  # (B, 3, T, H, W) in [0, 1]
         return {"video": normalize(video), "motion": torch.stack([c[1] for c in clips])}
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._pool is None:
+            result = self.batch(self.next_batch)
+        else:
+            while len(self._pending) < self.prefetch + 1:
+                index = self.next_batch + len(self._pending)
+                self._pending.append((index, self._pool.submit(self.batch, index)))
+            index, future = self._pending.popleft()
+            assert index == self.next_batch
+            result = future.result()
+        self.next_batch += 1
+        return result
 
     def state_dict(self) -> dict[str, int]:
         return {"next_batch": self.next_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
         self.next_batch = int(state["next_batch"])
