@@ -26,7 +26,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Iterator, Mapping, Sequence
-from unittest import mock
 
 import torch
 
@@ -180,18 +179,32 @@ class _TorchForDeepSpeedParsing:
 
 
 @contextlib.contextmanager
+def _swapped_attributes(owner: Any, **replacements: Any) -> Iterator[None]:
+    originals = {name: getattr(owner, name) for name in replacements}
+    for name, value in replacements.items():
+        setattr(owner, name, value)
+    try:
+        yield
+    finally:
+        for name, value in originals.items():
+            setattr(owner, name, value)
+
+
+@contextlib.contextmanager
 def _deepspeed_parsing(facts: _CheckpointFacts) -> Iterator[Any]:
     os.environ.setdefault("DS_ACCELERATOR", "cpu")  # conversion is CPU work; also silences a warning
     from deepspeed.utils import zero_to_fp32
 
-    with mock.patch.object(zero_to_fp32, "torch", _TorchForDeepSpeedParsing(facts)):
+    # Its progress bars and prints would surround our one-line errors; parsing is quick (nothing is copied).
+    no_progress_bar = lambda iterable, *args, **kwargs: iterable  # noqa: E731
+    with _swapped_attributes(zero_to_fp32, torch=_TorchForDeepSpeedParsing(facts), tqdm=no_progress_bar), \
+            contextlib.redirect_stdout(io.StringIO()):
         yield zero_to_fp32
 
 
 def _zero_partitioned_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _CheckpointFacts]:
     facts = _CheckpointFacts()
-    progress = io.StringIO()  # DeepSpeed prints its progress; keep stdout for our own summary
-    with _deepspeed_parsing(facts) as zero_to_fp32, contextlib.redirect_stdout(progress):
+    with _deepspeed_parsing(facts) as zero_to_fp32:
         try:
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(loc.root), tag=loc.tag, lazy_mode=True)
         except (FileNotFoundError, ValueError, KeyError, IndexError, NotImplementedError) as err:
