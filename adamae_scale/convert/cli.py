@@ -8,6 +8,7 @@ from __future__ import annotations
 import argparse
 import math
 import sys
+import textwrap
 from pathlib import Path
 from typing import Sequence
 
@@ -26,6 +27,19 @@ class _Parser(argparse.ArgumentParser):
 
     def error(self, message: str) -> None:  # type: ignore[override]
         raise _UsageError(f"{message} (see '{self.prog} --help')")
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """Wraps prose lines to the terminal; keeps indented lines (key tables, examples) as written."""
+
+    def _fill_text(self, text: str, width: int, indent: str) -> str:
+        lines = []
+        for line in text.splitlines():
+            if line.startswith(" ") or not line.strip():
+                lines.append(indent + line)
+            else:
+                lines.extend(textwrap.wrap(line, width, initial_indent=indent, subsequent_indent=indent))
+        return "\n".join(lines)
 
 
 def _positive_int(text: str) -> int:
@@ -80,7 +94,7 @@ def build_parser() -> argparse.ArgumentParser:
         epilog="Run 'adamae-convert COMMAND --help' for each command's options.",
     )
     commands = parser.add_subparsers(dest="command", metavar="COMMAND", required=True)
-    formatter = argparse.RawDescriptionHelpFormatter
+    formatter = _HelpFormatter
 
     consolidate = commands.add_parser(
         "consolidate", formatter_class=formatter,
