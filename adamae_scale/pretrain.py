@@ -43,6 +43,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size
     peak_lr = optim.scaled_lr(train["base_lr"], global_batch)
     min_lr = optim.scaled_lr(train["min_lr"], global_batch)
+    warmup_steps = round(train["warmup_fraction"] * train["steps"])
     run_dir = Path(cfg["run_dir"])
 
     setup.init_distributed()
@@ -62,7 +63,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     model = build_model(model_cfg)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters
     optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
-                                  cpu_offload=setup.offloads_optimizer(ds_config))
+                                  cpu_offload=setup.offloads_optimizer(ds_config),
+                                  constant_lr_prefixes=train["constant_lr_params"])
     setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
     engine = setup.initialize(model, optimizer, ds_config)
     if env.rank == 0:
@@ -74,7 +76,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     objective = AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
     trainer = Trainer(
         engine, objective, data, checkpointer, MetricsLogger(run_dir, enabled=env.rank == 0),
-        lambda step: optim.lr_at(step, peak_lr, min_lr, round(train["warmup_fraction"] * train["steps"]), train["steps"]),
+        lambda step: {"cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"]),
+                      "constant": optim.lr_at(step, peak_lr, peak_lr, warmup_steps, train["steps"])},
         train["steps"], global_batch, cfg["seed"], train["log_every"],
     )
     trainer.resume(resume_from)

@@ -32,7 +32,7 @@ class Trainer:
         data: Iterator[dict[str, torch.Tensor]],
         checkpointer: Checkpointer,
         logger,
-        lr_schedule: Callable[[int], float],
+        lr_schedule: Callable[[int], dict[str, float]],
         steps: int,
         global_batch: int,
         seed: int = 0,
@@ -147,7 +147,7 @@ class Trainer:
                 if self.step % self.log_every == 0 or last_step:
                     elapsed = time.perf_counter() - window_start
                     values = self._mean_over_ranks(values)
-                    values["lr"] = self.engine.optimizer.param_groups[0]["lr"]
+                    values["lr"] = self.lr_schedule(self.step - 1)["cosine"]
                     values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
                     values["mem_peak_bytes"] = self._all_ranks_max([float(peak_memory_bytes(self.engine.device))])[0]
                     if hasattr(self.data, "metrics"):  # e.g. samples skipped as corrupt
