@@ -59,9 +59,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
         ds_config["checkpoint"] = {"load_universal": True}
 
+    with torch.device("meta"):
+        num_params = build_model(model_cfg).num_params()
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = build_model(model_cfg)
-    num_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    model = setup.build_module(lambda: build_model(model_cfg), ds_config)
     optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
                                   cpu_offload=setup.offloads_optimizer(ds_config),
                                   constant_lr_prefixes=train["constant_lr_params"])

@@ -39,7 +39,7 @@ from typing import Any, Mapping
 import torch
 
 from ..models import AdaMAEConfig
-from ..models.layers import init_reference_weights, sincos_table_1d
+from ..models.layers import sincos_table_1d
 from ..models.sampler import TokenSampler
 from .arch import check_shapes, describe, expected_shapes, infer_config
 from .errors import ArchitectureMismatchError, ConvertError
@@ -182,7 +182,6 @@ def fresh_sampler_state(cfg: AdaMAEConfig, seed: int) -> dict[str, torch.Tensor]
     ``pos_embed_probs``), under ``sampler.*`` names."""
     torch.manual_seed(seed)
     sampler = TokenSampler(cfg.embed_dim, cfg.num_tokens, cfg.sampler_num_heads, cfg.sampler_dropout)
-    sampler.apply(init_reference_weights)
     return {f"sampler.{name}": t.detach() for name, t in sampler.state_dict().items()}
 
 

@@ -13,7 +13,7 @@ import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Iterable
+from typing import Any, Callable, Iterable
 
 import torch
 import torch.utils.checkpoint
@@ -133,6 +133,18 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module], every: int) -> i
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
         wrapped += 1
     return wrapped
+
+
+def build_module(builder: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
+    """Construct the model. Under ZeRO-3 it is built inside ``deepspeed.zero.Init``: each parameter is
+    sharded as soon as its module exists, so no rank ever holds the whole model (ViT-H/g on many ranks)."""
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return builder()
+    select_accelerator()
+    import deepspeed
+
+    with deepspeed.zero.Init(config_dict_or_path=ds_config):
+        return builder()
 
 
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):

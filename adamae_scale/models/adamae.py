@@ -12,8 +12,7 @@ from typing import Any, NamedTuple
 import torch
 from torch import nn
 
-from .layers import Block, TubeletEmbed, init_reference_weights, sincos_table_1d, sincos_table_3d
-from .layers import trunc_normal_init
+from .layers import Block, Linear, TubeletEmbed, sincos_table_1d, sincos_table_3d, trunc_normal
 from .masking import STRATEGIES, TokenLayout, num_visible_tokens, sample_mask, split_indices
 from .sampler import TokenSampler, token_log_probs
 
@@ -130,7 +129,7 @@ class Decoder(nn.Module):
             Block(dim, cfg.decoder_num_heads, cfg.mlp_ratio, qkv_bias=True) for _ in range(cfg.decoder_depth)
         )
         self.norm = nn.LayerNorm(dim, eps=1e-6)
-        self.head = nn.Linear(dim, cfg.pixels_per_token)
+        self.head = Linear(dim, cfg.pixels_per_token)
 
     def forward(self, x: torch.Tensor, num_masked: int) -> torch.Tensor:
         for block in self.blocks:
@@ -155,12 +154,10 @@ class AdaMAE(nn.Module):
             if cfg.masking == "adaptive"
             else None
         )
-        self.encoder_to_decoder = nn.Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
-        self.mask_token = nn.Parameter(torch.zeros(1, 1, cfg.decoder_embed_dim))
+        self.encoder_to_decoder = Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
+        self.mask_token = nn.Parameter(trunc_normal((1, 1, cfg.decoder_embed_dim), std=0.02))
         self.register_buffer("decoder_pos_embed", _position_table(cfg, cfg.decoder_embed_dim), persistent=False)
         self.decoder = Decoder(cfg)
-        self.apply(init_reference_weights)
-        trunc_normal_init(self.mask_token, std=0.02)
 
     def blocks(self) -> list[nn.Module]:
         """The transformer blocks, in order, for activation checkpointing applied from outside."""

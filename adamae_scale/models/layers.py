@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath, Mlp
+from timm.layers import DropPath
 from torch import nn
 
 
@@ -47,6 +47,32 @@ def sincos_table_3d(grid: tuple[int, int, int], dim: int) -> torch.Tensor:
     return table.reshape(1, t * h * w, dim).float()
 
 
+class Linear(nn.Linear):
+    """``nn.Linear`` initialised as the reference initialises every linear layer (Xavier-uniform
+    weight, zero bias), at construction: a model built with ZeRO-3's partitioned construction
+    (each module's parameters are sharded as soon as its ``__init__`` returns) is then initialised
+    correctly, with no pass over the finished model."""
+
+    def reset_parameters(self) -> None:
+        nn.init.xavier_uniform_(self.weight)
+        if self.bias is not None:
+            nn.init.zeros_(self.bias)
+
+
+class Mlp(nn.Module):
+    """``fc2(drop(gelu(fc1(x))))``, with timm's parameter names."""
+
+    def __init__(self, dim: int, hidden: int, drop: float = 0.0):
+        super().__init__()
+        self.fc1 = Linear(dim, hidden)
+        self.act = nn.GELU()
+        self.fc2 = Linear(hidden, dim)
+        self.drop = nn.Dropout(drop)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+
+
 class TubeletEmbed(nn.Module):
     """Non-overlapping (tubelet, patch, patch) cubes → tokens, ordered (t, h, w)."""
 
@@ -72,13 +98,13 @@ class Attention(nn.Module):
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
-        self.qkv = nn.Linear(dim, dim * 3, bias=False)
+        self.qkv = Linear(dim, dim * 3, bias=False)
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
         else:
             self.q_bias = self.v_bias = None
-        self.proj = nn.Linear(dim, dim)
+        self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -112,34 +138,25 @@ class Block(nn.Module):
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
         self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
-        self.mlp = Mlp(dim, hidden_features=round(dim * mlp_ratio), act_layer=nn.GELU, drop=drop)
+        self.mlp = Mlp(dim, round(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
 
 
-def init_reference_weights(module: nn.Module) -> None:
-    """Xavier-uniform linear weights, zero biases, unit LayerNorms: the reference initialisation."""
-    if isinstance(module, nn.Linear):
-        nn.init.xavier_uniform_(module.weight)
-        if module.bias is not None:
-            nn.init.zeros_(module.bias)
-    elif isinstance(module, nn.LayerNorm):
-        nn.init.ones_(module.weight)
-        nn.init.zeros_(module.bias)
-
-
-def trunc_normal_init(tensor: torch.Tensor, std: float = 0.02) -> None:
-    nn.init.trunc_normal_(tensor, std=std, a=-2 * std, b=2 * std)
+def trunc_normal(shape: tuple[int, ...], std: float = 0.02) -> torch.Tensor:
+    """A tensor drawn from N(0, std) truncated at two standard deviations (the reference mask token)."""
+    return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std)
 
 
 __all__ = [
     "Attention",
     "Block",
     "TubeletEmbed",
-    "init_reference_weights",
+    "Linear",
+    "Mlp",
     "sincos_table_1d",
     "sincos_table_3d",
-    "trunc_normal_init",
+    "trunc_normal",
 ]

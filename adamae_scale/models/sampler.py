@@ -10,7 +10,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .layers import Block
+from .layers import Block, Linear
 
 
 class TokenSampler(nn.Module):
@@ -25,7 +25,7 @@ class TokenSampler(nn.Module):
         super().__init__()
         self.pos_embed_probs = nn.Parameter(torch.zeros(1, num_tokens, dim))
         self.block = Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=dropout, norm_eps=1e-5)
-        self.head = nn.Linear(dim, 1)
+        self.head = Linear(dim, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         device_type = tokens.device.type
