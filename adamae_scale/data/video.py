@@ -1,0 +1,260 @@
+"""Video bytes and files → frames with PyAV; temporal window sampling; H.264 / JPEG encoding.
+
+No torch and no torch.distributed here: the shard writer, the loader workers and the benchmark all
+call these functions. Frames are ``uint8`` arrays ``[T, H, W, 3]`` (RGB).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import dataclass
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator, Sequence
+
+import av
+import numpy as np
+from PIL import Image
+
+VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv", ".3gp", ".wmv")
+
+
+class VideoError(Exception):
+    """A video that cannot be used; ``str(err)`` is the reason shown to the user."""
+
+
+
+def _open(source: str | Path | bytes) -> av.container.InputContainer:
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        if len(source) == 0:
+            raise VideoError("empty file (0 bytes)")
+        return av.open(io.BytesIO(source), mode="r")
+    path = Path(source)
+    if not path.is_file():
+        raise VideoError("file not found")
+    if path.stat().st_size == 0:
+        raise VideoError("empty file (0 bytes)")
+    return av.open(str(path), mode="r")
+
+
+@dataclass(frozen=True)
+class VideoInfo:
+    width: int
+    height: int
+    fps: float
+    num_frames: int  # as declared by the container (0 when it does not say)
+    duration: float  # seconds (0.0 when unknown)
+
+
+class VideoReader:
+    """One opened video stream. Use as a context manager; decoding runs single-threaded, because
+    parallelism comes from worker processes."""
+
+    def __init__(self, source: str | Path | bytes):
+        try:
+            self.container = _open(source)
+        except VideoError:
+            raise
+        except (av.FFmpegError, OSError, ValueError) as err:
+            raise VideoError(f"not a readable video ({_short(err)})") from err
+        if not self.container.streams.video:
+            kinds = "audio only" if self.container.streams.audio else "no streams"
+            self.container.close()
+            raise VideoError(f"no video stream ({kinds})")
+        self.stream = self.container.streams.video[0]
+        self.stream.codec_context.thread_count = 1
+        rate = self.stream.average_rate or self.stream.guessed_rate or self.stream.base_rate
+        if not rate or rate <= 0:
+            self.container.close()
+            raise VideoError("no frame rate in the container")
+        self.rate = Fraction(rate)
+        duration = 0.0
+        if self.stream.duration is not None and self.stream.time_base is not None:
+            duration = float(self.stream.duration * self.stream.time_base)
+        elif self.container.duration is not None:
+            duration = self.container.duration / av.time_base
+        self.info = VideoInfo(self.stream.codec_context.width, self.stream.codec_context.height, float(self.rate),
+                              int(self.stream.frames or 0), duration)
+        start = self.stream.start_time
+        self._start = float(start * self.stream.time_base) if start is not None else 0.0
+
+    def __enter__(self) -> "VideoReader":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    def close(self) -> None:
+        self.container.close()
+
+    def frame_time(self, frame: av.VideoFrame) -> float:
+        """Seconds since the stream start."""
+        return (float(frame.time) if frame.time is not None else 0.0) - self._start
+
+    def frames(self) -> Iterator[av.VideoFrame]:
+        """Every frame from the start; decoding errors become ``VideoError`` naming the frame."""
+        count = 0
+        try:
+            for frame in self.container.decode(self.stream):
+                yield frame
+                count += 1
+        except av.FFmpegError as err:
+            raise VideoError(f"truncated or corrupt: decoding failed after {count} frames ({_short(err)})") from err
+
+    def read_indices(self, indices: Sequence[int], size: tuple[int, int] | None = None) -> np.ndarray:
+        """Frames at ``indices`` (any order, repeats allowed) as ``[len(indices), H, W, 3]`` uint8.
+
+        Seeks to the key frame before the first wanted frame and decodes forward to the last one; a
+        frame's index is its timestamp × frame rate (constant-rate streams, which the shard writer
+        produces). Indices past the end repeat the last decoded frame. ``size`` = (height, width)
+        resizes while converting.
+        """
+        wanted = sorted(set(int(i) for i in indices))
+        first, last = wanted[0], wanted[-1]
+        got: dict[int, np.ndarray] = {}
+        fps = float(self.rate)
+        if first > 0 and self.stream.time_base is not None:
+            target = int((first / fps + self._start) / self.stream.time_base)
+            try:
+                self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
+            except av.FFmpegError:
+                self.container.seek(0)
+        latest = None
+        decoded_any = False
+        pending = set(wanted)
+        for frame in self.frames():
+            decoded_any = True
+            index = int(round(self.frame_time(frame) * fps))
+            if not got and index > first and first > 0:
+                # The seek overshot (no key frame index in the file): decode from the start instead.
+                self.container.seek(0)
+                return self._read_from_start(wanted, indices, size)
+            latest = (index, frame)
+            if index in pending:
+                got[index] = _to_rgb(frame, size)
+                pending.discard(index)
+            if index >= last or not pending:
+                break
+        if not decoded_any:
+            raise VideoError("no decodable frames")
+        if pending:  # past the end: repeat the last frame
+            fill = _to_rgb(latest[1], size)
+            for index in pending:
+                got[index] = got.get(latest[0], fill) if index < latest[0] else fill
+        return np.stack([got[int(i)] for i in indices])
+
+    def _read_from_start(self, wanted: list[int], indices: Sequence[int], size) -> np.ndarray:
+        got: dict[int, np.ndarray] = {}
+        last = None
+        for position, frame in enumerate(self.frames()):
+            last = frame
+            if position in wanted:
+                got[position] = _to_rgb(frame, size)
+            if position >= wanted[-1]:
+                break
+        if last is None:
+            raise VideoError("no decodable frames")
+        fill = _to_rgb(last, size)
+        return np.stack([got.get(int(i), fill) for i in indices])
+
+
+def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+    if size is None:
+        return frame.to_ndarray(format="rgb24")
+    height, width = size
+    return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
+
+
+def _short(err: BaseException) -> str:
+    text = str(err).strip() or type(err).__name__
+    return text.splitlines()[0][:200]
+
+
+def window_indices(num_available: int, num_frames: int, sampling_rate: int,
+                   rng: np.random.Generator | None) -> np.ndarray:
+    """Frame indices of one clip: ``num_frames`` frames ``sampling_rate`` apart.
+
+    Training (``rng`` given) takes one random window; ``rng=None`` takes the centred window. A video
+    shorter than the window starts at 0 and repeats its last frame, as the reference loader does.
+    """
+    if num_available < 1:
+        raise ValueError("num_available must be >= 1")
+    span = (num_frames - 1) * sampling_rate + 1
+    slack = num_available - span
+    if slack >= 0:
+        start = int(rng.integers(0, slack + 1)) if rng is not None else slack // 2
+    else:
+        start = 0
+    return np.minimum(start + np.arange(num_frames) * sampling_rate, num_available - 1)
+
+
+def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]:
+    """(height, width) with the short side ``short_side`` and the aspect kept, both even (H.264 4:2:0)."""
+    if short_side <= 0:
+        return height - height % 2, width - width % 2
+    scale = short_side / min(width, height)
+    new_w = max(2, int(round(width * scale / 2)) * 2)
+    new_h = max(2, int(round(height * scale / 2)) * 2)
+    return new_h, new_w
+
+
+class Mp4Encoder:
+    """Frames (RGB arrays or PyAV frames) → H.264 mp4 bytes, constant frame rate, single-threaded so the
+    bytes are a pure function of the input."""
+
+    def __init__(self, width: int, height: int, fps: float | Fraction, crf: int = 23, preset: str = "veryfast",
+                 gop: int = 16, tune: str | None = "fastdecode"):
+        self.buffer = io.BytesIO()
+        self.container = av.open(self.buffer, mode="w", format="mp4")
+        rate = Fraction(fps).limit_denominator(100_000)
+        self.stream = self.container.add_stream("libx264", rate=rate)
+        self.tick = 1 / rate
+        self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
+        options = {"crf": str(crf), "preset": preset, "g": str(gop), "threads": "1"}
+        if tune:
+            options["tune"] = tune
+        self.stream.options = options
+        self.stream.codec_context.thread_count = 1
+        self.count = 0
+
+    def add(self, frame: np.ndarray | av.VideoFrame) -> None:
+        if isinstance(frame, np.ndarray):
+            frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
+        frame = frame.reformat(format="yuv420p")
+        frame.pts = self.count
+        frame.time_base = self.tick  # one tick per frame
+        for packet in self.stream.encode(frame):
+            self.container.mux(packet)
+        self.count += 1
+
+    def finish(self) -> bytes:
+        for packet in self.stream.encode():
+            self.container.mux(packet)
+        self.container.close()
+        return self.buffer.getvalue()
+
+
+def encode_jpeg(frame: np.ndarray, quality: int = 90) -> bytes:
+    out = io.BytesIO()
+    Image.fromarray(frame).save(out, format="JPEG", quality=quality)
+    return out.getvalue()
+
+
+def decode_jpeg(data: bytes) -> np.ndarray:
+    with Image.open(io.BytesIO(data)) as image:
+        if image.format != "JPEG":
+            raise VideoError(f"expected JPEG bytes, got {image.format}")
+        return np.asarray(image.convert("RGB"))
+
+
+def read_window(source: str | Path | bytes, num_frames: int, sampling_rate: int,
+                rng: np.random.Generator | None, frame_count: int | None = None) -> np.ndarray:
+    """One clip from a video file or mp4 bytes: the frames of ``window_indices``.
+
+    ``frame_count`` (e.g. from a shard's JSON) avoids trusting the container's declared count.
+    """
+    with VideoReader(source) as reader:
+        available = frame_count or reader.info.num_frames
+        if not available:
+            available = max(1, int(reader.info.duration * reader.info.fps))
+        indices = window_indices(available, num_frames, sampling_rate, rng)
+        return reader.read_indices(indices)
