@@ -165,7 +165,8 @@ def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
 
 
 def _short(err: BaseException) -> str:
-    text = str(err).strip() or type(err).__name__
+    # FFmpeg errors carry the message without the errno and file name that str() adds.
+    text = (getattr(err, "strerror", None) or str(err)).strip() or type(err).__name__
     return text.splitlines()[0][:200]
 
 
@@ -198,11 +199,12 @@ def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]
 
 
 class Mp4Encoder:
-    """Frames (RGB arrays or PyAV frames) → H.264 mp4 bytes, constant frame rate, single-threaded so the
-    bytes are a pure function of the input."""
+    """Frames → H.264 mp4 bytes at ``width × height``, constant frame rate, single-threaded so the bytes
+    are a pure function of the input. ``gop`` bounds how far a reader decodes after a seek."""
 
     def __init__(self, width: int, height: int, fps: float | Fraction, crf: int = 23, preset: str = "veryfast",
                  gop: int = 16, tune: str | None = "fastdecode"):
+        self.width, self.height = width, height
         self.buffer = io.BytesIO()
         self.container = av.open(self.buffer, mode="w", format="mp4")
         rate = Fraction(fps).limit_denominator(100_000)
@@ -217,9 +219,10 @@ class Mp4Encoder:
         self.count = 0
 
     def add(self, frame: np.ndarray | av.VideoFrame) -> None:
+        """An RGB ``[H, W, 3]`` array or a decoded frame of any size (scaled here)."""
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        frame = frame.reformat(format="yuv420p")
+        frame = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
         frame.pts = self.count
         frame.time_base = self.tick  # one tick per frame
         for packet in self.stream.encode(frame):
