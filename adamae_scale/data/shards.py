@@ -109,22 +109,21 @@ def _resampled(reader: VideoReader, fps: float | None) -> Iterator[tuple[av.Vide
             decoded += 1
             yield frame, decoded
         return
-    step = 1.0 / fps
-    next_time, previous, previous_time = 0.0, None, 0.0
+    emitted, previous, previous_time = 0, None, 0.0
     for frame in reader.frames():
         decoded += 1
         time_ = reader.frame_time(frame)
         if previous is not None:
             midpoint = (previous_time + time_) / 2
-            while next_time < midpoint:
+            while emitted / fps < midpoint:
                 yield previous, decoded - 1
-                next_time += step
+                emitted += 1
         previous, previous_time = frame, time_
     if previous is not None:
-        end = previous_time + 1.0 / reader.info.fps
-        while next_time < end - step / 2 or next_time <= previous_time:
+        end = previous_time + 1.0 / reader.info.fps  # the last frame lasts one source frame
+        while emitted / fps < end - 0.5 / fps or emitted / fps <= previous_time:
             yield previous, decoded
-            next_time += step
+            emitted += 1
 
 
 class _ClipSink:

@@ -199,8 +199,11 @@ def short_side_size(width: int, height: int, short_side: int) -> tuple[int, int]
 
 
 class Mp4Encoder:
-    """Frames → H.264 mp4 bytes at ``width × height``, constant frame rate, single-threaded so the bytes
-    are a pure function of the input. ``gop`` bounds how far a reader decodes after a seek."""
+    """Frames → H.264 mp4 bytes at ``width × height``, constant frame rate, single-threaded (parallelism
+    comes from worker processes). ``gop`` bounds how far a reader decodes after a seek.
+
+    The bytes are not guaranteed identical from run to run: libx264 here occasionally varies its output
+    for identical input frames, so shards are checked against their recorded sha256, never re-derived."""
 
     def __init__(self, width: int, height: int, fps: float | Fraction, crf: int = 23, preset: str = "veryfast",
                  gop: int = 16, tune: str | None = "fastdecode"):
@@ -222,7 +225,10 @@ class Mp4Encoder:
         """An RGB ``[H, W, 3]`` array or a decoded frame of any size (scaled here)."""
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        frame = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        scaled = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        # A fresh frame: a decoded frame carries its picture type, which would force the source's key
+        # frames on x264; only ``gop`` decides key frames here.
+        frame = av.VideoFrame.from_ndarray(scaled.to_ndarray(), format="yuv420p")
         frame.pts = self.count
         frame.time_base = self.tick  # one tick per frame
         for packet in self.stream.encode(frame):
