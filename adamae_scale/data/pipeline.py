@@ -42,7 +42,7 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
 
 from .shards import MANIFEST
 from .transforms import REFERENCE_CROP_SCALES, augment_clip
@@ -298,7 +298,8 @@ class EpochClips(IterableDataset):
             batch: dict[str, Any] = {"worker": worker, "slots": len(slots), "corrupt": len(bad),
                                      "tar_errors": len(errors)}
             if good:
-                batch["video"] = torch.stack([s["video"] for s in good])
+                # default_collate stacks straight into shared memory inside a worker: no copy when sent.
+                batch["video"] = default_collate([s["video"] for s in good])
                 batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
                 batch["key"] = [s["key"] for s in good]
             yield batch
@@ -417,9 +418,10 @@ class ShardClips:
                 self._finish(current)
                 self._current = None
         self.batches += 1
+        join = (lambda xs: xs[0]) if len(parts) == 1 else torch.cat  # one worker batch: views, no copy
         return {
-            "video": torch.cat([b["video"][i:j] for b, i, j, _ in parts]),
-            "label": torch.cat([b["label"][i:j] for b, i, j, _ in parts]),
+            "video": join([b["video"][i:j] for b, i, j, _ in parts]),
+            "label": join([b["label"][i:j] for b, i, j, _ in parts]),
             "epoch": torch.tensor([e for _, i, j, e in parts for _ in range(i, j)], dtype=torch.long),
             "key": [k for b, i, j, _ in parts for k in b["key"][i:j]],
         }

@@ -61,15 +61,19 @@ def augment_clip(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE
                  max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
     """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` float ImageNet-normalised clip.
 
-    One crop box (and one flip decision) for the whole clip, so motion stays coherent.
+    One crop box (and one flip decision) for the whole clip, so motion stays coherent. The resize runs
+    on uint8 channels-last frames (bilinear with antialiasing, like PIL's), the fast path on CPU.
     """
     _, height, width, _ = frames.shape
+    out_size = tuple(out_size)
     top, left, crop_h, crop_w = multi_scale_crop_box(height, width, out_size, scales, max_distort, rng)
     crop = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + crop_h, left:left + crop_w]))
-    clip = crop.permute(0, 3, 1, 2).float().div_(255.0)  # (T, 3, h, w)
-    if (crop_h, crop_w) != tuple(out_size):
-        clip = F.interpolate(clip, size=tuple(out_size), mode="bilinear", align_corners=False, antialias=True)
+    clip = crop.permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last in memory
+    if (crop_h, crop_w) != out_size:
+        clip = F.interpolate(clip, size=out_size, mode="bilinear", align_corners=False, antialias=True)
     if flip and rng is not None and rng.random() < 0.5:
         clip = clip.flip(-1)
-    clip = clip.clamp_(0.0, 1.0).permute(1, 0, 2, 3)  # (3, T, h, w)
-    return normalize(clip.contiguous())
+    clip = clip.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)  # (3, T, h, w)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    return clip.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # = normalize(clip / 255)
