@@ -254,3 +254,20 @@ def test_pretrain_from_shards_logs_corrupt_count_and_resumes_exactly(shards, tmp
     run_pretrain(*common, "train.ckpt_every=3", "train.resume=auto", f"run_dir={stopped}")
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl")]  # noqa: E731
     assert losses(stopped) == losses(straight)  # the data stream continued where it stopped
+
+
+def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
+    videos = tmp_path / "videos"
+    make_videos(videos, 3)
+    copy_real(["carphone_distorted.mp4"], videos)
+    proc = subprocess.run([sys.executable, "tools/bench.py", "data", "--urls", str(shards["jpg"]), "--urls",
+                           str(shards["mp4"]), "--videos", str(videos), "--num-workers", "0", "--clips", "4",
+                           "--warmup", "1", "--num-frames", "4", "--img-size", "32"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["clips_per_s_per_worker"]) == set(result["ratio"]) == {"jpg", "mp4"}
+    for fmt, rate in result["clips_per_s_per_worker"].items():
+        assert rate > 0 and result["ratio"][fmt] == pytest.approx(rate / result["baseline_clips_per_s_per_worker"],
+                                                                   rel=0.01)
+    assert result["videos"] == 4 and result["clip"] == [4, 32, 32]
