@@ -271,3 +271,24 @@ def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
         assert rate > 0 and result["ratio"][fmt] == pytest.approx(rate / result["baseline_clips_per_s_per_worker"],
                                                                    rel=0.01)
     assert result["videos"] == 4 and result["clip"] == [4, 32, 32]
+
+
+@pytest.mark.slow
+def test_two_rank_pretrain_from_shards_resumes_bitwise(shards, tmp_path, tiny_run):
+    """``torchrun`` with 2 ranks x 2 workers: stop after 4 steps, resume from rank 0's client state, and get
+    the uninterrupted run's losses (the stream crosses an epoch boundary after the resume)."""
+    common = pretrain_overrides(tiny_run, shards["mp4"]) + ["train.steps=8", "train.micro_batch_size=2"]
+
+    def torchrun(*extra: str) -> None:
+        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
+               str(free_port()), "-m", "adamae_scale.pretrain", *common, *extra]
+        proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
+        assert proc.returncode == 0, proc.stderr[-6000:]
+
+    torchrun("train.ckpt_every=0", f"run_dir={tmp_path / 'straight'}")
+    torchrun("train.ckpt_every=4", "train.stop_after=4", f"run_dir={tmp_path / 'stopped'}")
+    torchrun("train.ckpt_every=4", "train.resume=auto", f"run_dir={tmp_path / 'stopped'}")
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert straight[-1]["data_epoch"] >= 1

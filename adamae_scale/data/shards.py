@@ -28,7 +28,7 @@ import time
 from collections import deque
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
@@ -37,7 +37,7 @@ from tqdm import tqdm
 
 from .annotations import (FORMATS, AnnotationError, Record, build_label_map, index_stems, label_index,
                           read_annotations, resolve, scan_folder)
-from .video import Mp4Encoder, VideoError, VideoReader, encode_jpeg, short_side_size
+from .video import VIDEO_EXTENSIONS, Mp4Encoder, VideoError, VideoReader, encode_jpeg, short_side_size
 
 MANIFEST = "manifest.json"
 STORES = ("mp4", "jpg")
@@ -338,7 +338,7 @@ def load_records(src: Path, root: Path | None, fmt: str) -> tuple[list[Record], 
     if src.is_dir():
         records = scan_folder(src)
         if not records:
-            raise FileNotFoundError(f"SRC {src}: no video files found (looked for {', '.join(sorted({'.mp4', '.webm', '.mkv', '.avi', '.mov'}))}, ...)")
+            raise FileNotFoundError(f"SRC {src}: no video files found (looked for {', '.join(VIDEO_EXTENSIONS)})")
         return records, src, None
     records = read_annotations(src, fmt)
     base = root or src.parent
