@@ -30,12 +30,12 @@ from .data.video import VIDEO_EXTENSIONS, read_window
 # -- data ----------------------------------------------------------------------------------------------------
 
 def shard_format(url: str) -> str:
-    """``mp4`` or ``jpg``: what the first sample of a local shard stores."""
+    """``mp4`` or ``jpg`` (one .mjpeg member or .jpg members): what the first sample of a local shard stores."""
     with tarfile.open(url) as tar:
         for member in tar:
             if member.name.endswith(".mp4"):
                 return "mp4"
-            if member.name.endswith(".jpg"):
+            if member.name.endswith((".mjpeg", ".jpg")):
                 return "jpg"
     raise ValueError(f"{url}: no .mp4 or .jpg member")
 

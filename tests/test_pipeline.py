@@ -147,17 +147,19 @@ def write_corrupt_shard(path: Path, good_jpg_shard: Path, marker: Path) -> list[
         members = {m.name: f.extractfile(m).read() for m in f}
     key = sorted(members)[0].split(".")[0]
     meta = json.loads(members[f"{key}.json"])
-    frames = {n.split(".", 1)[1]: d for n, d in members.items() if n.startswith(key) and n.endswith(".jpg")}
+    blob, offsets = members[f"{key}.mjpeg"], meta["frame_offsets"]
+    frames = {f"{i:06d}.jpg": blob[a:b] for i, (a, b) in enumerate(zip(offsets, offsets[1:]))}
 
     class Trap:  # unpickling this would create ``marker``
         def __reduce__(self):
             return (Path.touch, (marker,))
 
+    garbage = b"\xff\xd8 not a jpeg".ljust(len(blob), b"\x00")
     samples = {
-        "bad_bytes": {"json": json.dumps({**meta, "key": "bad_bytes"}).encode(),
-                      **{name: b"\xff\xd8 not a jpeg" for name in frames}},
-        "no_json": {name: data for name, data in frames.items()},
-        "bad_count": {"json": json.dumps({**meta, "num_frames": "many"}).encode(), **frames},
+        "bad_bytes": {"json": json.dumps(meta).encode(), "mjpeg": garbage},
+        "no_json": {"mjpeg": blob},
+        "bad_count": {"json": json.dumps({**meta, "num_frames": "many"}).encode(), "mjpeg": blob},
+        "bad_offsets": {"json": json.dumps({**meta, "frame_offsets": offsets[:-1]}).encode(), "mjpeg": blob},
         "lost_frames": {"json": json.dumps(meta).encode(), "000000.jpg": frames["000000.jpg"]},
         "pickled": {"pyd": pickle.dumps(Trap()), "pickle": pickle.dumps(Trap())},
         "bad_mp4": {"json": json.dumps({**meta, "format": "mp4"}).encode(), "mp4": b"\x00\x00\x00\x18ftypisom" * 9},
@@ -179,13 +181,14 @@ def test_corrupt_samples_are_skipped_counted_and_fatal_above_the_limit(shards, t
     batch = next(stream)
     assert set(batch["key"]) == all_keys(shards["jpg"])  # every good clip, no broken one
     metrics = stream.metrics()
-    assert metrics["data_corrupt"] == len(corrupt) == 6
-    assert metrics["data_corrupt_fraction"] == pytest.approx(6 / 19)
+    assert metrics["data_corrupt"] == len(corrupt) == 7
+    assert metrics["data_corrupt_fraction"] == pytest.approx(7 / 20)
     stream.close()
     assert not marker.exists()  # nothing was unpickled
     err = capfd.readouterr().err
     for key, reason in (("bad_bytes", "cannot identify image file"), ("no_json", "no .json member"),
                         ("bad_count", "num_frames must be a positive integer"),
+                        ("bad_offsets", "frame_offsets do not describe"),
                         ("lost_frames", "is missing"), ("pickled", "no .json member"), ("bad_mp4", "")):
         assert f"corrupt.tar {key}: " in err and reason in err, key
 

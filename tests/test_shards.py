@@ -104,14 +104,18 @@ def test_jpeg_frames_fps_resampling_and_clip_splitting(tmp_path):
 
     for meta in metas:
         files = samples[meta["key"]]
-        assert sorted(k for k in files if k.endswith(".jpg")) == [f"{i:06d}.jpg" for i in range(10)]
-        first = decode_jpeg(files["000000.jpg"])
-        assert first.shape == (32, 42, 3)
+        assert set(files) == {"json", "mjpeg"}
+        offsets = meta["frame_offsets"]
+        assert len(offsets) == 11 and offsets[0] == 0 and offsets[-1] == len(files["mjpeg"])
+        frames = [decode_jpeg(files["mjpeg"][a:b]) for a, b in zip(offsets, offsets[1:])]
+        assert all(f.shape == (32, 42, 3) for f in frames)
     # 10 fps from 25 fps: output frame k shows the source frame nearest to k / 10 s, i.e. 2.5 k
     big = build_shards(tmp_path / "in", tmp_path / "big", ShardOptions(store="jpg", fps=10, short_side=0,
                                                                        min_frames=8), progress=False)
     files = next(iter(read_tar(tmp_path / "big" / big["shards"][0]["name"]).values()))
-    assert [frame_number(decode_jpeg(files[f"{k:06d}.jpg"])) for k in (0, 2, 4, 10)] == [0, 5, 10, 25]
+    offsets = json.loads(files["json"])["frame_offsets"]
+    numbers = [frame_number(decode_jpeg(files["mjpeg"][offsets[k]:offsets[k + 1]])) for k in (0, 2, 4, 10)]
+    assert numbers == [0, 5, 10, 25]
 
 
 def shard_contents(manifest: dict, folder: Path) -> list[list[tuple[str, str, int]]]:

@@ -175,10 +175,12 @@ def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate:
             item = {"key": key, "url": url, "label": int(meta.get("label", -1)), "indices": indices}
             if "mp4" in sample:
                 item["mp4"] = sample["mp4"]
-            else:
+            elif "mjpeg" in sample:
+                item["jpgs"] = _mjpeg_frames(sample["mjpeg"], meta.get("frame_offsets"), count, indices)
+            else:  # one member per frame, the usual WebDataset layout of other tools
                 frames = {int(m.group(1)): v for k, v in sample.items() if (m := FRAME_NAME.match(k))}
                 if not frames:
-                    raise VideoError(f"neither .mp4 nor NNNNNN.jpg members (members: "
+                    raise VideoError(f"no .mp4, .mjpeg or NNNNNN.jpg members (members: "
                                      f"{sorted(k for k in sample if not k.startswith('__'))})")
                 lacking = sorted({int(i) for i in indices} - frames.keys())
                 if lacking:
@@ -187,6 +189,14 @@ def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate:
             yield item
         except Exception as err:  # a corrupt sample must never stop training: it is counted instead
             yield {"key": key, "url": url, "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) -> list[bytes]:
+    """The JPEG images ``indices`` of a back-to-back MJPEG member, located by the JSON's offsets."""
+    if (not isinstance(offsets, list) or len(offsets) != count + 1 or offsets[0] != 0 or offsets[-1] != len(blob)
+            or any(b <= a for a, b in zip(offsets, offsets[1:]))):
+        raise VideoError(f".json frame_offsets do not describe the {len(blob)}-byte .mjpeg member of {count} frames")
+    return [blob[offsets[i]:offsets[i + 1]] for i in indices]
 
 
 def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for) -> Iterator[dict[str, Any]]:
@@ -264,7 +274,7 @@ class EpochClips(IterableDataset):
         window_rng = self._rng_for(worker)
         augment_rng = self._rng_for(worker)
         stages = source + [
-            wds.tarfile_to_samples(handler=self._on_tar_error),  # raw samples {__key__, json, mp4 | NNNNNN.jpg}
+            wds.tarfile_to_samples(handler=self._on_tar_error),  # raw samples {__key__, json, mp4 | mjpeg}
             lambda src: choose_window(src, cfg.num_frames, cfg.sampling_rate, window_rng),  # compact windows
         ]
         if cfg.shuffle_buffer > 1:

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
 import av
+from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
 from .annotations import (FORMATS, AnnotationError, Record, build_label_map, index_stems, label_index,
@@ -134,19 +135,25 @@ class _ClipSink:
         self.count = 0
         self.jpegs: list[bytes] = []
         self.mp4 = Mp4Encoder(width, height, fps, opts.crf, opts.preset, opts.gop) if opts.store == "mp4" else None
+        self.reformatter = VideoReformatter()
 
     def add(self, frame: av.VideoFrame) -> None:
         if self.mp4 is not None:
             self.mp4.add(frame)
         else:
-            rgb = frame.reformat(width=self.width, height=self.height, format="rgb24", interpolation="AREA")
+            rgb = self.reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24",
+                                            interpolation="AREA")
             self.jpegs.append(encode_jpeg(rgb.to_ndarray(), self.opts.jpeg_quality))
         self.count += 1
 
-    def files(self) -> list[tuple[str, bytes]]:
+    def files(self) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
+        """The sample's members and the JSON fields that describe them."""
         if self.mp4 is not None:
-            return [("mp4", self.mp4.finish())]
-        return [(f"{i:06d}.jpg", data) for i, data in enumerate(self.jpegs)]
+            return [("mp4", self.mp4.finish())], {}
+        offsets = [0]
+        for data in self.jpegs:
+            offsets.append(offsets[-1] + len(data))
+        return [("mjpeg", b"".join(self.jpegs))], {"frame_offsets": offsets}
 
 
 def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, Any]) -> list[Sample]:
@@ -182,13 +189,13 @@ def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, A
             if clip.count < opts.min_frames:  # the tail of a split video
                 continue
             key = f"{key_prefix}_{index:03d}"
+            files, described = clip.files()
             clip_meta = {
                 "key": key, **meta, "clip": index, "start": round(first / fps, 6), "fps": round(fps, 6),
                 "num_frames": clip.count, "duration": round(clip.count / fps, 6), "width": out_w,
                 "height": out_h, "format": opts.store, "source_fps": round(info.fps, 6),
-                "source_size": [info.width, info.height],
+                "source_size": [info.width, info.height], **described,
             }
-            files = clip.files()
             samples.append(Sample(key, clip_meta, [("json", json.dumps(clip_meta).encode())] + files))
         return samples
 
@@ -535,8 +542,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="videos with fewer frames (after --fps/--max-duration) are reported as too short")
     store = parser.add_argument_group("storage")
     store.add_argument("--store", choices=STORES, default="mp4",
-                       help="per sample: mp4 = the clip re-encoded as H.264; jpg = one JPEG per frame "
-                            "(larger, decodes faster)")
+                       help="per sample: mp4 = the clip re-encoded as H.264; jpg = every frame as a JPEG, "
+                            "back to back in one .mjpeg member (about 10x larger, decodes faster)")
     store.add_argument("--crf", type=int, default=23, help="H.264 quality (lower = better, larger)")
     store.add_argument("--preset", default="veryfast", help="x264 speed preset")
     store.add_argument("--gop", type=int, default=16,

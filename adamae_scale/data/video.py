@@ -13,6 +13,7 @@ from typing import Iterator, Sequence
 
 import av
 import numpy as np
+from av.video.reformatter import VideoReformatter
 from PIL import Image
 
 VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".mpeg", ".flv", ".ogv", ".3gp", ".wmv")
@@ -76,6 +77,9 @@ class VideoReader:
                               int(self.stream.frames or 0), duration)
         start = self.stream.start_time
         self._start = float(start * self.stream.time_base) if start is not None else 0.0
+        # One scaler for the whole stream: a new one per frame re-plans the conversion every time, which
+        # cost more than decoding the frame.
+        self._reformatter = VideoReformatter()
 
     def __enter__(self) -> "VideoReader":
         return self
@@ -130,17 +134,22 @@ class VideoReader:
                 return self._read_from_start(wanted, indices, size)
             latest = (index, frame)
             if index in pending:
-                got[index] = _to_rgb(frame, size)
+                got[index] = self._to_rgb(frame, size)
                 pending.discard(index)
             if index >= last or not pending:
                 break
         if not decoded_any:
             raise VideoError("no decodable frames")
         if pending:  # past the end: repeat the last frame
-            fill = _to_rgb(latest[1], size)
+            fill = self._to_rgb(latest[1], size)
             for index in pending:
                 got[index] = got.get(latest[0], fill) if index < latest[0] else fill
         return np.stack([got[int(i)] for i in indices])
+
+    def _to_rgb(self, frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
+        height, width = size if size is not None else (frame.height, frame.width)
+        return self._reformatter.reformat(frame, width=width, height=height, format="rgb24",
+                                          interpolation="BILINEAR").to_ndarray()
 
     def _read_from_start(self, wanted: list[int], indices: Sequence[int], size) -> np.ndarray:
         got: dict[int, np.ndarray] = {}
@@ -148,20 +157,13 @@ class VideoReader:
         for position, frame in enumerate(self.frames()):
             last = frame
             if position in wanted:
-                got[position] = _to_rgb(frame, size)
+                got[position] = self._to_rgb(frame, size)
             if position >= wanted[-1]:
                 break
         if last is None:
             raise VideoError("no decodable frames")
-        fill = _to_rgb(last, size)
+        fill = self._to_rgb(last, size)
         return np.stack([got.get(int(i), fill) for i in indices])
-
-
-def _to_rgb(frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
-    if size is None:
-        return frame.to_ndarray(format="rgb24")
-    height, width = size
-    return frame.reformat(width=width, height=height, format="rgb24", interpolation="AREA").to_ndarray()
 
 
 def _short(err: BaseException) -> str:
@@ -220,12 +222,14 @@ class Mp4Encoder:
         self.stream.options = options
         self.stream.codec_context.thread_count = 1
         self.count = 0
+        self._reformatter = VideoReformatter()
 
     def add(self, frame: np.ndarray | av.VideoFrame) -> None:
         """An RGB ``[H, W, 3]`` array or a decoded frame of any size (scaled here)."""
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        scaled = frame.reformat(width=self.width, height=self.height, format="yuv420p", interpolation="AREA")
+        scaled = self._reformatter.reformat(frame, width=self.width, height=self.height, format="yuv420p",
+                                            interpolation="AREA")
         # A fresh frame: a decoded frame carries its picture type, which would force the source's key
         # frames on x264; only ``gop`` decides key frames here.
         frame = av.VideoFrame.from_ndarray(scaled.to_ndarray(), format="yuv420p")
