@@ -18,7 +18,7 @@ from omegaconf import DictConfig, OmegaConf  # noqa: E402
 if torch.cuda.is_available() and os.environ["DS_ACCELERATOR"] == "cpu" and "ADAMAE_FORCE_CPU" not in os.environ:
     os.environ["DS_ACCELERATOR"] = "cuda"
 
-from .data import build_data  # noqa: E402
+from .data import build_data, validate_data  # noqa: E402
 from .engine import optim, setup  # noqa: E402
 from .engine.checkpoint import Checkpointer  # noqa: E402
 from .engine.trainer import Trainer  # noqa: E402
@@ -30,6 +30,7 @@ from .objective import AdaMAEObjective, evaluate_focus  # noqa: E402
 def validate(cfg: dict[str, Any]):
     """Every check that can fail before a process group or a model exists."""
     model_cfg = make_config(cfg["model"], cfg["masking"])
+    validate_data(cfg["data"], model_cfg)
     setup.build_ds_config(setup.load_ds_config(cfg["ds"]), 1, 1, 1, cfg["precision"], 0.0)
     train = cfg["train"]
     for key in ("steps", "micro_batch_size", "accumulation"):

@@ -295,3 +295,13 @@ def test_two_rank_pretrain_from_shards_resumes_bitwise(shards, tmp_path, tiny_ru
     resumed = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
     assert straight[-1]["data_epoch"] >= 1
+
+
+def test_missing_or_wrong_urls_fail_before_training_with_one_line(tmp_path, tiny_run):
+    base = [o for o in tiny_run if not o.startswith("data=")] + ["data=shards", f"run_dir={tmp_path / 'x'}"]
+    proc = run_pretrain(*base, check=False)
+    assert proc.returncode == 2 and "adamae-pretrain: error: data.urls is required for data=shards" in proc.stderr
+    # A brace pattern is quoted for Hydra's override grammar.
+    proc = run_pretrain(*base, f"data.urls='{tmp_path}/shard-{{000000..000003}}.tar'", check=False)
+    assert proc.returncode == 2 and "4 shard(s) not found" in proc.stderr
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()

@@ -29,6 +29,16 @@ def shard_config(data: Mapping[str, Any], model_cfg):
                            **{k: data[k] for k in keys if k in data})
 
 
+def validate_data(data: Mapping[str, Any], model_cfg) -> None:
+    """The data checks that can fail before any process group exists: a one-line ``ValueError``."""
+    if data["name"] not in SOURCES:
+        raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")
+    if data["name"] == "shards":
+        from .pipeline import shard_urls
+
+        shard_urls(shard_config(data, model_cfg).urls)
+
+
 def build_data(data: Mapping[str, Any], model_cfg, batch_size: int, rank: int, world_size: int):
     """The training stream named by ``data.name`` for this rank."""
     if data["name"] == "synthetic":
