@@ -208,7 +208,7 @@ def process_video(job: tuple[int, int, str, dict[str, Any], dict[str, Any]]) -> 
         return position, transcode(Path(path), ShardOptions(**options), f"{record_index:08d}", meta)
     except VideoError as err:
         return position, str(err)
-    except (av.FFmpegError, OSError, ValueError, RuntimeError, MemoryError) as err:
+    except Exception as err:  # whatever a strange file triggers in a decoder: report it, go on
         return position, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
 
 
