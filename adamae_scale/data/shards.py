@@ -361,8 +361,6 @@ def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | N
     records, base, stems = load_records(src, root, fmt)
     labels = build_label_map(records, label_map)
     out_dir.mkdir(parents=True, exist_ok=True)
-    for stale in out_dir.glob(".*.tmp-*"):  # left by a killed run: never a finished shard
-        stale.unlink()
 
     order = list(range(len(records)))
     if opts.shuffle:
@@ -370,6 +368,8 @@ def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | N
     identity = {"source": str(src.resolve()), "root": str(base.resolve()), "format": fmt,
                 "num_videos": len(records), "options": asdict(opts)}
     manifest, redo = _start_manifest(out_dir, identity, labels, resume, log)
+    for stale in out_dir.glob(f".{opts.prefix}-*.tar.tmp-*"):  # left by a killed run: never a finished shard
+        stale.unlink()
     shards: list[dict[str, Any]] = manifest["shards"]
     failures: list[dict[str, Any]] = manifest["failures"]
     next_position = _range_start(shards)
