@@ -509,12 +509,26 @@ def parse_size(text: str) -> int:
     return int(float(number) * base ** " KMGT".index(unit.upper() or " "))
 
 
+class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Shows a default only where there is one (None and False say nothing)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        if action.default in (None, False):
+            return action.help or ""
+        return super()._get_help_string(action)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adamae-shards",
         description="Turn a folder of videos or an annotation file into WebDataset tar shards "
-                    "(prefix-000000.tar, ...) plus manifest.json, for `adamae-pretrain data=shards`.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+                    "(PREFIX-000000.tar, ...) plus manifest.json, for `adamae-pretrain data=shards`. "
+                    "A sample is KEY.json (label, source path, fps, frame count, duration, size) plus KEY.mp4 or "
+                    "KEY.mjpeg. manifest.json lists each shard (samples, bytes, sha256), the label map, the options, "
+                    "the tool version and every skipped video with the reason. Shards are written under a temporary "
+                    "name and renamed when complete.",
+        epilog="example: adamae-shards k400/train.csv shards/k400 --root k400/videos --workers 16",
+        formatter_class=_HelpFormatter,
     )
     parser.add_argument("src", metavar="SRC", type=Path,
                         help="a folder of videos (searched recursively; sub-folder names become labels) or an "
