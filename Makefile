@@ -27,7 +27,8 @@ demo-video: setup
 	rm -rf runs/demo-video
 	$(BIN)/python tools/demo_videos.py runs/demo-video/videos
 	$(BIN)/adamae-shards runs/demo-video/videos runs/demo-video/shards --short-side 80 --samples-per-shard 4 --workers 2
-	$(BIN)/adamae-pretrain +experiment=demo_video
+	# One compute thread for training: the 2 data workers need the other cores (oversubscribed, a step is 10x slower).
+	OMP_NUM_THREADS=1 $(BIN)/adamae-pretrain +experiment=demo_video
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

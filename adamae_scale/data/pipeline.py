@@ -36,7 +36,7 @@ import zlib
 from dataclasses import dataclass
 from itertools import islice
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Mapping, Sequence
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
 
 import braceexpand
 import numpy as np
@@ -47,6 +47,8 @@ from torch.utils.data import DataLoader, IterableDataset, default_collate, get_w
 from .shards import MANIFEST
 from .transforms import REFERENCE_CROP_SCALES, augment_clip
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
+
+RngFor = Callable[[str, str], np.random.Generator]  # (sample key, purpose) → a generator for that sample
 
 STATE_VERSION = 1
 FRAME_NAME = re.compile(r"^(\d{6})\.jpg$")
@@ -154,7 +156,7 @@ def take_every(src: Iterable, index: int, count: int) -> Iterator:
 
 
 def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate: int,
-                  rng_for) -> Iterator[dict[str, Any]]:
+                  rng_for: RngFor) -> Iterator[dict[str, Any]]:
     """Raw tar sample → ``{key, url, label, mp4 | jpgs, indices}`` or ``{key, url, error}``.
 
     Only the JSON is parsed here (never a pickle); for JPEG samples the frames outside the window are
@@ -199,7 +201,7 @@ def _mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) ->
     return [blob[offsets[i]:offsets[i + 1]] for i in indices]
 
 
-def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for) -> Iterator[dict[str, Any]]:
+def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: RngFor) -> Iterator[dict[str, Any]]:
     """Window → ``{key, label, video [3, T, H, W] normalised}``, or the sample with an ``error``."""
     for item in src:
         if "error" in item:
@@ -244,7 +246,7 @@ class EpochClips(IterableDataset):
         self.rank, self.world_size, self.epoch, self.resume = rank, world_size, epoch, resume
         self.tar_errors: list[str] = []
 
-    def _rng_for(self, worker: int):
+    def _rng_for(self, worker: int) -> RngFor:
         cfg, epoch = self.cfg, self.epoch
         if cfg.resampled:
             # A resampled stream can hold a sample twice: seed by its position in this worker's stream.
