@@ -23,7 +23,11 @@ is the uninterrupted one, clip for clip.
 
 DeepSpeed saves the client state of rank 0 only, so ``state_dict()`` gathers every rank's position
 (a collective: every rank must call it, as the trainer does at each checkpoint) and each rank picks its
-own on ``load_state_dict``.
+own on ``load_state_dict``. Per-rank positions, not one rank-independent batch count, because ranks
+finish epochs at different times and skip different corrupt samples. With another number of ranks,
+workers or batch size, a resume starts the epoch after the furthest one begun (no sample of a finished
+epoch repeats). A resampled stream has no order to replay: it resumes on a fresh seed drawn from the
+number of batches consumed.
 """
 from __future__ import annotations
 
