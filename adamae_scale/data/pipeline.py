@@ -46,10 +46,10 @@ import braceexpand
 import numpy as np
 import torch
 import webdataset as wds
-from torch.utils.data import DataLoader, IterableDataset, default_collate, get_worker_info
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 
 from .shards import MANIFEST
-from .transforms import REFERENCE_CROP_SCALES, augment_clip
+from .transforms import REFERENCE_CROP_SCALES, crop_resize, normalized
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
 
 RngFor = Callable[[str, str], np.random.Generator]  # (sample key, purpose) → a generator for that sample
@@ -206,7 +206,7 @@ def _mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) ->
 
 
 def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: RngFor) -> Iterator[dict[str, Any]]:
-    """Window → ``{key, label, video [3, T, H, W] normalised}``, or the sample with an ``error``."""
+    """Window → ``{key, label, video [3, T, H, W] uint8}``, or the sample with an ``error``."""
     for item in src:
         if "error" in item:
             yield item
@@ -217,8 +217,8 @@ def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: Rn
                     frames = reader.read_indices(item["indices"], skip_disposable=True)
             else:
                 frames = np.stack([decode_jpeg(data) for data in item["jpgs"]])
-            video = augment_clip(frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip,
-                                 rng_for(item["key"], "augment"))
+            video = crop_resize(frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip,
+                                rng_for(item["key"], "augment"))  # uint8; normalised into the batch
             yield {"key": item["key"], "label": item["label"], "video": video}
         except Exception as err:  # bad bytes: counted, never fatal on their own
             yield {"key": item["key"], "url": item["url"], "error": f"{type(err).__name__}: {err}"[:300]}
@@ -314,11 +314,24 @@ class EpochClips(IterableDataset):
             batch: dict[str, Any] = {"worker": worker, "slots": len(slots), "corrupt": len(bad),
                                      "tar_errors": len(errors)}
             if good:
-                # default_collate stacks straight into shared memory inside a worker: no copy when sent.
-                batch["video"] = default_collate([s["video"] for s in good])
+                batch["video"] = _normalized_batch([s["video"] for s in good])
                 batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
                 batch["key"] = [s["key"] for s in good]
             yield batch
+
+
+def _normalized_batch(clips: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 clips → one float batch, normalised in place; in a worker it lives in shared memory, so
+    sending it to the training process copies nothing."""
+    shape = (len(clips), *clips[0].shape)
+    if get_worker_info() is not None:  # as torch's default_collate allocates its output in a worker
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
+        video = torch.empty(0, dtype=torch.float32).new(storage).view(shape)
+    else:
+        video = torch.empty(shape, dtype=torch.float32)
+    for slot, clip in zip(video, clips):
+        normalized(clip, out=slot)
+    return video
 
 
 # -- the rank's infinite iterator: re-chunking, epochs, state ------------------------------------------------------

@@ -57,9 +57,9 @@ def multi_scale_crop_box(height: int, width: int, out_size: tuple[int, int], sca
     return gy * h_step, gx * w_step, crop_h, crop_w
 
 
-def augment_clip(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
-                 max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
-    """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` float ImageNet-normalised clip.
+def crop_resize(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
+                max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` uint8 clip (a view): multi-scale crop, resize, flip.
 
     One crop box (and one flip decision) for the whole clip, so motion stays coherent. The resize runs
     on uint8 channels-last frames (bilinear with antialiasing, like PIL's), the fast path on CPU.
@@ -73,7 +73,21 @@ def augment_clip(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE
         clip = F.interpolate(clip, size=out_size, mode="bilinear", align_corners=False, antialias=True)
     if flip and rng is not None and rng.random() < 0.5:
         clip = clip.flip(-1)
-    clip = clip.permute(1, 0, 2, 3).to(torch.float32, memory_format=torch.contiguous_format)  # (3, T, h, w)
+    return clip.permute(1, 0, 2, 3)  # (3, T, h, w)
+
+
+def normalized(clip: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[3, T, h, w]`` → ImageNet-normalised float, written into ``out`` when given (e.g. a slot of
+    a batch in shared memory, which saves a copy)."""
+    if out is None:
+        out = torch.empty(clip.shape, dtype=torch.float32)
+    out.copy_(clip)
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    return clip.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # = normalize(clip / 255)
+    return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # = normalize(clip / 255)
+
+
+def augment_clip(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
+                 max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` float ImageNet-normalised training clip."""
+    return normalized(crop_resize(frames, out_size, scales, max_distort, flip, rng))
