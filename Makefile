@@ -4,9 +4,9 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Single-process runs need no launcher; one thread pool per rank is sized by the launcher otherwise.
-export DS_ACCELERATOR ?= cpu
 PYTEST_ARGS ?=
+# DeepSpeed compiles a few C++ ops on first use: cache them per checkout, never in git.
+export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
 .PHONY: setup demo demo-video test test-slow clean
 

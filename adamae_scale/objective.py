@@ -12,7 +12,7 @@ import torch
 
 from .losses import adamae_loss
 from .metrics import focus_ratio
-from .models.masking import mask_from_visible, sample_mask
+from .models.masking import mask_from_visible, noise_for_samples, sample_mask
 from .models.adamae import AdaMAEConfig
 
 
@@ -21,9 +21,13 @@ class AdaMAEObjective:
     model_cfg: AdaMAEConfig
     target: str = "norm_pix"
     sampling_weight: float = 1e-4
+    seed: int = 0
 
     def __call__(self, model: Callable[..., Any], batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        out = model(batch["video"])
+        noise = None
+        if "sample_position" in batch:  # masks keyed by stream position: world-size invariant runs
+            noise = noise_for_samples(batch["sample_position"], self.model_cfg.num_tokens, self.seed)
+        out = model(batch["video"], noise=noise)
         losses = adamae_loss(
             batch["video"],
             out.pred,
@@ -52,7 +56,7 @@ def evaluate_focus(
     """
     masks: dict[str, list[torch.Tensor]] = {"sampled": [], "topk": [], "random": []}
     motion = []
-    generator = torch.Generator(device="cpu").manual_seed(0)
+    generator = torch.Generator().manual_seed(0)
     for batch in batches:
         video = batch["video"].to(device)
         out = model(video)
@@ -60,9 +64,10 @@ def evaluate_focus(
         if out.logits is not None:
             topk = torch.topk(out.logits.float(), model_cfg.num_visible, dim=-1).indices
             masks["topk"].append(mask_from_visible(topk, model_cfg.num_tokens).cpu())
+        noise = torch.rand(video.shape[0], model_cfg.num_tokens, generator=generator)
         masks["random"].append(
             sample_mask("random", model_cfg.layout, model_cfg.num_visible, video.shape[0], torch.device("cpu"),
-                        generator=generator)
+                        noise=noise)
         )
         motion.append(batch["motion"].cpu())
     motion_all = torch.cat(motion)

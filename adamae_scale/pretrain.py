@@ -6,25 +6,22 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import sys
 from pathlib import Path
 from typing import Any
 
-os.environ.setdefault("DS_ACCELERATOR", "cpu")  # replaced below when CUDA is present
-import hydra  # noqa: E402
-import torch  # noqa: E402
-from omegaconf import DictConfig, OmegaConf  # noqa: E402
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
 
-if torch.cuda.is_available() and os.environ["DS_ACCELERATOR"] == "cpu" and "ADAMAE_FORCE_CPU" not in os.environ:
-    os.environ["DS_ACCELERATOR"] = "cuda"
-
-from .data import build_data, validate_data  # noqa: E402
-from .engine import optim, setup  # noqa: E402
-from .engine.checkpoint import Checkpointer  # noqa: E402
-from .engine.trainer import Trainer  # noqa: E402
-from .metrics import MetricsLogger  # noqa: E402
-from .models import build_model, make_config  # noqa: E402
-from .objective import AdaMAEObjective, evaluate_focus  # noqa: E402
+from .data import build_data, validate_data
+from .engine import optim, setup
+from .engine.checkpoint import Checkpointer, to_universal
+from .engine.trainer import Trainer
+from .metrics import MetricsLogger
+from .models import build_model, make_config
+from .objective import AdaMAEObjective, evaluate_focus
 
 
 def validate(cfg: dict[str, Any]):
@@ -47,16 +44,29 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size
     peak_lr = optim.scaled_lr(train["base_lr"], global_batch)
     min_lr = optim.scaled_lr(train["min_lr"], global_batch)
+    warmup_steps = round(train["warmup_fraction"] * train["steps"])
     run_dir = Path(cfg["run_dir"])
 
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = build_model(model_cfg)
-    optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"])
+    setup.init_distributed()
+    metadata = {"model": model_cfg.to_dict(), "precision": cfg["precision"], "ds": cfg["ds"]}
+    checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
+    resume_from = checkpointer.find(train["resume"])
     ds_config = setup.build_ds_config(
         setup.load_ds_config(cfg["ds"]), train["micro_batch_size"], train["accumulation"], env.world_size,
         cfg["precision"], train["clip_grad"],
     )
+    if resume_from is not None and resume_from.world_size not in (None, env.world_size):
+        # Elastic resume: re-shard through DeepSpeed's world-size independent universal format.
+        resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
+        ds_config["checkpoint"] = {"load_universal": True}
+
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+    model = build_model(model_cfg)
     num_params = model.num_params()  # before ZeRO-3 partitions the parameters
+    optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
+                                  cpu_offload=setup.offloads_optimizer(ds_config),
+                                  constant_lr_prefixes=train["constant_lr_params"])
+    setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
     engine = setup.initialize(model, optimizer, ds_config)
     if env.rank == 0:
         print(f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
@@ -64,26 +74,25 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
               f"peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}", flush=True)
 
     data = build_data(cfg["data"], model_cfg, train["micro_batch_size"], env.rank, env.world_size)
-    objective = AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"])
-    metadata = {"model": model_cfg.to_dict(), "precision": cfg["precision"], "ds": cfg["ds"]}
+    objective = AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
     trainer = Trainer(
-        engine, objective, data, Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata),
-        MetricsLogger(run_dir, enabled=env.rank == 0),
-        lambda step: optim.lr_at(step, peak_lr, min_lr, round(train["warmup_fraction"] * train["steps"]), train["steps"]),
+        engine, objective, data, checkpointer, MetricsLogger(run_dir, enabled=env.rank == 0),
+        lambda step: {"cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"]),
+                      "constant": optim.lr_at(step, peak_lr, peak_lr, warmup_steps, train["steps"])},
         train["steps"], global_batch, cfg["seed"], train["log_every"],
     )
-    trainer.resume(train["resume"])
+    trainer.resume(resume_from)
     start = trainer.step
-    last = trainer.fit(train.get("stop_after"))
-
-    summary: dict[str, Any] = {"run_dir": str(run_dir), "steps": trainer.step, "resumed_from": start, **last}
-    if cfg["data"]["name"] == "synthetic" and cfg["eval"]["focus_batches"] > 0:
-        held_out = build_data({**cfg["data"], "seed": cfg["data"]["eval_seed"]}, model_cfg,
-                              train["micro_batch_size"], env.rank, env.world_size)
-        engine.eval()
-        batches = [next(held_out) for _ in range(cfg["eval"]["focus_batches"])]
-        summary["eval"] = evaluate_focus(engine, model_cfg, batches, engine.device)
-        engine.train()
+    focus = cfg["data"]["name"] == "synthetic" and cfg["eval"]["focus_batches"] > 0
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": start}
+    if focus and start == 0:
+        summary["eval_before_training"] = focus_report(engine, cfg, model_cfg, env)
+    summary.update(trainer.fit(train.get("stop_after")))
+    summary["steps"] = trainer.step
+    if trainer.stopped_by_signal:
+        summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
+    elif focus:
+        summary["eval"] = focus_report(engine, cfg, model_cfg, env)
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.logger.close()
@@ -91,15 +100,36 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
+def focus_report(engine, cfg: dict[str, Any], model_cfg, env) -> dict[str, float]:
+    """Focus of the sampler on held-out synthetic clips (the same clips every time it is called)."""
+    held_out = build_data({**cfg["data"], "seed": cfg["data"]["eval_seed"]}, model_cfg,
+                          cfg["train"]["micro_batch_size"], env.rank, env.world_size)
+    batches = [next(held_out) for _ in range(cfg["eval"]["focus_batches"])]
+    engine.eval()
+    report = evaluate_focus(engine, model_cfg, batches, engine.device)
+    engine.train()
+    return report
+
+
 def report(summary: dict[str, Any]) -> str:
+    if "stopped_by_signal" in summary:
+        return (f"[adamae] stopped by {summary['stopped_by_signal']} after step {summary['steps']}: checkpoint saved in "
+                f"{summary['run_dir']}/checkpoints; run the same command again to resume.")
     lines = [f"[adamae] done: {summary['steps']} steps, results in {summary['run_dir']}",
              f"  metrics: {summary['run_dir']}/metrics.jsonl   TensorBoard: {summary['run_dir']}/tb   "
              f"checkpoints: {summary['run_dir']}/checkpoints"]
     if "eval" in summary:
         ev = summary["eval"]
-        topk = f"   top-k of p: {ev['focus_ratio_topk']:.2f}" if "focus_ratio_topk" in ev else ""
-        lines.append(f"  focus_ratio (held-out clips, motion tokens {ev['motion_token_fraction']:.1%}): "
-                     f"sampled masks: {ev['focus_ratio']:.2f}{topk}   random masking: {ev['focus_ratio_random']:.2f}")
+        lines.append(f"  focus_ratio on held-out clips ({ev['motion_token_fraction']:.1%} of tokens move; "
+                     f"1.0 = no preference for motion):")
+        lines.append(f"    AdaMAE, masks sampled as in training: {ev['focus_ratio']:.2f}")
+        if "focus_ratio_topk" in ev:
+            lines.append(f"    AdaMAE, top-k of the sampler's p:      {ev['focus_ratio_topk']:.2f}")
+        if "eval_before_training" in summary and "focus_ratio_topk" in ev:
+            init = summary["eval_before_training"]
+            lines.append(f"    same sampler before training:         {init['focus_ratio']:.2f} sampled, "
+                         f"{init['focus_ratio_topk']:.2f} top-k")
+        lines.append(f"    random masking baseline (same clips):  {ev['focus_ratio_random']:.2f}")
     return "\n".join(lines)
 
 
@@ -115,9 +145,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     summary = run(resolved)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report(summary), flush=True)
+    if "stopped_by_signal" in summary:
+        sys.exit(128 + signal.Signals[summary["stopped_by_signal"]].value)
 
 
 def main() -> None:
+    # The deepspeed launcher appends --local_rank=N (also exported as LOCAL_RANK), which Hydra
+    # would read as an override: drop it.
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     _hydra_main()
 
 

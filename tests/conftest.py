@@ -1,4 +1,5 @@
 import os
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -35,13 +36,38 @@ def cli_env(**extra: str) -> dict[str, str]:
     return env
 
 
-def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
-    """``adamae-pretrain`` as a user runs it: a fresh process with Hydra overrides."""
-    cmd = [sys.executable, "-m", "adamae_scale.pretrain", *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=timeout)
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _run(cmd: list[str], check: bool, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    proc = subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
     return proc
+
+
+def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+    """``adamae-pretrain`` as a user runs it: a fresh process with Hydra overrides."""
+    return _run([sys.executable, "-m", "adamae_scale.pretrain", *overrides], check, timeout)
+
+
+def torchrun_cmd(nproc: int, *overrides: str, port: int | None = None) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
+            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
+            "-m", "adamae_scale.pretrain", *overrides]
+
+
+def run_torchrun(nproc: int, *overrides: str, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N -m adamae_scale.pretrain``: N CPU ranks on gloo."""
+    return _run(torchrun_cmd(nproc, *overrides), check, timeout)
+
+
+def run_ranks(nproc: int, *overrides: str, **kwargs) -> subprocess.CompletedProcess:
+    """One process without a launcher, or ``nproc`` ranks under torchrun."""
+    return run_pretrain(*overrides, **kwargs) if nproc == 1 else run_torchrun(nproc, *overrides, **kwargs)
 
 
 @pytest.fixture

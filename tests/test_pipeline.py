@@ -3,7 +3,6 @@ from rank 0's state, corrupt samples counted (and fatal above the limit), and pr
 import io
 import json
 import pickle
-import socket
 import subprocess
 import sys
 import tarfile
@@ -18,7 +17,7 @@ from adamae_scale.data.shards import ShardOptions, build_shards
 from adamae_scale.data.transforms import denormalize
 from adamae_scale.metrics import read_metrics
 
-from .conftest import REPO, cli_env, run_pretrain
+from .conftest import REPO, cli_env, free_port, run_pretrain, run_torchrun
 from .media import copy_real, write_video
 
 CLIP = dict(num_frames=4, img_size=(32, 32), sampling_rate=2)
@@ -98,13 +97,8 @@ def test_urls_as_pattern_list_folder_manifest_and_pipe(shards):
     assert set(next(stream)["key"]) == all_keys(folder)
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def run_ranks(world: int, args: dict) -> list[dict]:
+def run_data_ranks(world: int, args: dict) -> list[dict]:
+    """``tests/dist_data.py`` as ``world`` real processes on gloo; their JSON results."""
     port = free_port()
     procs = [subprocess.Popen([sys.executable, "-m", "tests.dist_data", json.dumps(args)], cwd=REPO,
                               env=cli_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
@@ -119,7 +113,7 @@ def run_ranks(world: int, args: dict) -> list[dict]:
 @pytest.mark.parametrize("store", ["jpg", "mp4"])
 def test_two_ranks_two_workers_exactly_once_and_resume_from_rank0_state(shards, store, tmp_path):
     cfg = dict(urls=str(shards[store]), workers=2, shuffle_buffer=4, shuffle_initial=2, **CLIP)
-    results = run_ranks(2, {"out": str(tmp_path), "cfg": cfg, "batch_size": 2, "first": 3, "then": 5})
+    results = run_data_ranks(2, {"out": str(tmp_path), "cfg": cfg, "batch_size": 2, "first": 3, "then": 5})
 
     # Exactly once: the ranks' epoch-0 clips are disjoint and together are the whole data set.
     epoch0 = [k for r in results for k in r["epoch0"]]
@@ -282,15 +276,9 @@ def test_two_rank_pretrain_from_shards_resumes_bitwise(shards, tmp_path, tiny_ru
     the uninterrupted run's losses (the stream crosses an epoch boundary after the resume)."""
     common = pretrain_overrides(tiny_run, shards["mp4"]) + ["train.steps=8", "train.micro_batch_size=2"]
 
-    def torchrun(*extra: str) -> None:
-        cmd = [str(Path(sys.executable).parent / "torchrun"), "--nproc_per_node", "2", "--master_port",
-               str(free_port()), "-m", "adamae_scale.pretrain", *common, *extra]
-        proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=900)
-        assert proc.returncode == 0, proc.stderr[-6000:]
-
-    torchrun("train.ckpt_every=0", f"run_dir={tmp_path / 'straight'}")
-    torchrun("train.ckpt_every=4", "train.stop_after=4", f"run_dir={tmp_path / 'stopped'}")
-    torchrun("train.ckpt_every=4", "train.resume=auto", f"run_dir={tmp_path / 'stopped'}")
+    run_torchrun(2, *common, "train.ckpt_every=0", f"run_dir={tmp_path / 'straight'}")
+    run_torchrun(2, *common, "train.ckpt_every=4", "train.stop_after=4", f"run_dir={tmp_path / 'stopped'}")
+    run_torchrun(2, *common, "train.ckpt_every=4", "train.resume=auto", f"run_dir={tmp_path / 'stopped'}")
     straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
     resumed = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
     assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]

@@ -23,7 +23,7 @@ def test_gumbel_top_k_matches_multinomial_without_replacement():
     gen = torch.Generator().manual_seed(1)
 
     gumbel = inclusion_frequencies(
-        lambda t: [gumbel_top_k(logits.expand(t, n), k, generator=gen)], n, trials)
+        lambda t: [gumbel_top_k(logits.expand(t, n), k, torch.rand(t, n, generator=gen))], n, trials)
     multinomial = inclusion_frequencies(
         lambda t: [torch.multinomial(probs.expand(t, n), k, replacement=False, generator=gen)], n, trials)
     with_replacement = inclusion_frequencies(

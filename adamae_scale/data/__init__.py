@@ -9,7 +9,7 @@ SOURCES = ("synthetic", "shards")
 
 
 def synthetic_config(data: Mapping[str, Any], model_cfg) -> SyntheticConfig:
-    keys = ("num_objects", "object_size", "speed", "background", "motion_threshold", "seed")
+    keys = ("num_objects", "object_size", "speed", "background", "object_texture", "motion_threshold", "seed")
     return SyntheticConfig(
         num_frames=model_cfg.num_frames,
         img_size=model_cfg.img_size,

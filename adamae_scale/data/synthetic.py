@@ -8,6 +8,8 @@ Clip ``i`` is a pure function of ``(seed, i)``, so a stream resumes exactly from
 """
 from __future__ import annotations
 
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Iterator
 
@@ -26,7 +28,8 @@ class SyntheticConfig:
     num_objects: tuple[int, int] = (1, 3)  # inclusive range per clip
     object_size: tuple[float, float] = (0.125, 0.22)  # side / diameter, as a fraction of the short side
     speed: tuple[float, float] = (0.015, 0.05)  # pixels per frame, as a fraction of the short side
-    background: str = "smooth"  # "smooth" (low-frequency colour field) or "texture" (per-pixel noise)
+    background: str = "smooth"  # "smooth" (2x2 colour gradient), "blobs" (4x4 colour field), "texture" (noise)
+    object_texture: int = 0  # texture cells per object side; 0 = per-pixel noise
     motion_threshold: float = 0.125  # a token is "motion" when objects cover this fraction of its pixels
     seed: int = 0
 
@@ -34,19 +37,23 @@ class SyntheticConfig:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = tuple(int(s) for s in self.img_size)
-        if self.background not in ("smooth", "texture"):
-            raise ValueError(f"data.background must be 'smooth' or 'texture', got {self.background!r}")
+        if self.background not in BACKGROUNDS:
+            raise ValueError(f"data.background must be one of {tuple(BACKGROUNDS)}, got {self.background!r}")
 
 
 def _uniform(gen: torch.Generator, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
     return low + (high - low) * torch.rand(size, generator=gen)
 
 
+BACKGROUNDS = {"smooth": (2, "bilinear"), "blobs": (4, "bicubic"), "texture": (0, "nearest")}
+
+
 def _background(cfg: SyntheticConfig, gen: torch.Generator) -> torch.Tensor:
     h, w = cfg.img_size
-    coarse = 4 if cfg.background == "smooth" else max(h, w)
-    field = torch.rand(1, 3, coarse, coarse, generator=gen)
-    return F.interpolate(field, size=(h, w), mode="bicubic", align_corners=False).clamp(0, 1)[0]  # (3, H, W)
+    cells, mode = BACKGROUNDS[cfg.background]
+    field = torch.rand(1, 3, cells or h, cells or w, generator=gen)
+    corners = {"align_corners": True} if mode == "bilinear" else {}
+    return F.interpolate(field, size=(h, w), mode=mode, **corners).clamp(0, 1)[0]  # (3, H, W)
 
 
 def _bounce(start: torch.Tensor, velocity: torch.Tensor, frames: int, low: float, high: float) -> torch.Tensor:
@@ -82,9 +89,8 @@ def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.T
         else:
             inside = dy**2 + dx**2 < half**2  # disk
         # The texture moves with the object: sample it at object-local coordinates.
-        texture = F.interpolate(
-            torch.rand(1, 3, max(2, size // 3), max(2, size // 3), generator=gen), size=(size, size), mode="nearest"
-        )[0]  # (3, size, size)
+        cells = cfg.object_texture or size
+        texture = F.interpolate(torch.rand(1, 3, cells, cells, generator=gen), size=(size, size), mode="nearest")[0]
         ly = (dy + half).long().clamp(0, size - 1).expand(t_frames, h, w)
         lx = (dx + half).long().clamp(0, size - 1).expand(t_frames, h, w)
         frames = torch.where(inside[None], texture[:, ly, lx], frames)
@@ -105,25 +111,45 @@ class SyntheticClips:
     """Infinite batches ``{"video": [B, 3, T, H, W] normalised, "motion": [B, N] bool}``.
 
     Rank ``r`` of ``world`` takes the clips ``(k * world + r) * B + i``; ``state_dict()`` is the index of
-    the next batch, so a resumed run sees exactly the clips an uninterrupted one would.
+    the next batch, so a resumed run sees exactly the clips an uninterrupted one would. A background
+    thread renders the next ``prefetch`` batches while the current one trains (torch ops release the GIL).
     """
 
-    def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1):
+    def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2):
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.next_batch = 0
+        self.prefetch = prefetch
+        self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthetic") if prefetch > 0 else None
+        self._pending: deque[tuple[int, Future]] = deque()
 
     def __iter__(self) -> Iterator[dict[str, torch.Tensor]]:
         return self
 
-    def __next__(self) -> dict[str, torch.Tensor]:
-        first = (self.next_batch * self.world_size + self.rank) * self.batch_size
+    def batch(self, index: int) -> dict[str, torch.Tensor]:
+        """Batch ``index`` of this rank's stream (a pure function of the index)."""
+        first = (index * self.world_size + self.rank) * self.batch_size
         clips = [render_clip(self.cfg, first + i) for i in range(self.batch_size)]
-        self.next_batch += 1
         video = torch.stack([c[0] for c in clips])  # (B, 3, T, H, W) in [0, 1]
         return {"video": normalize(video), "motion": torch.stack([c[1] for c in clips])}
+
+    def __next__(self) -> dict[str, torch.Tensor]:
+        if self._pool is None:
+            result = self.batch(self.next_batch)
+        else:
+            while len(self._pending) < self.prefetch + 1:
+                index = self.next_batch + len(self._pending)
+                self._pending.append((index, self._pool.submit(self.batch, index)))
+            index, future = self._pending.popleft()
+            assert index == self.next_batch
+            result = future.result()
+        self.next_batch += 1
+        return result
 
     def state_dict(self) -> dict[str, int]:
         return {"next_batch": self.next_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
         self.next_batch = int(state["next_batch"])

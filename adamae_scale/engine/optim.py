@@ -33,12 +33,44 @@ def build_adamw(
     weight_decay: float = 0.05,
     betas: Iterable[float] = (0.9, 0.95),
     eps: float = 1e-8,
-) -> torch.optim.AdamW:
-    """AdamW with two groups: decay on weight matrices, none on biases, norms and ``mask_token``."""
-    groups = param_groups_weight_decay(model, weight_decay=weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+    cpu_offload: bool = False,
+    constant_lr_prefixes: Iterable[str] = (),
+) -> torch.optim.Optimizer:
+    """AdamW with weight decay on weight matrices, none on biases, norms and ``mask_token``.
+
+    Parameters whose names start with one of ``constant_lr_prefixes`` get their own groups marked
+    ``schedule="constant"`` (warm-up, then the peak lr held); the others follow ``"cosine"``.
+    With ZeRO optimizer offload the update runs on the CPU, where DeepSpeed's vectorised CPU Adam
+    (compiled once on first use) is the implementation it expects.
+    """
+    prefixes = tuple(constant_lr_prefixes)
+    subsets = [("cosine", _ParamSubset(model, lambda name: not name.startswith(prefixes)))]
+    if prefixes:
+        subsets.append(("constant", _ParamSubset(model, lambda name: name.startswith(prefixes))))
+    groups = [
+        {**group, "schedule": schedule}
+        for schedule, subset in subsets
+        for group in param_groups_weight_decay(subset, weight_decay=weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        if group["params"]
+    ]
+    if cpu_offload:
+        from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
 
 
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+class _ParamSubset:
+    """The ``named_parameters`` of a module, filtered by name (what timm's grouping helper reads)."""
+
+    def __init__(self, module: nn.Module, keep):
+        self.module, self.keep = module, keep
+
+    def named_parameters(self):
+        return ((n, p) for n, p in self.module.named_parameters() if self.keep(n))
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lrs: dict[str, float]) -> None:
+    """Set each param group's lr from ``lrs[group["schedule"]]``."""
     for group in optimizer.param_groups:
-        group["lr"] = lr * group.get("lr_scale", 1.0)
+        group["lr"] = lrs[group.get("schedule", "cosine")] * group.get("lr_scale", 1.0)

@@ -7,14 +7,16 @@ environment → config (ZeRO JSON + batch, clipping and precision fields) → ac
 from __future__ import annotations
 
 import copy
+import functools
 import json
 import os
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterable
 
 import torch
+import torch.utils.checkpoint
 from torch import nn
 
 PRECISIONS = ("fp32", "bf16")
@@ -43,6 +45,22 @@ def dist_env() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
+def select_accelerator() -> str:
+    """DeepSpeed's accelerator: ``DS_ACCELERATOR`` if set, else CUDA when present, else the CPU.
+    Must run before DeepSpeed is first imported."""
+    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    return os.environ["DS_ACCELERATOR"]
+
+
+def init_distributed() -> None:
+    """Start the process group (gloo on CPU, NCCL on GPU) before the engine, so that pre-engine
+    work (checkpoint conversion) can synchronise ranks."""
+    select_accelerator()
+    import deepspeed
+
+    deepspeed.init_distributed()
+
+
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
     """``zero0`` … ``zero3`` (shipped in ``ds_configs/``) or a path to a DeepSpeed JSON file."""
     path = Path(name_or_path)
@@ -60,6 +78,11 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
         return json.loads(text)
     except json.JSONDecodeError as err:
         raise ValueError(f"ds={name_or_path}: not valid JSON ({err})") from err
+
+
+def offloads_optimizer(ds_config: dict[str, Any]) -> bool:
+    offload = ds_config.get("zero_optimization", {}).get("offload_optimizer", {})
+    return offload.get("device", "none") in ("cpu", "nvme")
 
 
 def build_ds_config(
@@ -93,9 +116,28 @@ def build_ds_config(
     return config
 
 
+def apply_activation_checkpointing(blocks: Iterable[nn.Module], every: int) -> int:
+    """Recompute every ``every``-th block's activations in backward instead of storing them.
+
+    The block's ``forward`` is replaced on the instance, so parameter names (and therefore
+    checkpoints) are unchanged; the recomputation goes through the block's sub-modules, so ZeRO-3
+    gathers their parameters again. RNG state is replayed, so dropout masks match. Returns how many
+    blocks were wrapped.
+    """
+    if every <= 0:
+        return 0
+    wrapped = 0
+    for index, block in enumerate(blocks):
+        if index % every:
+            continue
+        block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
+        wrapped += 1
+    return wrapped
+
+
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
     """``deepspeed.initialize`` with the client optimizer; returns the engine."""
-    os.environ.setdefault("DS_ACCELERATOR", "cpu" if not torch.cuda.is_available() else "cuda")
+    select_accelerator()
     import deepspeed
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=True)

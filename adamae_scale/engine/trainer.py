@@ -5,6 +5,8 @@ One ``step`` is one optimizer step = ``accumulation`` micro-batches on every ran
 """
 from __future__ import annotations
 
+import resource
+import signal
 import time
 from typing import Any, Callable, Iterator, Mapping
 
@@ -30,7 +32,7 @@ class Trainer:
         data: Iterator[dict[str, torch.Tensor]],
         checkpointer: Checkpointer,
         logger,
-        lr_schedule: Callable[[int], float],
+        lr_schedule: Callable[[int], dict[str, float]],
         steps: int,
         global_batch: int,
         seed: int = 0,
@@ -46,6 +48,8 @@ class Trainer:
         self.accumulation = engine.gradient_accumulation_steps()
         self.progress = progress and self.rank == 0
         self.step = 0
+        self.stopped_by_signal = 0  # the signal number that ended fit() early, if any
+        self._pending_signal = 0
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
@@ -59,15 +63,22 @@ class Trainer:
         if "data" in state and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
 
-    def resume(self, mode: str) -> None:
-        state = self.checkpointer.resume(self.engine, mode)
-        if state is not None:
-            self.load_state_dict(state)
+    def resume(self, ref) -> None:
+        """Continue from checkpoint ``ref`` (a ``CheckpointRef``; ``None`` starts fresh)."""
+        if ref is not None:
+            self.load_state_dict(self.checkpointer.load(self.engine, ref))
 
     # -- loop --------------------------------------------------------------------------------
     def _to_device(self, batch: Mapping[str, Any]) -> dict[str, Any]:
         device = self.engine.device
         return {k: v.to(device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+    def sample_positions(self, micro: int) -> torch.Tensor:
+        """Positions in the global sample stream of this rank's micro-batch: identical for a sample
+        whatever the world size or accumulation, so per-sample randomness can be keyed on it."""
+        batch = self.engine.train_micro_batch_size_per_gpu()
+        first = ((self.step * self.accumulation + micro) * self.world_size + self.rank) * batch
+        return torch.arange(first, first + batch)
 
     def train_step(self) -> dict[str, float]:
         """One optimizer step; returns the micro-batch mean of every scalar the loss function reported."""
@@ -75,7 +86,9 @@ class Trainer:
         totals: dict[str, float] = {}
         for micro in range(self.accumulation):
             torch.manual_seed(step_seed(self.seed, self.step, micro, self.rank))
-            batch = self._to_device(next(self.data))
+            batch = dict(next(self.data))
+            batch["sample_position"] = self.sample_positions(micro)
+            batch = self._to_device(batch)
             outputs = self.loss_fn(self.engine, batch)
             loss = outputs["loss"]
             if not torch.isfinite(loss):
@@ -99,6 +112,22 @@ class Trainer:
         dist.all_reduce(packed)
         return {k: v / self.world_size for k, v in zip(keys, packed.tolist())}
 
+    def _all_ranks_max(self, values: list[float]) -> list[float]:
+        if self.world_size == 1:
+            return values
+        import deepspeed.comm as dist
+
+        packed = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        return packed.tolist()
+
+    def _on_signal(self, signum, frame) -> None:
+        self._pending_signal = signum
+
+    def _signal_received(self) -> int:
+        """The pending SIGTERM/SIGINT of any rank, agreed by all ranks so they stop at the same step."""
+        return int(self._all_ranks_max([float(self._pending_signal)])[0])
+
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``steps`` (or ``stop_after`` steps of the schedule); log, checkpoint; return the
         last logged metrics."""
@@ -106,24 +135,41 @@ class Trainer:
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc="pretrain", unit="step")
         last: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
-        while self.step < end:
-            values = self.train_step()
-            self.step += 1
-            window_steps += 1
-            last_step = self.step == end
-            if self.step % self.log_every == 0 or last_step:
-                elapsed = time.perf_counter() - window_start
-                values = self._mean_over_ranks(values)
-                values["lr"] = self.engine.optimizer.param_groups[0]["lr"]
-                values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
-                if hasattr(self.data, "metrics"):  # e.g. samples skipped as corrupt
-                    values.update(self.data.metrics())
-                self.logger.log(self.step, values)
-                last = values
-                bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
-                window_start, window_steps = time.perf_counter(), 0
-            if self.checkpointer.should_save(self.step, last_step):
-                self.checkpointer.save(self.engine, self.step, self.state_dict())
-            bar.update(1)
-        bar.close()
+        # Pre-emption (SIGTERM from SLURM/Kubernetes, Ctrl-C): finish the step, checkpoint, stop.
+        previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            while self.step < end:
+                values = self.train_step()
+                self.step += 1
+                window_steps += 1
+                self.stopped_by_signal = self._signal_received()
+                last_step = self.step == end or bool(self.stopped_by_signal)
+                if self.step % self.log_every == 0 or last_step:
+                    elapsed = time.perf_counter() - window_start
+                    values = self._mean_over_ranks(values)
+                    values["lr"] = self.lr_schedule(self.step - 1)["cosine"]
+                    values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
+                    values["mem_peak_bytes"] = self._all_ranks_max([float(peak_memory_bytes(self.engine.device))])[0]
+                    if hasattr(self.data, "metrics"):  # e.g. samples skipped as corrupt
+                        values.update(self.data.metrics())
+                    self.logger.log(self.step, values)
+                    last = values
+                    bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
+                    window_start, window_steps = time.perf_counter(), 0
+                if self.checkpointer.should_save(self.step, last_step):
+                    self.checkpointer.save(self.engine, self.step, self.state_dict())
+                bar.update(1)
+                if self.stopped_by_signal:
+                    break
+        finally:
+            for sig, handler in previous.items():
+                signal.signal(sig, handler)
+            bar.close()
         return last
+
+
+def peak_memory_bytes(device: torch.device) -> int:
+    """Peak memory of this process: allocated accelerator memory, or resident set size on CPU."""
+    if device.type == "cuda":
+        return int(torch.cuda.max_memory_allocated(device))
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024

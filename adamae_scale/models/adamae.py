@@ -169,13 +169,18 @@ class AdaMAE(nn.Module):
     def sample_logits(self, tokens: torch.Tensor) -> torch.Tensor | None:
         return None if self.sampler is None else self.sampler(tokens)
 
-    def forward(self, video: torch.Tensor, mask: torch.Tensor | None = None) -> AdaMAEOutput:
-        """``video``: ``[B, C, T, H, W]`` normalised pixels. ``mask``: optional ``[B, N]`` bool."""
+    def forward(
+        self, video: torch.Tensor, mask: torch.Tensor | None = None, noise: torch.Tensor | None = None
+    ) -> AdaMAEOutput:
+        """``video``: ``[B, C, T, H, W]`` normalised pixels. ``mask``: optional ``[B, N]`` bool to use
+        as is. ``noise``: optional uniform noise ``[B, N]`` driving the mask sampling."""
         batch = video.shape[0]
         tokens = self.encoder.patch_embed(video)  # (B, N, D)
         logits = self.sample_logits(tokens)  # (B, N) fp32 or None
         if mask is None:
-            mask = sample_mask(self.cfg.masking, self.cfg.layout, self.cfg.num_visible, batch, video.device, logits)
+            mask = sample_mask(
+                self.cfg.masking, self.cfg.layout, self.cfg.num_visible, batch, video.device, logits, noise
+            )
         visible_idx, masked_idx = split_indices(mask)  # (B, N_vis), (B, N_masked)
 
         latent = self.encoder(tokens, visible_idx)  # (B, N_vis, D)

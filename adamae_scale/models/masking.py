@@ -46,13 +46,30 @@ def num_visible_tokens(strategy: str, layout: TokenLayout, mask_ratio: float) ->
     return visible
 
 
-def gumbel_top_k(logits: torch.Tensor, k: int, generator: torch.Generator | None = None) -> torch.Tensor:
-    """Indices ``[B, k]`` of k draws without replacement from ``softmax(logits)`` (fp32)."""
-    uniform = torch.rand(logits.shape, dtype=torch.float32, device=logits.device, generator=generator)
+def gumbel_top_k(logits: torch.Tensor, k: int, noise: torch.Tensor | None = None) -> torch.Tensor:
+    """Indices ``[B, k]`` of k draws without replacement from ``softmax(logits)`` (fp32).
+
+    ``noise``: optional uniform(0, 1) noise ``[B, N]`` (drawn here when not given).
+    """
+    if noise is None:
+        noise = torch.rand(logits.shape, dtype=torch.float32, device=logits.device)
     # -log(-log(U)) with U kept away from 0 and 1 so the noise is always finite.
     tiny = torch.finfo(torch.float32).tiny
-    gumbel = -torch.log(-torch.log(uniform.clamp(min=tiny, max=1.0 - 1e-7)))
+    gumbel = -torch.log(-torch.log(noise.float().clamp(min=tiny, max=1.0 - 1e-7)))
     return torch.topk(logits.float() + gumbel, k, dim=-1, sorted=False).indices
+
+
+def noise_for_samples(sample_ids: torch.Tensor, num_tokens: int, seed: int) -> torch.Tensor:
+    """Uniform noise ``[B, N]`` where row b depends only on ``(seed, sample_ids[b])``.
+
+    Keyed by a sample's position in the global stream, a clip gets the same mask whatever the world
+    size, micro-batch split or rank that processes it.
+    """
+    rows = [
+        torch.rand(num_tokens, generator=torch.Generator().manual_seed((seed * 1_000_003 + int(i)) % (2**63)))
+        for i in sample_ids.tolist()
+    ]
+    return torch.stack(rows).to(sample_ids.device)
 
 
 def mask_from_visible(visible_idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
@@ -79,22 +96,25 @@ def sample_mask(
     batch_size: int,
     device: torch.device,
     logits: torch.Tensor | None = None,
-    generator: torch.Generator | None = None,
+    noise: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """A mask ``[B, N]`` (True = masked) drawn by ``strategy``; ``logits [B, N]`` for ``adaptive``."""
+    """A mask ``[B, N]`` (True = masked) drawn by ``strategy``; ``logits [B, N]`` for ``adaptive``.
+
+    ``noise``: optional uniform(0, 1) noise ``[B, N]``, the only randomness used (drawn when absent).
+    """
     n = layout.num_tokens
+    if noise is None:
+        noise = torch.rand(batch_size, n, device=device)
     if strategy == "adaptive":
         if logits is None:
             raise ValueError("adaptive masking needs the sampler's logits")
-        visible_idx = gumbel_top_k(logits, num_visible, generator)
+        visible_idx = gumbel_top_k(logits, num_visible, noise)
     elif strategy == "random":
-        scores = torch.rand(batch_size, n, device=device, generator=generator)
-        visible_idx = torch.topk(scores, num_visible, dim=-1, sorted=False).indices
+        visible_idx = torch.topk(noise, num_visible, dim=-1, sorted=False).indices
     elif strategy == "tube":
         t, h, w = layout.grid
         per_frame = num_visible // t
-        scores = torch.rand(batch_size, h * w, device=device, generator=generator)
-        spatial = torch.topk(scores, per_frame, dim=-1, sorted=False).indices  # (B, per_frame)
+        spatial = torch.topk(noise[:, : h * w], per_frame, dim=-1, sorted=False).indices  # (B, per_frame)
         frame_offsets = torch.arange(t, device=device)[None, :, None] * (h * w)  # (1, t, 1)
         visible_idx = (spatial[:, None, :] + frame_offsets).reshape(batch_size, -1)  # (B, t*per_frame)
     else:

@@ -1,0 +1,302 @@
+"""Reading and writing weights safely: restricted un-pickling, streamed safetensors, atomic folders.
+
+- ``safe_torch_load``: ``torch.load(weights_only=True)`` after a scan of the pickle's globals, with an
+  explicit allowlist of classes by name. Nothing outside tensors, plain containers and that list is
+  ever constructed, so a malicious ``.pth`` is refused before any of it runs.
+- ``write_safetensors``: writes one tensor at a time (header first, from shapes), so a model is never
+  held twice in memory. Values may be lazy: anything with ``shape``, ``dtype`` and ``contiguous()``
+  (DeepSpeed's ``GatheredTensor`` has exactly that interface, and so does ``LazyTensor`` below).
+- ``atomic_output_dir``: everything is written into a hidden temporary folder beside the target, which
+  is renamed into place only once complete; a failure leaves no partial output behind.
+"""
+from __future__ import annotations
+
+import importlib
+import json
+import math
+import os
+import pickle
+import pickletools
+import shutil
+import struct
+import tempfile
+import zipfile
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+
+import torch
+from safetensors import SafetensorError, safe_open
+
+from .errors import ConvertError, UnsafeCheckpointError
+
+
+# -- restricted un-pickling ------------------------------------------------------------------------
+def _resolve_global(qualified_name: str) -> Any:
+    module_name, _, attr = qualified_name.rpartition(".")
+    return getattr(importlib.import_module(module_name), attr)
+
+
+def _first_informative_line(err: BaseException) -> str:
+    lines = [line.strip() for line in str(err).splitlines() if line.strip()]
+    for line in lines:
+        if "Unsupported global" in line or "GLOBAL" in line or line.startswith("Unsupported operand"):
+            return line
+    return lines[0] if lines else type(err).__name__
+
+
+def _globals_in_pickles(path: Path, max_pickles: int = 8) -> set[str]:
+    """Classes and functions named by the pickles at the start of a non-zip file, read as opcodes only.
+
+    PyTorch's legacy format is a few pickles in a row (magic number, versions, the object, storage keys)
+    followed by raw storage bytes; a plain ``pickle.dump`` file is one pickle. Scanning stops at the first
+    thing that is not a pickle.
+    """
+    found: set[str] = set()
+    with open(path, "rb") as f:
+        for _ in range(max_pickles):
+            recent_strings: list[str] = []
+            try:
+                for opcode, arg, _pos in pickletools.genops(f):
+                    if opcode.name == "GLOBAL":
+                        found.add(str(arg).replace(" ", "."))
+                    elif opcode.name == "STACK_GLOBAL" and len(recent_strings) >= 2:
+                        found.add(f"{recent_strings[-2]}.{recent_strings[-1]}")
+                    elif isinstance(arg, str) and "UNICODE" in opcode.name:
+                        recent_strings.append(arg)
+            except Exception:  # noqa: BLE001 - not (or no longer) a pickle: the rest is data
+                break
+    return found
+
+
+def safe_torch_load(path: str | Path, allowed_globals: Sequence[str] = (), mmap: bool = True) -> Any:
+    """Load a PyTorch checkpoint with ``weights_only=True`` plus exactly ``allowed_globals``.
+
+    ``allowed_globals`` are fully qualified class names (``"argparse.Namespace"``). For zip-format
+    files (everything ``torch.save`` wrote since PyTorch 1.6) the pickle's globals are listed without
+    executing anything and any name outside the allowlist is refused up front, with its name in the
+    message; older formats rely on the ``weights_only`` un-pickler alone, which refuses them too.
+    ``mmap=True`` maps zip files instead of reading them, so only the tensors used are paged in.
+    """
+    path = Path(path)
+    if not path.is_file():
+        raise ConvertError(f"{path}: no such file")
+    is_zip = zipfile.is_zipfile(path)
+    allowed = set(allowed_globals)
+    if is_zip:
+        try:
+            found = set(torch.serialization.get_unsafe_globals_in_checkpoint(path))
+        except Exception as err:  # noqa: BLE001 - any parse failure means we cannot vouch for it
+            raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_informative_line(err)})") from err
+    else:
+        found = _globals_in_pickles(path)
+    refused = sorted(name for name in found - allowed if not _allowed_by_default(name))
+    if refused:
+        raise UnsafeCheckpointError(
+            f"refusing to load {path}: its pickle references {', '.join(refused)}, which is not a tensor or plain "
+            "container and could run code when un-pickled (this tool loads weights only, with weights_only=True)"
+        )
+    needed = [_resolve_global(name) for name in sorted(found & allowed)]
+    try:
+        with torch.serialization.safe_globals(needed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as err:
+        line = _first_informative_line(err)
+        if "GLOBAL" in line or "global" in line:
+            raise UnsafeCheckpointError(f"refusing to load {path}: {line}") from err
+        raise ConvertError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({line})") from err
+    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_informative_line(err)})") from err
+
+
+def _allowed_by_default(name: str) -> bool:
+    """Whether PyTorch's weights-only un-pickler accepts ``name`` without an allowlist (tensor rebuilders,
+    storages, ``collections.OrderedDict``, ...). Zip files only list the others; legacy files list all."""
+    allowed_by_torch = getattr(getattr(torch, "_weights_only_unpickler", None), "_get_allowed_globals", dict)
+    return name in allowed_by_torch()  # without that private table, legacy files are refused (never let through)
+
+
+# -- lazy tensors -----------------------------------------------------------------------------------
+class TensorLike(Protocol):
+    """A tensor, or a stand-in that knows its shape and dtype and produces its data on ``contiguous()``."""
+
+    shape: Sequence[int]
+    dtype: torch.dtype
+
+    def contiguous(self) -> torch.Tensor: ...
+
+
+class LazyTensor:
+    """Shape and dtype now, data later: ``contiguous()`` calls ``load`` (and checks what it returns)."""
+
+    def __init__(self, shape: Sequence[int], dtype: torch.dtype, load: Callable[[], torch.Tensor]):
+        self.shape = torch.Size(shape)
+        self.dtype = dtype
+        self._load = load
+
+    def contiguous(self) -> torch.Tensor:
+        tensor = self._load()
+        if tuple(tensor.shape) != tuple(self.shape) or tensor.dtype != self.dtype:
+            raise AssertionError(f"lazy tensor promised {list(self.shape)} {self.dtype}, got "
+                                 f"{list(tensor.shape)} {tensor.dtype}")
+        return tensor.contiguous()
+
+    def __repr__(self) -> str:
+        return f"LazyTensor({list(self.shape)}, {self.dtype})"
+
+
+def lazy_map(source: TensorLike, fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int] | None = None,
+             dtype: torch.dtype | None = None) -> LazyTensor:
+    """``fn(source)`` computed when written; ``shape``/``dtype`` default to the source's."""
+    return LazyTensor(source.shape if shape is None else shape, source.dtype if dtype is None else dtype,
+                      lambda: fn(source.contiguous()))
+
+
+# -- safetensors --------------------------------------------------------------------------------------
+_SAFETENSORS_DTYPES = {
+    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
+    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.bool: "BOOL",
+}
+_TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
+
+
+def _output_dtype(value: TensorLike, dtype: torch.dtype | None) -> torch.dtype:
+    return dtype if dtype is not None and value.dtype.is_floating_point else value.dtype
+
+
+def write_safetensors(path: str | Path, tensors: Mapping[str, TensorLike], metadata: Mapping[str, str] | None = None,
+                      dtype: torch.dtype | None = None) -> None:
+    """Write ``tensors`` (in their order) as a safetensors file, one tensor in memory at a time.
+
+    ``dtype`` casts floating-point tensors on the way out (e.g. ``torch.bfloat16``). The layout is the
+    safetensors format: an 8-byte little-endian header length, a JSON header (padded with spaces to a
+    multiple of 8) giving each tensor's dtype, shape and byte range, then the raw little-endian data.
+    """
+    if struct.pack("=I", 1) != struct.pack("<I", 1):
+        raise ConvertError("writing safetensors needs a little-endian machine")
+    header: dict[str, Any] = {}
+    offset = 0
+    for name, value in tensors.items():
+        out_dtype = _output_dtype(value, dtype)
+        if out_dtype not in _SAFETENSORS_DTYPES:
+            raise ConvertError(f"{name}: dtype {out_dtype} cannot be written to safetensors")
+        nbytes = math.prod(value.shape) * torch.empty((), dtype=out_dtype).element_size()
+        header[name] = {"dtype": _SAFETENSORS_DTYPES[out_dtype], "shape": [int(s) for s in value.shape],
+                        "data_offsets": [offset, offset + nbytes]}
+        offset += nbytes
+    if metadata:
+        header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
+    blob = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    blob += b" " * (-len(blob) % 8)
+    with open(path, "wb") as f:
+        f.write(struct.pack("<Q", len(blob)))
+        f.write(blob)
+        for name, value in tensors.items():
+            data = value.contiguous()
+            out_dtype = _output_dtype(value, dtype)
+            if tuple(data.shape) != tuple(value.shape):
+                raise AssertionError(f"{name}: expected shape {list(value.shape)}, got {list(data.shape)}")
+            if data.dtype != out_dtype:
+                data = data.to(out_dtype)
+            # A uint8 view of the (contiguous, CPU) data: written straight from its memory, no copy.
+            f.write(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            del data
+        f.flush()
+        os.fsync(f.fileno())
+
+
+class SafetensorsReader:
+    """Lazy access to a safetensors file: names, shapes and dtypes from the header, data on demand."""
+
+    def __init__(self, path: str | Path):
+        self.path = Path(path)
+        if not self.path.is_file():
+            raise ConvertError(f"{self.path}: no such file")
+        try:
+            self._handle = safe_open(str(self.path), framework="pt")
+            self._file = self._handle.__enter__()
+            self._keys = list(self._file.offset_keys())  # the order they were written in
+        except (SafetensorError, OSError) as err:
+            raise ConvertError(f"{self.path}: not a readable safetensors file ({_first_informative_line(err)})") from err
+
+    def keys(self) -> list[str]:
+        return list(self._keys)
+
+    def metadata(self) -> dict[str, str]:
+        return dict(self._file.metadata() or {})
+
+    def lazy(self, name: str) -> LazyTensor:
+        piece = self._file.get_slice(name)
+        dtype = _TORCH_DTYPES.get(piece.get_dtype())
+        if dtype is None:
+            raise ConvertError(f"{self.path}: tensor {name} has dtype {piece.get_dtype()}, which this tool does not handle")
+        return LazyTensor(piece.get_shape(), dtype, lambda: self._file.get_tensor(name))
+
+    def lazy_dict(self) -> dict[str, LazyTensor]:
+        return {name: self.lazy(name) for name in self._keys}
+
+    def close(self) -> None:
+        self._handle.__exit__(None, None, None)
+
+    def __enter__(self) -> "SafetensorsReader":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+# -- atomic output folders -------------------------------------------------------------------------------
+@contextmanager
+def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+    """Yield a fresh temporary folder beside ``out_dir``; on success it becomes ``out_dir``.
+
+    ``out_dir`` must not exist unless ``overwrite``; then the old folder is moved aside, the new one
+    renamed in, and the old one deleted, so there is never a moment with a half-written ``out_dir``.
+    ``inputs`` are the paths being read: writing over one of them (or a folder holding one) is refused.
+    """
+    out_dir = Path(out_dir).absolute()
+    for source in inputs:
+        source = Path(source).absolute()
+        if source == out_dir or out_dir in source.parents:
+            raise ConvertError(f"OUT_DIR {out_dir} would replace the input {source}; choose another folder")
+    if out_dir.exists() and not overwrite:
+        raise ConvertError(f"OUT_DIR {out_dir} already exists (pass --overwrite to replace it)")
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ConvertError(f"OUT_DIR {out_dir} exists and is not a folder")
+    try:
+        out_dir.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as err:
+        raise ConvertError(f"cannot create the parent folder of OUT_DIR {out_dir} ({err.strerror})") from err
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
+    try:
+        yield tmp
+        if out_dir.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
+            os.replace(out_dir, old / out_dir.name)
+            os.replace(tmp, out_dir)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out_dir)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
+    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
+
+
+__all__ = [
+    "LazyTensor",
+    "SafetensorsReader",
+    "TensorLike",
+    "atomic_output_dir",
+    "lazy_map",
+    "safe_torch_load",
+    "write_json",
+    "write_safetensors",
+]

@@ -1,0 +1,129 @@
+"""How much memory a model needs per rank under a ZeRO stage, and a measured check of it.
+
+Model states per rank for P parameters on N ranks, as this project trains them (fp32 weights with
+bf16 autocast, or fp32; AdamW):
+
+| state | bytes | partitioned over N from |
+| --- | --- | --- |
+| parameters (fp32) | 4P | ZeRO-3 |
+| gradients (fp32) | 4P | ZeRO-2 |
+| optimizer: fp32 master partition + Adam exp_avg + exp_avg_sq | 4P + 8P (ZeRO >= 1), 8P (ZeRO-0) | ZeRO-1 |
+
+ZeRO keeps its own fp32 copy of each rank's partition beside the module's weights (it cannot alias
+them), hence the master term. Offload moves parameters and/or optimizer states to host memory.
+Activations are not modelled: they depend on batch, tokens and checkpointing; ``run=true`` measures
+the whole peak.
+"""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+from typing import Any
+
+from .setup import load_ds_config
+
+
+def zero_stage_and_offload(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:
+    zero = ds_config.get("zero_optimization", {})
+    offload_opt = zero.get("offload_optimizer", {}).get("device", "none") in ("cpu", "nvme")
+    offload_param = zero.get("offload_param", {}).get("device", "none") in ("cpu", "nvme")
+    return int(zero.get("stage", 0)), offload_opt, offload_param
+
+
+def model_state_bytes(num_params: int, world_size: int, stage: int, offload_optimizer: bool = False,
+                      offload_param: bool = False) -> dict[str, dict[str, int]]:
+    """Bytes per rank of parameters, gradients and optimizer states, on the device and on the host."""
+    n = max(world_size, 1)
+    params = 4 * num_params // (n if stage >= 3 else 1)
+    grads = 4 * num_params // (n if stage >= 2 else 1)
+    optimizer = (12 if stage >= 1 else 8) * num_params // (n if stage >= 1 else 1)
+    device = {"params": 0 if offload_param else params, "grads": grads, "optimizer": 0 if offload_optimizer else optimizer}
+    host = {"params": params if offload_param else 0, "grads": 0, "optimizer": optimizer if offload_optimizer else 0}
+    device["total"] = sum(device.values())
+    host["total"] = sum(host.values())
+    return {"device": device, "host": host}
+
+
+def estimate(model: str, ds: str, world_size: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    import torch
+
+    from ..models import build_model, config_for
+
+    cfg = config_for(model, **(overrides or {}))
+    with torch.device("meta"):
+        num_params = build_model(cfg).num_params()
+    stage, offload_opt, offload_param = zero_stage_and_offload(load_ds_config(ds))
+    states = model_state_bytes(num_params, world_size, stage, offload_opt, offload_param)
+    return {
+        "model": model,
+        "ds": ds,
+        "zero_stage": stage,
+        "world_size": world_size,
+        "params": num_params,
+        "bytes_per_rank": {**states["device"]},
+        "host_bytes_per_rank": {**states["host"]},
+        "note": "model states only (fp32 weights, fp32 grads, AdamW + ZeRO fp32 master); activations excluded",
+    }
+
+
+def measure(model: str, ds: str, world_size: int, overrides: list[str], steps: int = 2) -> dict[str, Any]:
+    """Peak memory per rank of ``steps`` real pre-training steps (resident set size on CPU)."""
+    with tempfile.TemporaryDirectory(prefix="adamae-mem-") as run_dir:
+        args = [f"model={model}", f"ds={ds}", f"train.steps={steps}", "train.micro_batch_size=1", "train.ckpt_every=0",
+                "train.log_every=1", "eval.focus_batches=0", "train.resume=none", "data=synthetic",
+                f"run_dir={run_dir}", *overrides]
+        # Checkpoint writing would dominate the peak for large models; this measures training steps.
+        args.append("train.stop_after=" + str(steps))
+        if world_size == 1:
+            cmd = [sys.executable, "-m", "adamae_scale.pretrain", *args]
+        else:
+            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
+                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "adamae_scale.pretrain", *args]
+        proc = subprocess.run(cmd, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise RuntimeError(f"memory run failed ({proc.returncode}): {proc.stderr[-2000:]}")
+        records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+    return {
+        "measured_peak_bytes_per_rank": int(max(r["mem_peak_bytes"] for r in records)),
+        "measured_steps": steps,
+        # micro-batch 1 on every rank: a step is world_size clips; the first step includes warm-up.
+        "seconds_per_step": world_size / records[-1]["clips_per_s"],
+    }
+
+
+def main(argv: list[str]) -> dict[str, Any]:
+    """``memory model=NAME ds=NAME world_size=N [run=true] [steps=K] [pretrain overrides...]``."""
+    options = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "false", "steps": "2"}
+    overrides: list[str] = []
+    for arg in argv:
+        key, sep, value = arg.partition("=")
+        if not sep:
+            raise ValueError(f"adamae-bench memory: expected key=value, got {arg!r}")
+        if key in options:
+            options[key] = value
+        else:
+            overrides.append(arg)
+    model_overrides = {k.split(".", 1)[1]: _literal(v) for k, _, v in (o.partition("=") for o in overrides)
+                       if k.startswith("model.")}
+    report = estimate(options["model"], options["ds"], int(options["world_size"]), model_overrides)
+    if options["run"].lower() in ("1", "true", "yes"):
+        report.update(measure(options["model"], options["ds"], int(options["world_size"]), overrides,
+                              int(options["steps"])))
+    return report
+
+
+def _literal(value: str) -> Any:
+    import yaml
+
+    return yaml.safe_load(value)
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
