@@ -56,57 +56,70 @@ class VideoFileClips(Dataset):
         return augment_clip(frames, self.img_size, REFERENCE_CROP_SCALES, 1, False, rng)
 
 
-def _clips_per_second(next_clips: Callable[[], torch.Tensor], clips: int, warmup: int) -> float:
+def _clips_per_second(next_clips: Callable[[], torch.Tensor], clips: int, warmup: int,
+                      clock: Callable[[], float] = time.perf_counter) -> float:
     for _ in range(warmup):  # worker start-up and first decodes are not throughput
         next_clips()
-    done, start = 0, time.perf_counter()
+    done, start = 0, clock()
     while done < clips:
         done += len(next_clips())
-    return done / (time.perf_counter() - start)
+    return done / (clock() - start)
 
 
-def bench_data(args: argparse.Namespace) -> dict[str, Any]:
-    workers = args.num_workers
+def _measure(groups: dict[str, list[str]], files: list[Path], args: argparse.Namespace, workers: int,
+             clock: Callable[[], float]) -> tuple[dict[str, float], float]:
+    """Clips per second per worker: ``{format: shards}`` and the baseline."""
     per_worker = max(workers, 1)
     size = (args.img_size, args.img_size)
-    groups: dict[str, list[str]] = {}
-    for urls in args.urls:
-        for url in shard_urls(urls):
-            groups.setdefault(shard_format(url), []).append(url)
-
     shards: dict[str, float] = {}
     for fmt, urls in sorted(groups.items()):
         cfg = ShardDataConfig(urls=urls, num_frames=args.num_frames, img_size=size, sampling_rate=args.sampling_rate,
-                              workers=workers, resampled=True, shuffle_buffer=args.shuffle_buffer,
-                              seed=args.seed)
+                              workers=workers, resampled=True, shuffle_buffer=args.shuffle_buffer, seed=args.seed)
         stream = ShardClips(cfg, args.batch_size)
-        shards[fmt] = _clips_per_second(lambda: next(stream)["video"], args.clips, args.warmup) / per_worker
+        shards[fmt] = _clips_per_second(lambda: next(stream)["video"], args.clips, args.warmup, clock) / per_worker
         stream.close()
-
-    files = sorted(p for p in Path(args.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
-    if not files:
-        raise ValueError(f"--videos {args.videos}: no video files")
     dataset = VideoFileClips(files, args.num_frames, args.sampling_rate, size, args.seed)
     loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
                         sampler=RandomSampler(dataset, replacement=True, num_samples=10**9,
                                               generator=torch.Generator().manual_seed(args.seed)),
                         prefetch_factor=2 if workers > 0 else None)
     batches = iter(loader)
-    baseline = _clips_per_second(lambda: next(batches), args.clips, args.warmup) / per_worker
-    return {
+    baseline = _clips_per_second(lambda: next(batches), args.clips, args.warmup, clock) / per_worker
+    return shards, baseline
+
+
+def bench_data(args: argparse.Namespace) -> dict[str, Any]:
+    groups: dict[str, list[str]] = {}
+    for urls in args.urls:
+        for url in shard_urls(urls):
+            groups.setdefault(shard_format(url), []).append(url)
+    files = sorted(p for p in Path(args.videos).rglob("*") if p.suffix.lower() in VIDEO_EXTENSIONS and p.is_file())
+    if not files:
+        raise ValueError(f"--videos {args.videos}: no video files")
+
+    shards, baseline = _measure(groups, files, args, args.num_workers, time.perf_counter)
+    result = {
         "benchmark": "data",
         "clip": [args.num_frames, args.img_size, args.img_size],
         "sampling_rate": args.sampling_rate,
-        "num_workers": workers,
+        "num_workers": args.num_workers,
         "clips_timed": args.clips,
         "clips_per_s_per_worker": {fmt: round(v, 3) for fmt, v in shards.items()},
         "baseline_clips_per_s_per_worker": round(baseline, 3),
         "ratio": {fmt: round(v / baseline, 2) for fmt, v in shards.items()},
-        "shards": {fmt: len(urls) for fmt, urls in groups.items()},
-        "videos": len(files),
-        "cpu_count": os.cpu_count(),
-        "load_average_1m": round(os.getloadavg()[0], 2),
     }
+    if args.cpu_time:
+        # The same work in this process against its CPU time: what one worker does per second of a
+        # core, whatever else the machine runs meanwhile (wall-clock figures swing with other load).
+        cpu_shards, cpu_baseline = _measure(groups, files, args, 0, time.process_time)
+        result.update(
+            cpu_clips_per_s={fmt: round(v, 3) for fmt, v in cpu_shards.items()},
+            cpu_baseline_clips_per_s=round(cpu_baseline, 3),
+            cpu_ratio={fmt: round(v / cpu_baseline, 2) for fmt, v in cpu_shards.items()},
+        )
+    result.update(shards={fmt: len(urls) for fmt, urls in groups.items()}, videos=len(files),
+                  cpu_count=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2))
+    return result
 
 
 def register_data(sub: argparse._SubParsersAction) -> None:
@@ -128,6 +141,9 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sampling-rate", type=int, default=4, help="frames between sampled frames")
     parser.add_argument("--shuffle-buffer", type=int, default=16, help="shard pipeline shuffle buffer")
     parser.add_argument("--seed", type=int, default=0, help="seed")
+    parser.add_argument("--cpu-time", action="store_true",
+                        help="also measure each path in-process against CPU time (cpu_* fields): steady on a "
+                             "machine shared with other work")
     parser.set_defaults(func=bench_data)
 
 

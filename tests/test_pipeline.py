@@ -259,7 +259,7 @@ def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
     copy_real(["carphone_distorted.mp4"], videos)
     proc = subprocess.run([sys.executable, "tools/bench.py", "data", "--urls", str(shards["jpg"]), "--urls",
                            str(shards["mp4"]), "--videos", str(videos), "--num-workers", "0", "--clips", "4",
-                           "--warmup", "1", "--num-frames", "4", "--img-size", "32"],
+                           "--warmup", "1", "--num-frames", "4", "--img-size", "32", "--cpu-time"],
                           cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
@@ -268,6 +268,7 @@ def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
         assert rate > 0 and result["ratio"][fmt] == pytest.approx(rate / result["baseline_clips_per_s_per_worker"],
                                                                    rel=0.01)
     assert result["videos"] == 4 and result["clip"] == [4, 32, 32]
+    assert set(result["cpu_ratio"]) == {"jpg", "mp4"} and result["cpu_baseline_clips_per_s"] > 0
 
 
 @pytest.mark.slow
