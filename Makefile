@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a few C++ ops on first use: cache them per checkout, never in git.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo test test-slow clean
+.PHONY: setup demo demo-video test test-slow clean
 
 setup: $(STAMP)
 
@@ -21,6 +21,14 @@ $(STAMP): pyproject.toml constraints.txt
 
 demo: setup
 	$(BIN)/adamae-pretrain +experiment=demo
+
+# The real-video path: encode a few H.264 videos, shard them with adamae-shards, pre-train from the shards.
+demo-video: setup
+	rm -rf runs/demo-video
+	$(BIN)/python tools/demo_videos.py runs/demo-video/videos
+	$(BIN)/adamae-shards runs/demo-video/videos runs/demo-video/shards --short-side 80 --samples-per-shard 4 --workers 2
+	# One compute thread for training: the 2 data workers need the other cores (oversubscribed, a step is 10x slower).
+	OMP_NUM_THREADS=1 $(BIN)/adamae-pretrain +experiment=demo_video
 
 test: setup
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)

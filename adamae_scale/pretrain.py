@@ -15,7 +15,7 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data import build_data
+from .data import build_data, validate_data
 from .engine import optim, setup
 from .engine.checkpoint import Checkpointer, to_universal
 from .engine.trainer import Trainer
@@ -27,6 +27,7 @@ from .objective import AdaMAEObjective, evaluate_focus
 def validate(cfg: dict[str, Any]):
     """Every check that can fail before a process group or a model exists."""
     model_cfg = make_config(cfg["model"], cfg["masking"])
+    validate_data(cfg["data"], model_cfg)
     setup.build_ds_config(setup.load_ds_config(cfg["ds"]), 1, 1, 1, cfg["precision"], 0.0)
     train = cfg["train"]
     for key in ("steps", "micro_batch_size", "accumulation"):

@@ -5,7 +5,7 @@ from typing import Any, Mapping
 
 from .synthetic import SyntheticClips, SyntheticConfig
 
-SOURCES = ("synthetic",)
+SOURCES = ("synthetic", "shards")
 
 
 def synthetic_config(data: Mapping[str, Any], model_cfg) -> SyntheticConfig:
@@ -19,8 +19,32 @@ def synthetic_config(data: Mapping[str, Any], model_cfg) -> SyntheticConfig:
     )
 
 
+def shard_config(data: Mapping[str, Any], model_cfg):
+    """``configs/data/shards.yaml`` + the model's clip geometry → ``ShardDataConfig``."""
+    from .pipeline import ShardDataConfig
+
+    keys = ("urls", "sampling_rate", "crop_scales", "max_distort", "flip", "shuffle_buffer", "shuffle_initial",
+            "workers", "prefetch", "resampled", "max_corrupt_fraction", "corrupt_check_after", "seed")
+    return ShardDataConfig(num_frames=model_cfg.num_frames, img_size=model_cfg.img_size,
+                           **{k: data[k] for k in keys if k in data})
+
+
+def validate_data(data: Mapping[str, Any], model_cfg) -> None:
+    """The data checks that can fail before any process group exists: a one-line ``ValueError``."""
+    if data["name"] not in SOURCES:
+        raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")
+    if data["name"] == "shards":
+        from .pipeline import shard_urls
+
+        shard_urls(shard_config(data, model_cfg).urls)
+
+
 def build_data(data: Mapping[str, Any], model_cfg, batch_size: int, rank: int, world_size: int):
     """The training stream named by ``data.name`` for this rank."""
     if data["name"] == "synthetic":
         return SyntheticClips(synthetic_config(data, model_cfg), batch_size, rank, world_size)
+    if data["name"] == "shards":
+        from .pipeline import ShardClips
+
+        return ShardClips(shard_config(data, model_cfg), batch_size, rank, world_size)
     raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")

@@ -1,7 +1,10 @@
-"""Clip-level pixel transforms: pure functions on ``[..., C, T, H, W]`` tensors."""
+"""Clip-level pixel transforms: pure functions on ``[..., C, T, H, W]`` tensors (and, for augmentation,
+``[T, H, W, 3]`` uint8 frames). Randomness comes in as an explicit ``numpy`` generator."""
 from __future__ import annotations
 
+import numpy as np
 import torch
+import torch.nn.functional as F
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
 IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -20,3 +23,71 @@ def normalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
 def denormalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """ImageNet-standardised pixels → ``[0, 1]`` pixels."""
     return video * _channel_view(std, video) + _channel_view(mean, video)
+
+
+# -- training augmentation (the reference recipe: multi-scale crop → resize; flip off by default) ----------
+
+REFERENCE_CROP_SCALES = (1.0, 0.875, 0.75, 0.66)
+
+
+def multi_scale_crop_box(height: int, width: int, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
+                         max_distort: int = 1, rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
+    """``(top, left, crop_h, crop_w)`` of one multi-scale crop, as VideoMAE's GroupMultiScaleCrop picks it.
+
+    Crop sides are ``scale × short side`` for each scale (snapped to the output side when within 3 px),
+    height and width scales at most ``max_distort`` steps apart; the corner is one of 13 fixed grid
+    positions (corners, centre, edge midpoints, quarter points). ``rng=None`` gives the centre crop of
+    the first scale.
+    """
+    base = min(height, width)
+    sides = [int(base * s) for s in scales]
+    crop_hs = [out_size[0] if abs(s - out_size[0]) < 3 else s for s in sides]
+    crop_ws = [out_size[1] if abs(s - out_size[1]) < 3 else s for s in sides]
+    pairs = [(h, w) for i, h in enumerate(crop_hs) for j, w in enumerate(crop_ws) if abs(i - j) <= max_distort]
+    if rng is None:
+        crop_h, crop_w = crop_hs[0], crop_ws[0]
+        return (height - crop_h) // 2, (width - crop_w) // 2, crop_h, crop_w
+    crop_h, crop_w = pairs[int(rng.integers(len(pairs)))]
+    crop_h, crop_w = min(crop_h, height), min(crop_w, width)
+    h_step, w_step = (height - crop_h) // 4, (width - crop_w) // 4
+    grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2),  # corners and centre
+            (2, 0), (2, 4), (4, 2), (0, 2),  # edge midpoints
+            (1, 1), (1, 3), (3, 1), (3, 3)]  # quarter points
+    gy, gx = grid[int(rng.integers(len(grid)))]
+    return gy * h_step, gx * w_step, crop_h, crop_w
+
+
+def crop_resize(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
+                max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` uint8 clip (a view): multi-scale crop, resize, flip.
+
+    One crop box (and one flip decision) for the whole clip, so motion stays coherent. The resize runs
+    on uint8 channels-last frames (bilinear with antialiasing, like PIL's), the fast path on CPU.
+    """
+    _, height, width, _ = frames.shape
+    out_size = tuple(out_size)
+    top, left, crop_h, crop_w = multi_scale_crop_box(height, width, out_size, scales, max_distort, rng)
+    crop = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + crop_h, left:left + crop_w]))
+    clip = crop.permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last in memory
+    if (crop_h, crop_w) != out_size:
+        clip = F.interpolate(clip, size=out_size, mode="bilinear", align_corners=False, antialias=True)
+    if flip and rng is not None and rng.random() < 0.5:
+        clip = clip.flip(-1)
+    return clip.permute(1, 0, 2, 3)  # (3, T, h, w)
+
+
+def normalized(clip: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 ``[3, T, h, w]`` → ImageNet-normalised float, written into ``out`` when given (e.g. a slot of
+    a batch in shared memory, which saves a copy)."""
+    if out is None:
+        out = torch.empty(clip.shape, dtype=torch.float32)
+    out.copy_(clip)
+    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
+    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
+    return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # = normalize(clip / 255)
+
+
+def augment_clip(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
+                 max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` float ImageNet-normalised training clip."""
+    return normalized(crop_resize(frames, out_size, scales, max_distort, flip, rng))

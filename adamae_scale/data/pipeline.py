@@ -1,0 +1,541 @@
+"""The streaming input pipeline over tar shards (``data=shards``), and its exact-resume state.
+
+Inside each DataLoader worker, one epoch is a WebDataset stage list (see ``EpochClips.stages``):
+
+    shard urls → seeded shuffle (seed, epoch) → split by rank → split by worker → tar samples
+    → choose the frame window → sample shuffle buffer → [skip what a resumed run consumed]
+    → decode + augment + normalise → batches of ``B`` slots
+
+Non-resampled mode reads every shard of the epoch on exactly one (rank, worker) and every sample of a
+shard once: each sample is delivered exactly once per epoch across all ranks and workers. There is no
+``with_epoch`` padding: the ranks' epochs differ in length, and each rank just streams on into its next
+epoch, so every ``next()`` returns a full batch of ``B`` clips. ``resampled=true`` draws shards with
+replacement instead (an infinite stream per worker).
+
+Slots and positions. A worker batch covers ``B`` *slots* (samples read from the tars, corrupt or not);
+corrupt samples are dropped and counted, and the main process re-chunks the valid clips into batches of
+``B``. The main process knows for every clip which worker batch it came from, so its position in the
+epoch is exact: slots consumed per worker, which worker's batch comes next, and how many of that
+batch's clips were already handed out. The DataLoader visits workers round-robin, so a resumed epoch
+skips each worker's consumed slots (after the shuffle buffer, reading but not decoding them) and lets the
+workers that had already delivered in the current round emit an empty marker first: the resumed stream
+is the uninterrupted one, clip for clip.
+
+DeepSpeed saves the client state of rank 0 only, so ``state_dict()`` gathers every rank's position
+(a collective: every rank must call it, as the trainer does at each checkpoint) and each rank picks its
+own on ``load_state_dict``. Per-rank positions, not one rank-independent batch count, because ranks
+finish epochs at different times and skip different corrupt samples. With another number of ranks,
+workers or batch size, a resume starts the epoch after the furthest one begun (no sample of a finished
+epoch repeats). A resampled stream has no order to replay: it resumes on a fresh seed drawn from the
+number of batches consumed.
+"""
+from __future__ import annotations
+
+import json
+import random
+import re
+import sys
+import warnings
+import zlib
+from dataclasses import dataclass
+from itertools import islice
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+
+import braceexpand
+import numpy as np
+import torch
+import webdataset as wds
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+from .shards import MANIFEST
+from .transforms import REFERENCE_CROP_SCALES, crop_resize, normalized
+from .video import VideoError, VideoReader, decode_jpeg, window_indices
+
+RngFor = Callable[[str, str], np.random.Generator]  # (sample key, purpose) → a generator for that sample
+
+STATE_VERSION = 1
+FRAME_NAME = re.compile(r"^(\d{6})\.jpg$")
+MAX_PRINTED_ERRORS = 20  # per worker and epoch; the counts are complete regardless
+
+
+class CorruptDataError(RuntimeError):
+    """Too large a share of the samples read so far could not be used."""
+
+
+@dataclass
+class ShardDataConfig:
+    urls: str | Sequence[str]
+    num_frames: int = 16
+    img_size: tuple[int, int] = (224, 224)
+    sampling_rate: int = 4
+    crop_scales: tuple[float, ...] = REFERENCE_CROP_SCALES
+    max_distort: int = 1
+    flip: bool = False
+    shuffle_buffer: int = 256
+    shuffle_initial: int = 64
+    workers: int = 4
+    prefetch: int = 2
+    resampled: bool = False
+    max_corrupt_fraction: float = 0.01
+    corrupt_check_after: int = 200
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        if isinstance(self.img_size, int):
+            self.img_size = (self.img_size, self.img_size)
+        self.img_size = tuple(int(s) for s in self.img_size)
+        self.crop_scales = tuple(float(s) for s in self.crop_scales)
+        if self.sampling_rate < 1:
+            raise ValueError(f"data.sampling_rate must be >= 1, got {self.sampling_rate}")
+        if not 0.0 <= self.max_corrupt_fraction < 1.0:
+            raise ValueError(f"data.max_corrupt_fraction must be in [0, 1), got {self.max_corrupt_fraction}")
+        if self.workers < 0:
+            raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+
+
+# -- where the shards are ------------------------------------------------------------------------------------
+
+def _is_remote(url: str) -> bool:
+    return url.startswith("pipe:") or "://" in url
+
+
+def shard_urls(urls: str | Sequence[str]) -> list[str]:
+    """``data.urls`` → shard list: a brace pattern (``/d/shard-{000000..000009}.tar``), a list, a folder
+    (its ``manifest.json`` order, else its ``*.tar`` sorted) or a ``manifest.json``; local paths and
+    ``pipe:`` commands. Local shards must exist."""
+    if urls is None or urls == "" or urls == []:
+        raise ValueError("data.urls is required for data=shards: a brace pattern, a list, a folder of shards "
+                         "or a manifest.json (made by adamae-shards)")
+    if isinstance(urls, (list, tuple)):
+        expanded = [u for item in urls for u in shard_urls(item)]
+    else:
+        text = str(urls)
+        path = Path(text)
+        if not _is_remote(text) and path.is_dir():
+            manifest = path / MANIFEST
+            if manifest.is_file():
+                return shard_urls(str(manifest))
+            expanded = sorted(str(p) for p in path.glob("*.tar"))
+            if not expanded:
+                raise ValueError(f"data.urls={text}: no .tar shards and no {MANIFEST} in that folder")
+        elif not _is_remote(text) and path.suffix == ".json":
+            if not path.is_file():
+                raise ValueError(f"data.urls={text}: manifest file not found")
+            try:
+                manifest = json.loads(path.read_text())
+                names = [s["name"] for s in manifest["shards"]]
+            except (json.JSONDecodeError, KeyError, TypeError) as err:
+                raise ValueError(f"data.urls={text}: not an adamae-shards manifest ({err})") from None
+            if not manifest.get("complete", False):
+                warnings.warn(f"{text}: the shard job is not complete (adamae-shards --resume finishes it)")
+            if not names:
+                raise ValueError(f"data.urls={text}: the manifest lists no shards")
+            expanded = [str(path.parent / name) for name in names]
+        else:
+            expanded = list(braceexpand.braceexpand(text))
+    missing = [u for u in expanded if not _is_remote(u) and not Path(u).is_file()]
+    if missing:
+        raise ValueError(f"data.urls: {len(missing)} shard(s) not found, e.g. {missing[0]}")
+    return expanded
+
+
+# -- stages (each maps an iterator to an iterator) -------------------------------------------------------------
+
+def _seed(*parts: int | str) -> list[int]:
+    """A numpy SeedSequence entropy list from ints and strings (strings by CRC32: stable across processes)."""
+    return [p if isinstance(p, int) else zlib.crc32(p.encode()) for p in parts]
+
+
+def shuffled_shards(urls: list[str], seed: int, epoch: int) -> wds.SimpleShardList:
+    """This epoch's shard order, the same on every rank and worker (they split it afterwards)."""
+    order = list(urls)
+    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    return wds.SimpleShardList(order)  # yields {"url": ...} in this order
+
+
+def take_every(src: Iterable, index: int, count: int) -> Iterator:
+    """Items ``index, index + count, …``: the split by rank, then by worker."""
+    return islice(src, index, None, count)
+
+
+def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate: int,
+                  rng_for: RngFor) -> Iterator[dict[str, Any]]:
+    """Raw tar sample → ``{key, url, label, mp4 | jpgs, indices}`` or ``{key, url, error}``.
+
+    Only the JSON is parsed here (never a pickle); for JPEG samples the frames outside the window are
+    dropped before the shuffle buffer, so the buffer holds ``num_frames`` JPEGs per sample, not the video.
+    """
+    for sample in src:
+        key, url = sample.get("__key__", "?"), sample.get("__url__", "?")
+        try:
+            if "json" not in sample:
+                raise VideoError(f"no .json member (members: {sorted(k for k in sample if not k.startswith('__'))})")
+            meta = json.loads(sample["json"])
+            if not isinstance(meta, dict):
+                raise VideoError(".json is not an object")
+            count = meta.get("num_frames")
+            if not isinstance(count, int) or count < 1:
+                raise VideoError(f".json num_frames must be a positive integer, got {count!r}")
+            indices = window_indices(count, num_frames, sampling_rate, rng_for(key, "window"))
+            item = {"key": key, "url": url, "label": int(meta.get("label", -1)), "indices": indices}
+            if "mp4" in sample:
+                item["mp4"] = sample["mp4"]
+            elif "mjpeg" in sample:
+                item["jpgs"] = _mjpeg_frames(sample["mjpeg"], meta.get("frame_offsets"), count, indices)
+            else:  # one member per frame, the usual WebDataset layout of other tools
+                frames = {int(m.group(1)): v for k, v in sample.items() if (m := FRAME_NAME.match(k))}
+                if not frames:
+                    raise VideoError(f"no .mp4, .mjpeg or NNNNNN.jpg members (members: "
+                                     f"{sorted(k for k in sample if not k.startswith('__'))})")
+                lacking = sorted({int(i) for i in indices} - frames.keys())
+                if lacking:
+                    raise VideoError(f"frame {lacking[0]:06d}.jpg is missing")
+                item["jpgs"] = [frames[int(i)] for i in indices]
+            yield item
+        except Exception as err:  # a corrupt sample must never stop training: it is counted instead
+            yield {"key": key, "url": url, "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+def _mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) -> list[bytes]:
+    """The JPEG images ``indices`` of a back-to-back MJPEG member, located by the JSON's offsets."""
+    if (not isinstance(offsets, list) or len(offsets) != count + 1 or offsets[0] != 0 or offsets[-1] != len(blob)
+            or any(b <= a for a, b in zip(offsets, offsets[1:]))):
+        raise VideoError(f".json frame_offsets do not describe the {len(blob)}-byte .mjpeg member of {count} frames")
+    return [blob[offsets[i]:offsets[i + 1]] for i in indices]
+
+
+def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: RngFor) -> Iterator[dict[str, Any]]:
+    """Window → ``{key, label, video [3, T, H, W] uint8}``, or the sample with an ``error``."""
+    for item in src:
+        if "error" in item:
+            yield item
+            continue
+        try:
+            if "mp4" in item:
+                with VideoReader(item["mp4"]) as reader:
+                    frames = reader.read_indices(item["indices"], skip_disposable=True)
+            else:
+                frames = np.stack([decode_jpeg(data) for data in item["jpgs"]])
+            video = crop_resize(frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip,
+                                rng_for(item["key"], "augment"))  # uint8; normalised into the batch
+            yield {"key": item["key"], "label": item["label"], "video": video}
+        except Exception as err:  # bad bytes: counted, never fatal on their own
+            yield {"key": item["key"], "url": item["url"], "error": f"{type(err).__name__}: {err}"[:300]}
+
+
+# -- one epoch of one rank, as seen by a DataLoader worker ---------------------------------------------------------
+
+@dataclass
+class ResumePoint:
+    """Where a rank stands inside an epoch (all counts in slots, i.e. samples read from the tars)."""
+
+    consumed: list[int]  # per worker: slots of its batches fully handed out
+    next_worker: int = 0  # whose batch comes next in the DataLoader's round-robin
+    offset: int = 0  # clips of that batch already handed out
+
+    @classmethod
+    def start(cls, workers: int) -> "ResumePoint":
+        return cls([0] * workers)
+
+
+class EpochClips(IterableDataset):
+    """One rank's epoch (or, resampled, its endless stream) of worker batches:
+    ``{"worker", "slots", "corrupt", "video" [b, 3, T, H, W], "label", "key"}`` or a marker ``{"worker"}``."""
+
+    def __init__(self, cfg: ShardDataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
+                 epoch: int, resume: ResumePoint | None):
+        super().__init__()
+        self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
+        self.rank, self.world_size, self.epoch, self.resume = rank, world_size, epoch, resume
+        self.tar_errors: list[str] = []
+
+    def _rng_for(self, worker: int) -> RngFor:
+        cfg, epoch = self.cfg, self.epoch
+        if cfg.resampled:
+            # A resampled stream can hold a sample twice: seed by its position in this worker's stream.
+            counter = iter(range(sys.maxsize))
+            return lambda key, purpose: np.random.default_rng(
+                _seed(cfg.seed, epoch, self.rank, worker, next(counter), purpose))
+        # Exactly-once epochs: the clip of a sample depends on (seed, epoch, key) only, never on the
+        # rank or worker that reads it or on skipping.
+        return lambda key, purpose: np.random.default_rng(_seed(cfg.seed, epoch, key, purpose))
+
+    def _on_tar_error(self, exn: Exception) -> bool:
+        self.tar_errors.append(f"{type(exn).__name__}: {exn}"[:300])
+        return True  # go on with the next sample / shard
+
+    def stages(self, worker: int, workers: int) -> list:
+        cfg = self.cfg
+        if cfg.resampled:
+            source = [wds.ResampledShards(self.urls, seed=cfg.seed * 1_000_003 + self.epoch, deterministic=True,
+                                          worker_seed=lambda: self.rank * 10_007 + worker)]
+            # an endless stream of shard urls drawn with replacement, its own for each (rank, worker)
+        else:
+            source = [
+                shuffled_shards(self.urls, cfg.seed, self.epoch),  # every shard once, in this epoch's order
+                lambda src: take_every(src, self.rank, self.world_size),  # this rank's shards
+                lambda src: take_every(src, worker, workers),  # this worker's shards
+            ]
+        window_rng = self._rng_for(worker)
+        augment_rng = self._rng_for(worker)
+        stages = source + [
+            wds.tarfile_to_samples(handler=self._on_tar_error),  # raw samples {__key__, json, mp4 | mjpeg}
+            lambda src: choose_window(src, cfg.num_frames, cfg.sampling_rate, window_rng),  # compact windows
+        ]
+        if cfg.shuffle_buffer > 1:
+            rng = random.Random(zlib.crc32(f"{cfg.seed}/{self.epoch}/{self.rank}/{worker}".encode()))
+            stages.append(wds.shuffle(cfg.shuffle_buffer, min(cfg.shuffle_initial, cfg.shuffle_buffer), rng=rng))
+        skip = self.resume.consumed[worker] if self.resume is not None else 0
+        if skip:
+            stages.append(lambda src: islice(src, skip, None))  # what the interrupted run already used
+        stages.append(lambda src: decode_clip(src, cfg, augment_rng))  # clips [3, T, H, W]
+        return stages
+
+    def __iter__(self) -> Iterator[dict[str, Any]]:
+        info = get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        if self.resume is not None and worker < self.resume.next_worker:
+            yield {"worker": worker}  # this worker already delivered in the interrupted round
+        samples = iter(wds.DataPipeline(*self.stages(worker, workers)))
+        printed = 0
+        while True:
+            slots = list(islice(samples, self.batch_size))
+            errors, self.tar_errors = self.tar_errors, []
+            if not slots and not errors:
+                return
+            good = [s for s in slots if "video" in s]
+            bad = [f"{s.get('url', '?')} {s['key']}: {s['error']}" for s in slots if "error" in s] + errors
+            for line in bad:
+                if printed < MAX_PRINTED_ERRORS:
+                    print(f"[adamae data] rank {self.rank} worker {worker}: skipped corrupt sample {line}",
+                          file=sys.stderr, flush=True)
+                printed += 1
+            batch: dict[str, Any] = {"worker": worker, "slots": len(slots), "corrupt": len(bad),
+                                     "tar_errors": len(errors)}
+            if good:
+                batch["video"] = _normalized_batch([s["video"] for s in good])
+                batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
+                batch["key"] = [s["key"] for s in good]
+            yield batch
+
+
+def _normalized_batch(clips: list[torch.Tensor]) -> torch.Tensor:
+    """uint8 clips → one float batch, normalised in place; in a worker it lives in shared memory, so
+    sending it to the training process copies nothing."""
+    shape = (len(clips), *clips[0].shape)
+    if get_worker_info() is not None:  # as torch's default_collate allocates its output in a worker
+        storage = torch.UntypedStorage._new_shared(int(np.prod(shape)) * 4)
+        video = torch.empty(0, dtype=torch.float32).new(storage).view(shape)
+    else:
+        video = torch.empty(shape, dtype=torch.float32)
+    for slot, clip in zip(video, clips):
+        normalized(clip, out=slot)
+    return video
+
+
+# -- the rank's infinite iterator: re-chunking, epochs, state ------------------------------------------------------
+
+@dataclass
+class _Current:
+    """The worker batch being handed out."""
+
+    batch: dict[str, Any]
+    epoch: int
+    taken: int = 0
+
+    @property
+    def valid(self) -> int:
+        return len(self.batch.get("key", ()))
+
+
+class ShardClips:
+    """Infinite batches ``{"video": [B, 3, T, H, W] normalised, "label": [B], "epoch": [B], "key": [str]}``
+    for one rank; ``state_dict``/``load_state_dict`` resume it exactly (JSON-able, no pickles)."""
+
+    def __init__(self, cfg: ShardDataConfig, batch_size: int, rank: int = 0, world_size: int = 1):
+        self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
+        self.urls = shard_urls(cfg.urls)
+        if not cfg.resampled and len(self.urls) < world_size:
+            raise ValueError(f"data.urls: {len(self.urls)} shards for {world_size} ranks; every rank needs at least "
+                             "one shard per epoch: make more, smaller shards (adamae-shards --samples-per-shard) "
+                             "or set data.resampled=true")
+        self.workers = max(1, cfg.workers)  # the in-process loader (workers=0) is one worker
+        self.epoch = 0
+        self.point = ResumePoint.start(self.workers)
+        self.batches = 0  # handed to the trainer: the same count on every rank
+        self.seen = 0  # slots read, on this rank
+        self.corrupt = 0
+        self._loader: Iterator | None = None
+        self._current: _Current | None = None
+        self._drop = 0  # clips of the first batch from point.next_worker already used before a resume
+        self._epoch_slots = 0
+
+    # -- iteration ---------------------------------------------------------------------------------------------
+    def __iter__(self) -> "ShardClips":
+        return self
+
+    def _start_epoch(self, resume: ResumePoint | None) -> None:
+        dataset = EpochClips(self.cfg, self.urls, self.batch_size, self.rank, self.world_size, self.epoch, resume)
+        loader = DataLoader(
+            dataset, batch_size=None, num_workers=self.cfg.workers,
+            prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
+            pin_memory=torch.cuda.is_available(),
+            generator=torch.Generator().manual_seed(self.cfg.seed),  # leaves the global torch RNG alone
+        )
+        self._loader = iter(loader)
+        self._epoch_slots = 0
+
+    def _next_worker_batch(self) -> _Current:
+        if self._loader is None:
+            self._start_epoch(None)
+        empty_epochs = 0
+        while True:
+            try:
+                batch = next(self._loader)
+            except StopIteration:
+                if self._epoch_slots == 0:
+                    empty_epochs += 1
+                    if empty_epochs >= 2:
+                        raise RuntimeError(f"data: rank {self.rank} read no samples in two epochs from "
+                                           f"{len(self.urls)} shards ({self.urls[0]}, ...)") from None
+                self.epoch += 1
+                self.point = ResumePoint.start(self.workers)
+                self._drop = 0
+                self._start_epoch(None)
+                continue
+            if "slots" not in batch:  # a resume marker
+                continue
+            self._epoch_slots += batch["slots"]
+            self._count(batch)
+            current = _Current(batch, self.epoch)
+            if self._drop:
+                current.taken = min(self._drop, current.valid)
+                self._drop = 0
+            self.point.next_worker, self.point.offset = batch["worker"], current.taken
+            return current
+
+    def _count(self, batch: Mapping[str, Any]) -> None:
+        self.seen += batch["slots"] + batch["tar_errors"]
+        self.corrupt += batch["corrupt"]
+        limit = self.cfg.max_corrupt_fraction
+        if self.seen >= self.cfg.corrupt_check_after and self.corrupt > limit * self.seen:
+            raise CorruptDataError(
+                f"data: {self.corrupt} of {self.seen} samples read on rank {self.rank} were corrupt "
+                f"({self.corrupt / self.seen:.1%} > data.max_corrupt_fraction={limit}); the reasons are on stderr. "
+                f"Re-make the shards (adamae-shards --resume re-checks their sha256) or raise the limit")
+
+    def _finish(self, current: _Current) -> None:
+        worker = current.batch["worker"]
+        self.point.consumed[worker] += current.batch["slots"]
+        self.point.next_worker, self.point.offset = (worker + 1) % self.workers, 0
+
+    def __next__(self) -> dict[str, Any]:
+        parts: list[tuple[dict[str, Any], int, int, int]] = []
+        need = self.batch_size
+        while need:
+            if self._current is None:
+                self._current = self._next_worker_batch()
+            current = self._current
+            take = min(need, current.valid - current.taken)
+            if take:
+                parts.append((current.batch, current.taken, current.taken + take, current.epoch))
+                current.taken += take
+                need -= take
+                self.point.offset = current.taken
+            if current.taken == current.valid:
+                self._finish(current)
+                self._current = None
+        self.batches += 1
+        join = (lambda xs: xs[0]) if len(parts) == 1 else torch.cat  # one worker batch: views, no copy
+        return {
+            "video": join([b["video"][i:j] for b, i, j, _ in parts]),
+            "label": join([b["label"][i:j] for b, i, j, _ in parts]),
+            "epoch": torch.tensor([e for _, i, j, e in parts for _ in range(i, j)], dtype=torch.long),
+            "key": [k for b, i, j, _ in parts for k in b["key"][i:j]],
+        }
+
+    def close(self) -> None:
+        self._loader = None  # the DataLoader iterator shuts its workers down when collected
+
+    # -- state -------------------------------------------------------------------------------------------------
+    def _local_position(self) -> list[int]:
+        return [self.epoch, self.point.next_worker, self.point.offset, self.seen, self.corrupt, *self.point.consumed]
+
+    def state_dict(self) -> dict[str, Any]:
+        """JSON-able state holding every rank's position. Collective when distributed: call it on every rank."""
+        rows = _all_gather_ints(self._local_position(), self.world_size)
+        ranks = [{"epoch": r[0], "next_worker": r[1], "offset": r[2], "seen": r[3], "corrupt": r[4],
+                  "consumed": r[5:]} for r in rows]
+        return {"version": STATE_VERSION, "batches": self.batches, "epoch": self.epoch,
+                "world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size,
+                "resampled": self.cfg.resampled, "seed": self.cfg.seed, "ranks": ranks}
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        """Continue where ``state`` (saved by any rank, e.g. rank 0) left this rank."""
+        if state.get("version") != STATE_VERSION:
+            raise ValueError(f"data state version {state.get('version')!r}: expected {STATE_VERSION}")
+        self.close()
+        self._current = None
+        self.batches = int(state["batches"])
+        same_layout = (state["world_size"] == self.world_size and state["workers"] == self.workers
+                       and state["batch_size"] == self.batch_size and state["resampled"] == self.cfg.resampled
+                       and len(state["ranks"]) == self.world_size)
+        if self.cfg.resampled:
+            # An endless draw with replacement: a fresh stream seeded by the resume point, not a replay.
+            own = state["ranks"][self.rank] if same_layout else state["ranks"][0]
+            self.seen, self.corrupt = int(own["seen"]), int(own["corrupt"])
+            self.epoch = self.batches + 1
+            self.point = ResumePoint.start(self.workers)
+            self._drop = 0
+            return
+        if not same_layout:
+            # Another number of ranks, workers or batch size: positions do not carry over. Start the next
+            # epoch after the furthest one any rank had begun, so no clip of a finished epoch repeats.
+            self.epoch = max(int(r["epoch"]) for r in state["ranks"]) + 1
+            self.point, self._drop = ResumePoint.start(self.workers), 0
+            warnings.warn(f"data: resuming with another layout (world {state['world_size']}->{self.world_size}, "
+                          f"workers {state['workers']}->{self.workers}, batch {state['batch_size']}->"
+                          f"{self.batch_size}): starting epoch {self.epoch} from its beginning")
+            return
+        own = state["ranks"][self.rank]
+        self.epoch = int(own["epoch"])
+        self.seen, self.corrupt = int(own["seen"]), int(own["corrupt"])
+        self.point = ResumePoint([int(c) for c in own["consumed"]], int(own["next_worker"]), int(own["offset"]))
+        self._drop = self.point.offset
+        resume = ResumePoint(list(self.point.consumed), self.point.next_worker, self.point.offset)
+        self._start_epoch(resume)
+
+    def metrics(self) -> dict[str, float]:
+        """Corrupt samples skipped so far, summed over ranks (collective when distributed)."""
+        seen, corrupt = _all_reduce_sum([self.seen, self.corrupt], self.world_size)
+        return {"data_corrupt": corrupt, "data_corrupt_fraction": corrupt / max(seen, 1), "data_epoch": self.epoch}
+
+
+# -- collectives without pickles ----------------------------------------------------------------------------------
+
+def _dist_ready(world_size: int) -> bool:
+    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
+
+
+def _collective_device() -> torch.device:
+    if torch.distributed.get_backend() == "nccl":
+        return torch.device("cuda", torch.cuda.current_device())
+    return torch.device("cpu")
+
+
+def _all_gather_ints(values: list[int], world_size: int) -> list[list[int]]:
+    if not _dist_ready(world_size):
+        return [list(values)]
+    local = torch.tensor(values, dtype=torch.long, device=_collective_device())
+    rows = [torch.empty_like(local) for _ in range(world_size)]
+    torch.distributed.all_gather(rows, local)
+    return [row.tolist() for row in rows]
+
+
+def _all_reduce_sum(values: list[int], world_size: int) -> list[int]:
+    if not _dist_ready(world_size):
+        return list(values)
+    packed = torch.tensor(values, dtype=torch.long, device=_collective_device())
+    torch.distributed.all_reduce(packed)
+    return packed.tolist()

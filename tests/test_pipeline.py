@@ -1,0 +1,296 @@
+"""The shard pipeline: clips from real shards, exactly-once epochs over 2 ranks x 2 workers, exact resume
+from rank 0's state, corrupt samples counted (and fatal above the limit), and pre-training from shards."""
+import io
+import json
+import pickle
+import subprocess
+import sys
+import tarfile
+from pathlib import Path
+
+import pytest
+import torch
+
+from adamae_scale.data import build_data
+from adamae_scale.data.pipeline import CorruptDataError, ShardClips, ShardDataConfig, shard_urls
+from adamae_scale.data.shards import ShardOptions, build_shards
+from adamae_scale.data.transforms import denormalize
+from adamae_scale.metrics import read_metrics
+
+from .conftest import REPO, cli_env, free_port, run_pretrain, run_torchrun
+from .media import copy_real, write_video
+
+CLIP = dict(num_frames=4, img_size=(32, 32), sampling_rate=2)
+
+
+def make_videos(root: Path, count: int) -> None:
+    for i in range(count):
+        write_video(root / f"class{i % 3}" / f"v{i:02d}.mp4", num_frames=20 + 3 * i, size=(48, 64))
+
+
+@pytest.fixture(scope="module")
+def shards(tmp_path_factory):
+    """13 generated videos → 5 jpg shards (3, 3, 3, 3, 1 samples) and the same as mp4 shards."""
+    root = tmp_path_factory.mktemp("pipeline")
+    make_videos(root / "videos", 13)
+    out = {}
+    for store in ("jpg", "mp4"):
+        opts = ShardOptions(store=store, short_side=32, min_frames=8, samples_per_shard=3)
+        manifest = build_shards(root / "videos", root / store, opts, workers=2, progress=False)
+        assert manifest["num_samples"] == 13 and len(manifest["shards"]) == 5
+        out[store] = root / store
+    return out
+
+
+def all_keys(folder: Path) -> set[str]:
+    keys = set()
+    for tar in folder.glob("*.tar"):
+        with tarfile.open(tar) as f:
+            keys |= {m.name.split(".")[0] for m in f}
+    return keys
+
+
+@pytest.mark.parametrize("store", ["jpg", "mp4"])
+def test_batches_of_normalised_clips_from_both_storage_formats(shards, store):
+    stream = ShardClips(ShardDataConfig(urls=str(shards[store]), workers=2, **CLIP), batch_size=4)
+    seen = []
+    for _ in range(4):
+        batch = next(stream)
+        assert batch["video"].shape == (4, 3, 4, 32, 32) and batch["video"].dtype == torch.float32
+        pixels = denormalize(batch["video"])
+        assert pixels.min() > -0.01 and pixels.max() < 1.01 and pixels.std() > 0.05
+        assert batch["label"].shape == (4,) and set(batch["label"].tolist()) <= {0, 1, 2}
+        seen += batch["key"]
+    assert set(seen[:13]) == all_keys(shards[store])  # the first 13 clips are epoch 0, each sample once
+    assert stream.metrics()["data_corrupt"] == 0
+    stream.close()
+
+
+def test_labels_follow_the_class_folders(shards):
+    stream = ShardClips(ShardDataConfig(urls=str(shards["jpg"]), workers=0, shuffle_buffer=0, **CLIP), batch_size=13)
+    batch = next(stream)
+    manifest = json.loads((shards["jpg"] / "manifest.json").read_text())
+    by_key = {}
+    for shard in manifest["shards"]:
+        with tarfile.open(shards["jpg"] / shard["name"]) as f:
+            for m in f:
+                if m.name.endswith(".json"):
+                    meta = json.loads(f.extractfile(m).read())
+                    by_key[meta["key"]] = manifest["label_map"][meta["source"].split("/")[0]]
+    assert dict(zip(batch["key"], batch["label"].tolist())) == by_key
+
+
+def test_urls_as_pattern_list_folder_manifest_and_pipe(shards):
+    folder = shards["jpg"]
+    names = sorted(p.name for p in folder.glob("*.tar"))
+    expected = [str(folder / n) for n in names]
+    assert sorted(shard_urls(str(folder))) == expected
+    assert sorted(shard_urls(str(folder / "manifest.json"))) == expected
+    assert shard_urls(f"{folder}/shard-{{000000..000004}}.tar") == expected
+    assert shard_urls([expected[0], f"{folder}/shard-{{000001..000002}}.tar"]) == expected[:3]
+    with pytest.raises(ValueError, match="shard\\(s\\) not found"):
+        shard_urls(f"{folder}/shard-{{000000..000009}}.tar")
+    with pytest.raises(ValueError, match="data.urls is required"):
+        shard_urls(None)
+    piped = [f"pipe:cat {u}" for u in expected]
+    stream = ShardClips(ShardDataConfig(urls=piped, workers=0, **CLIP), batch_size=13)
+    assert set(next(stream)["key"]) == all_keys(folder)
+
+
+def run_data_ranks(world: int, args: dict) -> list[dict]:
+    """``tests/dist_data.py`` as ``world`` real processes on gloo; their JSON results."""
+    port = free_port()
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.dist_data", json.dumps(args)], cwd=REPO,
+                              env=cli_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
+                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    for proc in procs:
+        _, err = proc.communicate(timeout=240)
+        assert proc.returncode == 0, err[-4000:]
+    return [json.loads((Path(args["out"]) / f"rank{r}.json").read_text()) for r in range(world)]
+
+
+@pytest.mark.parametrize("store", ["jpg", "mp4"])
+def test_two_ranks_two_workers_exactly_once_and_resume_from_rank0_state(shards, store, tmp_path):
+    cfg = dict(urls=str(shards[store]), workers=2, shuffle_buffer=4, shuffle_initial=2, **CLIP)
+    results = run_data_ranks(2, {"out": str(tmp_path), "cfg": cfg, "batch_size": 2, "first": 3, "then": 5})
+
+    # Exactly once: the ranks' epoch-0 clips are disjoint and together are the whole data set.
+    epoch0 = [k for r in results for k in r["epoch0"]]
+    assert len(epoch0) == len(set(epoch0)) == 13
+    assert set(epoch0) == all_keys(shards[store])
+    assert all(r["epoch0"] for r in results)  # both ranks had work
+
+    # Resume: each rank, restarted from the state rank 0 saved, continues its own stream clip for clip
+    # (keys, epochs and the augmented pixels), through the end of epoch 0 and into epoch 1.
+    state = json.loads((tmp_path / "state.json").read_text())
+    assert len(state["ranks"]) == 2 and state["batches"] == 3
+    assert any(p["offset"] > 0 or any(p["consumed"]) for p in state["ranks"])  # stopped mid-epoch
+    for rank, result in enumerate(results):
+        assert result["resumed"] == result["straight"], f"rank {rank} diverged after resuming"
+        epochs = [e for b in result["straight"] for e in b["epoch"]]
+        assert epochs[0] == 0 and epochs[-1] >= 1
+        assert all(b["shape"] == [2, 3, 4, 32, 32] for b in result["straight"])
+    assert results[0]["straight"] != results[1]["straight"]
+    assert results[0]["metrics"]["data_corrupt"] == 0
+
+
+def write_corrupt_shard(path: Path, good_jpg_shard: Path, marker: Path) -> list[str]:
+    """A shard whose samples are all broken in a different way; returns their keys."""
+    with tarfile.open(good_jpg_shard) as f:
+        members = {m.name: f.extractfile(m).read() for m in f}
+    key = sorted(members)[0].split(".")[0]
+    meta = json.loads(members[f"{key}.json"])
+    blob, offsets = members[f"{key}.mjpeg"], meta["frame_offsets"]
+    frames = {f"{i:06d}.jpg": blob[a:b] for i, (a, b) in enumerate(zip(offsets, offsets[1:]))}
+
+    class Trap:  # unpickling this would create ``marker``
+        def __reduce__(self):
+            return (Path.touch, (marker,))
+
+    garbage = b"\xff\xd8 not a jpeg".ljust(len(blob), b"\x00")
+    samples = {
+        "bad_bytes": {"json": json.dumps(meta).encode(), "mjpeg": garbage},
+        "no_json": {"mjpeg": blob},
+        "bad_count": {"json": json.dumps({**meta, "num_frames": "many"}).encode(), "mjpeg": blob},
+        "bad_offsets": {"json": json.dumps({**meta, "frame_offsets": offsets[:-1]}).encode(), "mjpeg": blob},
+        "lost_frames": {"json": json.dumps(meta).encode(), "000000.jpg": frames["000000.jpg"]},
+        "pickled": {"pyd": pickle.dumps(Trap()), "pickle": pickle.dumps(Trap())},
+        "bad_mp4": {"json": json.dumps({**meta, "format": "mp4"}).encode(), "mp4": b"\x00\x00\x00\x18ftypisom" * 9},
+    }
+    with tarfile.open(path, "w") as tar:
+        for name, files in samples.items():
+            for ext, data in files.items():
+                info = tarfile.TarInfo(f"{name}.{ext}")
+                info.size = len(data)
+                tar.addfile(info, io.BytesIO(data))
+    return list(samples)
+
+
+def test_corrupt_samples_are_skipped_counted_and_fatal_above_the_limit(shards, tmp_path, capfd):
+    marker = tmp_path / "unpickled"
+    corrupt = write_corrupt_shard(tmp_path / "corrupt.tar", shards["jpg"] / "shard-000000.tar", marker)
+    urls = sorted(str(p) for p in shards["jpg"].glob("*.tar")) + [str(tmp_path / "corrupt.tar")]
+    stream = ShardClips(ShardDataConfig(urls=urls, workers=2, max_corrupt_fraction=0.5, **CLIP), batch_size=13)
+    batch = next(stream)
+    assert set(batch["key"]) == all_keys(shards["jpg"])  # every good clip, no broken one
+    metrics = stream.metrics()
+    assert metrics["data_corrupt"] == len(corrupt) == 7
+    assert metrics["data_corrupt_fraction"] == pytest.approx(7 / 20)
+    stream.close()
+    assert not marker.exists()  # nothing was unpickled
+    err = capfd.readouterr().err
+    for key, reason in (("bad_bytes", "cannot identify image file"), ("no_json", "no .json member"),
+                        ("bad_count", "num_frames must be a positive integer"),
+                        ("bad_offsets", "frame_offsets do not describe"),
+                        ("lost_frames", "is missing"), ("pickled", "no .json member"), ("bad_mp4", "")):
+        assert f"corrupt.tar {key}: " in err and reason in err, key
+
+    strict = ShardClips(ShardDataConfig(urls=urls, workers=0, shuffle_buffer=0, max_corrupt_fraction=0.05,
+                                        corrupt_check_after=10, **CLIP), batch_size=4)
+    with pytest.raises(CorruptDataError, match=r"corrupt \(\d+\.\d% > data.max_corrupt_fraction=0.05\)"):
+        for _ in range(10):
+            next(strict)
+
+
+def test_fewer_shards_than_ranks_is_a_clear_error(shards):
+    with pytest.raises(ValueError, match="5 shards for 8 ranks"):
+        ShardClips(ShardDataConfig(urls=str(shards["jpg"]), **CLIP), 2, rank=0, world_size=8)
+    ShardClips(ShardDataConfig(urls=str(shards["jpg"]), resampled=True, **CLIP), 2, rank=0, world_size=8)
+
+
+def test_resampled_mode_streams_forever_and_resumes_on_a_fresh_seed(shards):
+    cfg = ShardDataConfig(urls=str(shards["mp4"]), resampled=True, workers=2, **CLIP)
+    stream = ShardClips(cfg, batch_size=4)
+    keys = [k for _ in range(8) for k in next(stream)["key"]]
+    assert len(keys) == 32 and len(set(keys)) < 32  # with replacement: repeats within 32 > 13 clips
+    state = stream.state_dict()
+    again = ShardClips(cfg, batch_size=4)
+    assert [k for _ in range(8) for k in next(again)["key"]] == keys  # seeded
+    again.load_state_dict(state)
+    assert again.batches == 8 and again.epoch != stream.epoch
+    assert next(again)["video"].shape == (4, 3, 4, 32, 32)
+    for s in (stream, again):
+        s.close()
+
+
+def test_build_data_reads_clip_geometry_from_the_model(shards):
+    from adamae_scale.models import make_config
+
+    model_cfg = make_config({"name": "vit_tiny", "embed_dim": 192, "depth": 2, "num_heads": 3, "num_frames": 4,
+                             "img_size": [32, 48], "patch_size": 8})
+    data = build_data({"name": "shards", "urls": str(shards["jpg"]), "sampling_rate": 2, "workers": 0},
+                      model_cfg, 2, 0, 1)
+    assert next(data)["video"].shape == (2, 3, 4, 32, 48)
+
+
+def pretrain_overrides(tiny_run, urls) -> list[str]:
+    return [o for o in tiny_run if not o.startswith("data=")] + [
+        "data=shards", f"data.urls={urls}", "data.workers=2", "data.sampling_rate=2", "data.shuffle_buffer=8",
+        "data.max_corrupt_fraction=0.5", "precision=fp32", "ds=zero0", "train.steps=6", "eval.focus_batches=0"]
+
+
+def test_pretrain_from_shards_logs_corrupt_count_and_resumes_exactly(shards, tmp_path, tiny_run):
+    folder = tmp_path / "data"
+    folder.mkdir()
+    for tar in shards["mp4"].glob("*.tar"):
+        (folder / tar.name).symlink_to(tar)
+    write_corrupt_shard(folder / "shard-corrupt.tar", shards["jpg"] / "shard-000000.tar", tmp_path / "unpickled")
+    common = pretrain_overrides(tiny_run, folder)
+
+    straight = tmp_path / "straight"
+    proc = run_pretrain(*common, "train.ckpt_every=0", f"run_dir={straight}")
+    assert "focus_ratio" not in proc.stdout  # the focus report is for synthetic data only
+    records = read_metrics(straight / "metrics.jsonl")
+    assert [r["step"] for r in records] == list(range(1, 7))
+    assert records[-1]["data_corrupt"] >= 1 and "data_corrupt_fraction" in records[-1]
+    assert all(r["loss"] == r["loss"] for r in records)  # finite
+
+    stopped = tmp_path / "stopped"
+    run_pretrain(*common, "train.ckpt_every=3", "train.stop_after=3", f"run_dir={stopped}")
+    run_pretrain(*common, "train.ckpt_every=3", "train.resume=auto", f"run_dir={stopped}")
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl")]  # noqa: E731
+    assert losses(stopped) == losses(straight)  # the data stream continued where it stopped
+
+
+def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
+    videos = tmp_path / "videos"
+    make_videos(videos, 3)
+    copy_real(["carphone_distorted.mp4"], videos)
+    proc = subprocess.run([sys.executable, "tools/bench.py", "data", "--urls", str(shards["jpg"]), "--urls",
+                           str(shards["mp4"]), "--videos", str(videos), "--num-workers", "0", "--clips", "4",
+                           "--warmup", "1", "--num-frames", "4", "--img-size", "32", "--cpu-time"],
+                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stderr
+    result = json.loads(proc.stdout)
+    assert set(result["clips_per_s_per_worker"]) == set(result["ratio"]) == {"jpg", "mp4"}
+    for fmt, rate in result["clips_per_s_per_worker"].items():
+        assert rate > 0 and result["ratio"][fmt] == pytest.approx(rate / result["baseline_clips_per_s_per_worker"],
+                                                                   rel=0.01)
+    assert result["videos"] == 4 and result["clip"] == [4, 32, 32]
+    assert set(result["cpu_ratio"]) == {"jpg", "mp4"} and result["cpu_baseline_clips_per_s"] > 0
+
+
+@pytest.mark.slow
+def test_two_rank_pretrain_from_shards_resumes_bitwise(shards, tmp_path, tiny_run):
+    """``torchrun`` with 2 ranks x 2 workers: stop after 4 steps, resume from rank 0's client state, and get
+    the uninterrupted run's losses (the stream crosses an epoch boundary after the resume)."""
+    common = pretrain_overrides(tiny_run, shards["mp4"]) + ["train.steps=8", "train.micro_batch_size=2"]
+
+    run_torchrun(2, *common, "train.ckpt_every=0", f"run_dir={tmp_path / 'straight'}")
+    run_torchrun(2, *common, "train.ckpt_every=4", "train.stop_after=4", f"run_dir={tmp_path / 'stopped'}")
+    run_torchrun(2, *common, "train.ckpt_every=4", "train.resume=auto", f"run_dir={tmp_path / 'stopped'}")
+    straight = read_metrics(tmp_path / "straight" / "metrics.jsonl")
+    resumed = read_metrics(tmp_path / "stopped" / "metrics.jsonl")
+    assert [r["loss"] for r in resumed] == [r["loss"] for r in straight]
+    assert straight[-1]["data_epoch"] >= 1
+
+
+def test_missing_or_wrong_urls_fail_before_training_with_one_line(tmp_path, tiny_run):
+    base = [o for o in tiny_run if not o.startswith("data=")] + ["data=shards", f"run_dir={tmp_path / 'x'}"]
+    proc = run_pretrain(*base, check=False)
+    assert proc.returncode == 2 and "adamae-pretrain: error: data.urls is required for data=shards" in proc.stderr
+    # A brace pattern is quoted for Hydra's override grammar.
+    proc = run_pretrain(*base, f"data.urls='{tmp_path}/shard-{{000000..000003}}.tar'", check=False)
+    assert proc.returncode == 2 and "4 shard(s) not found" in proc.stderr
+    assert not (tmp_path / "x" / "metrics.jsonl").exists()

