@@ -147,7 +147,25 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=bench_data)
 
 
-REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data]
+def bench_memory(args: argparse.Namespace) -> dict:
+    from .engine.memory import main as memory_main
+
+    return memory_main(args.settings)
+
+
+def register_memory(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "memory", help="per-rank memory of a model under a ZeRO stage (model and, with run=true, measured)",
+        description="Prints params and bytes_per_rank (params, grads, optimizer, total) implied by the ZeRO stage "
+                    "and precision; with run=true also measured_peak_bytes_per_rank from real pre-training steps "
+                    "(micro-batch 1, launched with torchrun for world_size > 1). Settings: model=NAME ds=NAME "
+                    "world_size=N run=true|false steps=K; any other key=value is passed to adamae-pretrain "
+                    "(e.g. precision=bf16 model.checkpoint_every=1).")
+    parser.add_argument("settings", nargs="*", help="key=value settings (see above)")
+    parser.set_defaults(func=bench_memory)
+
+
+REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data, register_memory]
 
 
 def build_parser() -> argparse.ArgumentParser:

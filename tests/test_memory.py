@@ -1,0 +1,36 @@
+"""adamae-bench memory: the ZeRO memory model, and a measured run next to it."""
+import json
+import subprocess
+import sys
+
+from adamae_scale.engine.memory import model_state_bytes
+
+from .conftest import REPO, cli_env
+
+
+def test_zero_stages_partition_what_they_should():
+    p, n = 1_000_000, 4
+    z0 = model_state_bytes(p, n, 0)["device"]
+    assert (z0["params"], z0["grads"], z0["optimizer"]) == (4 * p, 4 * p, 8 * p)
+    z1 = model_state_bytes(p, n, 1)["device"]
+    assert (z1["params"], z1["grads"], z1["optimizer"]) == (4 * p, 4 * p, 12 * p // n)
+    z2 = model_state_bytes(p, n, 2)["device"]
+    assert (z2["grads"], z2["optimizer"]) == (4 * p // n, 12 * p // n)
+    z3 = model_state_bytes(p, n, 3, offload_optimizer=True, offload_param=True)
+    assert z3["device"]["params"] == 0 and z3["host"]["params"] == 4 * p // n
+    assert z3["device"]["optimizer"] == 0 and z3["host"]["optimizer"] == 12 * p // n
+    assert z3["device"]["total"] == 4 * p // n  # only the gradient partition stays on the device
+
+
+def test_bench_memory_reports_model_and_measured_peak():
+    cmd = [sys.executable, "-m", "adamae_scale.bench", "memory", "model=vit_tiny", "ds=zero2", "world_size=2",
+           "run=true", "steps=2", "model.depth=2", "model.decoder_depth=1", "model.num_frames=4",
+           "model.img_size=[32,32]", "model.patch_size=8", "masking.ratio=0.75"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=400)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["zero_stage"] == 2 and report["world_size"] == 2
+    assert 1_000_000 < report["params"] < 3_000_000
+    assert report["bytes_per_rank"]["total"] == sum(report["bytes_per_rank"][k] for k in ("params", "grads", "optimizer"))
+    # A real process holds the interpreter, torch and DeepSpeed besides the model states.
+    assert report["measured_peak_bytes_per_rank"] > report["bytes_per_rank"]["total"]
