@@ -73,3 +73,18 @@ def run_ranks(nproc: int, *overrides: str, **kwargs) -> subprocess.CompletedProc
 @pytest.fixture
 def tiny_run():
     return list(TINY_RUN)
+
+
+def convert_cli(capsys, *args) -> tuple[int, str, str]:
+    """``adamae-convert ARGS`` in this process: (exit code, stdout, stderr)."""
+    from adamae_scale.convert import cli
+
+    code = cli.main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+def one_line_error(err: str) -> str:
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("adamae-convert: error: "), err
+    return lines[0]

@@ -14,11 +14,11 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adamae_scale.convert import cli, io as convert_io
+from adamae_scale.convert import io as convert_io
 from adamae_scale.convert.folder import load_model
 from adamae_scale.models.adamae import Encoder
 
-from .conftest import REPO, TINY_RUN, cli_env
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error
 
 DUMP_SCRIPT = Path(__file__).with_name("pretrain_with_master_dump.py")
 WORLD_SIZE = {"zero0": 1, "zero1": 1, "zero2": 2, "zero3": 2}
@@ -63,18 +63,6 @@ def convert(*args: str) -> subprocess.CompletedProcess:
     """``adamae-convert ARGS`` as a user types it (a fresh process)."""
     return subprocess.run([sys.executable, "-m", "adamae_scale.convert.cli", *map(str, args)], cwd=REPO,
                           env=cli_env(), capture_output=True, text=True, timeout=300)
-
-
-def convert_in_process(capsys, *args: str) -> tuple[int, str, str]:
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("adamae-convert: error: "), err
-    return lines[0]
 
 
 @pytest.mark.parametrize("ds", ["zero0", "zero1", "zero2", "zero3"])
@@ -155,44 +143,44 @@ def test_encoder_export_and_hf_export_of_a_pretrain_checkpoint(runs, tmp_path):
 
 def test_consolidate_refuses_another_architecture_and_wrong_paths(runs, tmp_path, capsys):
     run = runs("zero2")
-    code, _, err = convert_in_process(capsys, "consolidate", run["ckpts"], tmp_path / "a", "--model", "vit_small")
+    code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], tmp_path / "a", "--model", "vit_small")
     assert code == 2
     line = one_line_error(err)
     assert "checkpoint does not match --model vit_small: checkpoint embed_dim 192 (--model vit_small has 384)" in line
-    code, _, err = convert_in_process(capsys, "consolidate", run["ckpts"], tmp_path / "b", "--num-frames", "8")
+    code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], tmp_path / "b", "--num-frames", "8")
     assert code == 2 and "sampler.pos_embed_probs is [1, 32, 192] there but [1, 64, 192]" in one_line_error(err)
     assert not (tmp_path / "a").exists() and not (tmp_path / "b").exists()
 
-    code, _, err = convert_in_process(capsys, "consolidate", tmp_path / "nowhere", tmp_path / "c")
+    code, _, err = convert_cli(capsys, "consolidate", tmp_path / "nowhere", tmp_path / "c")
     assert code == 2 and "CKPT_DIR" in one_line_error(err) and "no such folder" in err
-    code, _, err = convert_in_process(capsys, "consolidate", run["ckpts"], tmp_path / "c", "--tag", "step_00000099")
+    code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], tmp_path / "c", "--tag", "step_00000099")
     assert code == 2 and "no checkpoint tag 'step_00000099' (found: ['step_00000002'])" in one_line_error(err)
-    code, _, err = convert_in_process(capsys, "consolidate", tmp_path, tmp_path / "c")
+    code, _, err = convert_cli(capsys, "consolidate", tmp_path, tmp_path / "c")
     assert code == 2 and "is not a DeepSpeed checkpoint" in one_line_error(err)
 
     existing = tmp_path / "existing"
     existing.mkdir()
-    code, _, err = convert_in_process(capsys, "consolidate", run["ckpts"], existing)
+    code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], existing)
     assert code == 2 and "already exists (pass --overwrite" in one_line_error(err)
-    code, _, err = convert_in_process(capsys, "consolidate", run["ckpts"], run["tag"], "--overwrite")
+    code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], run["tag"], "--overwrite")
     assert code == 2 and "would replace the input" in one_line_error(err)
 
     # A copy missing one rank's optimizer file: DeepSpeed's own check, reported in one line.
     partial = tmp_path / "partial" / "step_00000002"
     shutil.copytree(run["tag"], partial)
     (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
-    code, _, err = convert_in_process(capsys, "consolidate", partial, tmp_path / "d")
+    code, _, err = convert_cli(capsys, "consolidate", partial, tmp_path / "d")
     assert code == 2 and "Expected 2 of '*_optim_states.pt'" in one_line_error(err)
 
     # Without the run's config.json the architecture is read from the shapes; the clip geometry must be given.
     bare = tmp_path / "bare" / "step_00000002"
     shutil.copytree(run["tag"], bare)
     (bare / "config.json").unlink()
-    code, _, err = convert_in_process(capsys, "consolidate", bare, tmp_path / "e")
+    code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e")
     assert code == 2 and "covers 32 tokens" in one_line_error(err) and "--num-frames/--img-size" in err
-    code, _, err = convert_in_process(capsys, "consolidate", bare, tmp_path / "e", "--model", "vit_tiny")
+    code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e", "--model", "vit_tiny")
     assert code == 2 and "depth 2 (--model vit_tiny has 12)" in one_line_error(err)
-    code, _, err = convert_in_process(capsys, "consolidate", bare, tmp_path / "e", "--num-frames", "4", "--img-size", "32",
+    code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e", "--num-frames", "4", "--img-size", "32",
                                       "--mask-ratio", "0.75")
     assert code == 0, err
     assert json.loads((tmp_path / "e" / "config.json").read_text())["model"] == \
@@ -208,7 +196,7 @@ def test_consolidate_refuses_a_malicious_pickle_in_a_checkpoint(runs, tmp_path, 
     marker = tmp_path / "pwned"
     target = tampered / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": _RunsShell(f"touch {marker}")}, target)
-    code, _, err = convert_in_process(capsys, "consolidate", tampered, tmp_path / "out")
+    code, _, err = convert_cli(capsys, "consolidate", tampered, tmp_path / "out")
     assert code == 2
     line = one_line_error(err)
     assert "refusing to load" in line and "posix.system" in line and target.name in line
@@ -230,7 +218,7 @@ class _RunsShell:
 def test_outputs_are_written_atomically(runs, tmp_path, capsys, monkeypatch):
     run = runs("zero1")
     out = tmp_path / "out"
-    assert convert_in_process(capsys, "consolidate", run["ckpts"], out)[0] == 0
+    assert convert_cli(capsys, "consolidate", run["ckpts"], out)[0] == 0
     before = (out / "model.safetensors").read_bytes()
 
     real_write = convert_io.write_safetensors
@@ -240,16 +228,16 @@ def test_outputs_are_written_atomically(runs, tmp_path, capsys, monkeypatch):
         raise OSError(28, "No space left on device")  # the disk fills up after the weights are written
 
     monkeypatch.setattr("adamae_scale.convert.folder.write_safetensors", write_then_fail)
-    code, _, err = convert_in_process(capsys, "consolidate", run["ckpts"], out, "--overwrite", "--dtype", "bf16")
+    code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], out, "--overwrite", "--dtype", "bf16")
     assert code == 1 and "No space left on device" in one_line_error(err)
-    assert convert_in_process(capsys, "consolidate", run["ckpts"], tmp_path / "fresh")[0] == 1
+    assert convert_cli(capsys, "consolidate", run["ckpts"], tmp_path / "fresh")[0] == 1
     assert (out / "model.safetensors").read_bytes() == before  # the old output is untouched
     assert json.loads((out / "config.json").read_text())["dtype"] == "float32"
     assert not (tmp_path / "fresh").exists()
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]  # no temporary folder left behind
 
     monkeypatch.undo()
-    assert convert_in_process(capsys, "consolidate", run["ckpts"], out, "--overwrite", "--dtype", "bf16")[0] == 0
+    assert convert_cli(capsys, "consolidate", run["ckpts"], out, "--overwrite", "--dtype", "bf16")[0] == 0
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         assert f.get_tensor("mask_token").dtype == torch.bfloat16
 

@@ -12,13 +12,12 @@ from safetensors import safe_open
 from safetensors.torch import load_file
 from timm.models.vision_transformer import Block as TimmBlock
 
-from adamae_scale.convert import cli
 from adamae_scale.convert.folder import FORMAT_FULL, FORMAT_VERSION, load_model, write_folder
 from adamae_scale.models import AdaMAE, config_for
 from adamae_scale.models.adamae import Encoder
 from adamae_scale.models.layers import sincos_table_1d
 
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli_env, convert_cli, one_line_error
 
 SUBCOMMANDS = ("consolidate", "export-encoder", "import", "to-hf")
 
@@ -60,18 +59,6 @@ def file_order(path: Path) -> list[str]:
         return list(f.offset_keys())
 
 
-def run_cli(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("adamae-convert: error: "), err
-    return lines[0]
-
-
 @pytest.fixture(scope="module")
 def full(tmp_path_factory):
     model = random_model()
@@ -82,7 +69,7 @@ def test_to_hf_output_loads_in_transformers_and_matches_on_a_non_square_clip(ful
     import transformers  # the test extra installs it: this test runs in CI, never skipped
     folder, model = full
     assert model.cfg.img_size == (32, 48)
-    code, out, err = run_cli(capsys, "to-hf", folder, tmp_path / "hf")
+    code, out, err = convert_cli(capsys, "to-hf", folder, tmp_path / "hf")
     assert code == 0, err
     hf_config = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf_config["model_type"] == "videomae" and hf_config["architectures"] == ["VideoMAEForPreTraining"]
@@ -102,7 +89,7 @@ def test_to_hf_output_loads_in_transformers_and_matches_on_a_non_square_clip(ful
 
 def test_export_encoder_native_layout_is_the_encoder_state_dict(full, tmp_path, capsys):
     folder, model = full
-    code, out, err = run_cli(capsys, "export-encoder", folder, tmp_path / "enc", "--dtype", "bf16")
+    code, out, err = convert_cli(capsys, "export-encoder", folder, tmp_path / "enc", "--dtype", "bf16")
     assert code == 0, err
     config = json.loads((tmp_path / "enc" / "config.json").read_text())
     assert (config["format"], config["key_layout"], config["dtype"]) == ("adamae-encoder", "adamae", "bfloat16")
@@ -112,7 +99,7 @@ def test_export_encoder_native_layout_is_the_encoder_state_dict(full, tmp_path, 
     for name, tensor in model.encoder.state_dict().items():
         assert torch.equal(weights[name], tensor.to(torch.bfloat16)), name
 
-    code, _, err = run_cli(capsys, "export-encoder", folder, tmp_path / "enc32")
+    code, _, err = convert_cli(capsys, "export-encoder", folder, tmp_path / "enc32")
     assert code == 0, err
     encoder = Encoder(model.cfg).eval()
     encoder.load_state_dict(load_file(tmp_path / "enc32" / "model.safetensors"), strict=True)
@@ -125,7 +112,7 @@ def test_export_encoder_native_layout_is_the_encoder_state_dict(full, tmp_path, 
 def test_export_encoder_timm_layout_runs_in_timm_blocks(full, tmp_path, capsys):
     folder, model = full
     cfg = model.cfg
-    code, _, err = run_cli(capsys, "export-encoder", folder, tmp_path / "timm", "--key-layout", "timm")
+    code, _, err = convert_cli(capsys, "export-encoder", folder, tmp_path / "timm", "--key-layout", "timm")
     assert code == 0, err
     weights = load_file(tmp_path / "timm" / "model.safetensors")
     assert not any(name.endswith(("q_bias", "v_bias")) for name in weights)
@@ -183,22 +170,22 @@ def test_every_command_has_complete_help():
 
 def test_wrong_or_missing_paths_and_usage_errors_are_one_line(full, tmp_path, capsys):
     folder, model = full
-    code, _, err = run_cli(capsys, "export-encoder", tmp_path / "nowhere", tmp_path / "out")
+    code, _, err = convert_cli(capsys, "export-encoder", tmp_path / "nowhere", tmp_path / "out")
     assert code == 2 and "SRC" in one_line_error(err) and "no such folder" in err
-    code, _, err = run_cli(capsys, "to-hf", folder / "model.safetensors", tmp_path / "out")
+    code, _, err = convert_cli(capsys, "to-hf", folder / "model.safetensors", tmp_path / "out")
     assert code == 2 and "is a file" in one_line_error(err)
     deepspeed_like = tmp_path / "run" / "checkpoints"
     deepspeed_like.mkdir(parents=True)
     (deepspeed_like / "latest").write_text("step_00000002")
-    code, _, err = run_cli(capsys, "to-hf", deepspeed_like, tmp_path / "out")
+    code, _, err = convert_cli(capsys, "to-hf", deepspeed_like, tmp_path / "out")
     assert code == 2 and "is a DeepSpeed checkpoint; run 'adamae-convert consolidate" in one_line_error(err)
-    code, _, err = run_cli(capsys, "export-encoder", tmp_path, tmp_path / "out")
+    code, _, err = convert_cli(capsys, "export-encoder", tmp_path, tmp_path / "out")
     assert code == 2 and "has no model.safetensors + config.json" in one_line_error(err)
 
-    assert run_cli(capsys, "export-encoder", folder, tmp_path / "enc")[0] == 0
-    code, _, err = run_cli(capsys, "to-hf", tmp_path / "enc", tmp_path / "out")
+    assert convert_cli(capsys, "export-encoder", folder, tmp_path / "enc")[0] == 0
+    code, _, err = convert_cli(capsys, "to-hf", tmp_path / "enc", tmp_path / "out")
     assert code == 2 and "holds an encoder-only export, but this command needs a full model" in one_line_error(err)
-    code, _, err = run_cli(capsys, "export-encoder", folder, tmp_path / "enc")
+    code, _, err = convert_cli(capsys, "export-encoder", folder, tmp_path / "enc")
     assert code == 2 and "already exists (pass --overwrite" in one_line_error(err)
 
     for args, message in [
@@ -209,20 +196,20 @@ def test_wrong_or_missing_paths_and_usage_errors_are_one_line(full, tmp_path, ca
         (("export-encoder", str(folder), "out", "--key-layout", "hf"), "argument --key-layout: invalid choice"),
         (("import", "a.pth", "out", "--img-size", "1", "2", "3"), "--img-size takes one value or HEIGHT WIDTH"),
     ]:
-        code, _, err = run_cli(capsys, *args)
+        code, _, err = convert_cli(capsys, *args)
         assert code == 2 and message in one_line_error(err), (args, err)
     assert not (tmp_path / "out").exists()
 
 
 def test_to_hf_refuses_a_model_hf_cannot_represent(tmp_path, capsys):
     folder = write_full_folder(tmp_path / "model3d", random_model(pos_embed="sincos_3d", decoder_embed_dim=96))
-    code, _, err = run_cli(capsys, "to-hf", folder, tmp_path / "hf")
+    code, _, err = convert_cli(capsys, "to-hf", folder, tmp_path / "hf")
     assert code == 2 and "uses sincos_3d" in one_line_error(err)
     # A folder whose weights do not fit its own config.json is refused, naming the first difference.
     config = json.loads((folder / "config.json").read_text())
     config["model"]["depth"] = 3
     (folder / "config.json").write_text(json.dumps(config))
-    code, _, err = run_cli(capsys, "export-encoder", folder, tmp_path / "enc")
+    code, _, err = convert_cli(capsys, "export-encoder", folder, tmp_path / "enc")
     assert code == 2 and "missing encoder.blocks.2" in one_line_error(err)
 
 

@@ -16,10 +16,9 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from adamae_scale.convert import cli
 from adamae_scale.convert.folder import load_model
 
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli_env, convert_cli, one_line_error
 
 # A tiny reference geometry: 4 frames of 32x32 in 2x8x8 tubelets = 2*4*4 = 32 tokens.
 DIM, DEPTH, HEADS = 192, 2, 3  # the encoder widths of vit_tiny, so the head count is known from the width
@@ -136,24 +135,12 @@ def reference_args(**overrides):
     return argparse.Namespace(**values)
 
 
-def run_cli(capsys, *args):
-    code = cli.main([str(a) for a in args])
-    captured = capsys.readouterr()
-    return code, captured.out, captured.err
-
-
-def one_line_error(err: str) -> str:
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("adamae-convert: error: "), err
-    return lines[0]
-
-
 def test_reference_adamae_checkpoint_imports_and_matches_the_reference_forward(tmp_path, capsys):
     sd = reference_state_dict(adaptive=True)
     src = tmp_path / "checkpoint-799.pth"
     save_reference_checkpoint(src, sd, args=reference_args())
     out = tmp_path / "imported"
-    code, stdout, err = run_cli(capsys, "import", src, out)
+    code, stdout, err = convert_cli(capsys, "import", src, out)
     assert code == 0, err
     assert "adamae-reference checkpoint" in stdout and "4x32x32 clips" in stdout
 
@@ -189,7 +176,7 @@ def test_videomae_checkpoint_imports_with_tube_masking_or_a_fresh_sampler(tmp_pa
     save_reference_checkpoint(src, wrapped, entry="module")
     geometry = ["--num-frames", FRAMES, "--img-size", SIZE]
 
-    code, stdout, err = run_cli(capsys, "import", src, tmp_path / "tube", *geometry)
+    code, stdout, err = convert_cli(capsys, "import", src, tmp_path / "tube", *geometry)
     assert code == 0, err
     model = load_model(tmp_path / "tube")
     assert (model.cfg.masking, model.cfg.mask_ratio, model.sampler) == ("tube", 0.9, None)
@@ -204,7 +191,7 @@ def test_videomae_checkpoint_imports_with_tube_masking_or_a_fresh_sampler(tmp_pa
     assert ours.logits is None and logits is None
     torch.testing.assert_close(ours.pred, pred, rtol=0, atol=1e-5)
 
-    code, stdout, err = run_cli(capsys, "import", src, tmp_path / "adaptive", *geometry, "--masking", "adaptive",
+    code, stdout, err = convert_cli(capsys, "import", src, tmp_path / "adaptive", *geometry, "--masking", "adaptive",
                                 "--seed", "5")
     assert code == 0, err
     assert "initialised 14 sampler tensors" in stdout
@@ -222,7 +209,7 @@ def test_adamae_checkpoint_can_drop_its_sampler_for_random_masking(tmp_path, cap
     sd = reference_state_dict(adaptive=True)
     src = tmp_path / "checkpoint-1.pth"
     save_reference_checkpoint(src, sd, args=reference_args())
-    code, stdout, err = run_cli(capsys, "import", src, tmp_path / "out", "--masking", "random")
+    code, stdout, err = convert_cli(capsys, "import", src, tmp_path / "out", "--masking", "random")
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "config.json").read_text())["import_report"]
     assert len(report["dropped"]) == 14 and all("--masking random has no sampler" in v for v in report["dropped"].values())
@@ -233,7 +220,7 @@ def test_import_refuses_what_it_cannot_place_with_one_line(tmp_path, capsys):
     def attempt(state, *options, args=None):
         src = tmp_path / "ckpt.pth"
         save_reference_checkpoint(src, state, args=args)
-        code, _, err = run_cli(capsys, "import", src, tmp_path / "never", *options)
+        code, _, err = convert_cli(capsys, "import", src, tmp_path / "never", *options)
         assert code == 2
         return one_line_error(err)
 
@@ -257,12 +244,12 @@ def test_import_refuses_what_it_cannot_place_with_one_line(tmp_path, capsys):
     assert "--num-heads 5 does not divide the width 96" in \
         attempt(reference_state_dict(adaptive=False, dim=96), *geometry, "--num-heads", "5")
 
-    code, _, err = run_cli(capsys, "import", tmp_path / "missing.pth", tmp_path / "out")
+    code, _, err = convert_cli(capsys, "import", tmp_path / "missing.pth", tmp_path / "out")
     assert code == 2 and "missing.pth: no such file" in one_line_error(err)
-    code, _, err = run_cli(capsys, "import", tmp_path, tmp_path / "out")
+    code, _, err = convert_cli(capsys, "import", tmp_path, tmp_path / "out")
     assert code == 2 and "is a folder" in one_line_error(err)
     (tmp_path / "notes.pth").write_text("not a checkpoint")
-    code, _, err = run_cli(capsys, "import", tmp_path / "notes.pth", tmp_path / "out")
+    code, _, err = convert_cli(capsys, "import", tmp_path / "notes.pth", tmp_path / "out")
     assert code == 2 and "notes.pth: not a checkpoint torch.load(weights_only=True) can read" in one_line_error(err)
     assert not (tmp_path / "never").exists() and not (tmp_path / "out").exists()
 
@@ -271,7 +258,7 @@ def test_an_odd_width_imports_with_explicit_head_counts(tmp_path, capsys):
     sd = reference_state_dict(adaptive=False, dim=96)
     src = tmp_path / "ckpt.pth"
     save_reference_checkpoint(src, sd)
-    code, _, err = run_cli(capsys, "import", src, tmp_path / "out", "--num-frames", FRAMES, "--img-size", SIZE,
+    code, _, err = convert_cli(capsys, "import", src, tmp_path / "out", "--num-frames", FRAMES, "--img-size", SIZE,
                            "--num-heads", "4")
     assert code == 0, err
     model = load_model(tmp_path / "out")
@@ -310,7 +297,7 @@ def test_a_malicious_pickle_is_refused_before_it_runs(tmp_path, capsys, containe
     assert marker.exists()
     marker.unlink()
 
-    code, _, err = run_cli(capsys, "import", src, tmp_path / "out")
+    code, _, err = convert_cli(capsys, "import", src, tmp_path / "out")
     assert code == 2
     line = one_line_error(err)
     assert "refusing to load" in line and "system" in line
@@ -322,5 +309,5 @@ def test_checkpoint_args_namespace_is_the_only_extra_class_allowed(tmp_path, cap
     sd = reference_state_dict(adaptive=True)
     src = tmp_path / "ckpt.pth"
     save_reference_checkpoint(src, sd, args=reference_args(output_dir=pathlib.Path("/ckpt")))  # a class inside args
-    code, _, err = run_cli(capsys, "import", src, tmp_path / "out")
+    code, _, err = convert_cli(capsys, "import", src, tmp_path / "out")
     assert code == 2 and "references pathlib.PosixPath" in one_line_error(err)

