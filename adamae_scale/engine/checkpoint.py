@@ -157,11 +157,12 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
 
 
 def _read_client_state(tag_dir: Path) -> dict[str, Any]:
-    import torch
+    from ..convert.consolidate import DEEPSPEED_GLOBALS
+    from ..convert.io import safe_torch_load
 
     files = sorted(tag_dir.glob("*model_states.pt"))
     if not files:
         raise FileNotFoundError(f"train.resume: no model_states file in {tag_dir}")
-    # Our own checkpoint (written by this run's engine); DeepSpeed stores it as a pickle.
-    state = torch.load(files[0], map_location="cpu", weights_only=False)
+    # DeepSpeed stores it as a pickle: load it with the same allowlist the conversion tools use.
+    state = safe_torch_load(files[0], DEEPSPEED_GLOBALS)
     return {k: state[k] for k in ("step", "data") if k in state}
