@@ -103,22 +103,21 @@ class Trainer:
         return totals
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
+        keys = sorted(values)
+        sums = self._all_ranks([values[k] for k in keys], "sum")
+        return {k: v / self.world_size for k, v in zip(keys, sums)}
+
+    def _all_ranks_max(self, values: list[float]) -> list[float]:
+        return self._all_ranks(values, "max")
+
+    def _all_ranks(self, values: list[float], op: str) -> list[float]:
+        """All-reduce a few scalars (``op``: ``sum`` or ``max``) over the ranks."""
         if self.world_size == 1 or not values:
             return values
         import deepspeed.comm as dist
 
-        keys = sorted(values)
-        packed = torch.tensor([values[k] for k in keys], dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(packed)
-        return {k: v / self.world_size for k, v in zip(keys, packed.tolist())}
-
-    def _all_ranks_max(self, values: list[float]) -> list[float]:
-        if self.world_size == 1:
-            return values
-        import deepspeed.comm as dist
-
         packed = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+        dist.all_reduce(packed, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return packed.tolist()
 
     def _on_signal(self, signum, frame) -> None:
