@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a few C++ ops on first use: cache them per checkout, never in git.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo demo-video test test-slow clean
+.PHONY: setup demo demo-video test test-slow test-gpu clean
 
 setup: $(STAMP)
 
@@ -35,6 +35,10 @@ test: setup
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)
+
+# On a machine with a CUDA device: bf16 autocast, flash attention and NCCL pre-training checks.
+test-gpu: setup
+	$(BIN)/python -m pytest -q -m gpu $(PYTEST_ARGS)
 
 clean:
 	rm -rf runs outputs .pytest_cache

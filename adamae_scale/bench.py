@@ -1,5 +1,7 @@
 """``adamae-bench``: benchmarks that print one JSON object each. Subcommands:
 
+- ``step``: optimizer steps per second, model FLOP/s and peak memory of the real engine on a fixed batch.
+- ``memory``: per-rank memory implied by a ZeRO stage, and measured from real pre-training steps.
 - ``data``: training clips per second per DataLoader worker from tar shards (each storage format
   present) against the reference way of loading, decoding a random window straight from the original
   video files; and their ratio.
@@ -89,6 +91,7 @@ def _measure(groups: dict[str, list[str]], files: list[Path], args: argparse.Nam
 
 
 def bench_data(args: argparse.Namespace) -> dict[str, Any]:
+    torch.set_num_threads(1)  # one core per worker process, like the workers themselves
     groups: dict[str, list[str]] = {}
     for urls in args.urls:
         for url in shard_urls(urls):
@@ -165,7 +168,28 @@ def register_memory(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=bench_memory)
 
 
-REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data, register_memory]
+# -- step ----------------------------------------------------------------------------------------------------
+
+def bench_step(args: argparse.Namespace) -> dict | None:
+    from .speed import main as step_main
+
+    return step_main(args.settings)
+
+
+def register_step(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "step", help="training steps per second of the real engine on a fixed batch (no data pipeline)",
+        description="Times optimizer steps (forward, losses, backward, ZeRO communication, AdamW) on one fixed "
+                    "synthetic batch on the device, after warm-up. Prints seconds_per_step, clips_per_s, the model "
+                    "FLOPs of a step counted by torch's FlopCounterMode, the achieved TFLOP/s and the peak memory "
+                    "per rank. Settings: steps=K warmup=K; any other key=value is an adamae-pretrain override "
+                    "(model=vit_large ds=zero1 precision=bf16 train.micro_batch_size=16 model.checkpoint_every=1 "
+                    "...). Launch with torchrun for several ranks; rank 0 prints.")
+    parser.add_argument("settings", nargs="*", help="key=value settings (see above)")
+    parser.set_defaults(func=bench_step)
+
+
+REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data, register_memory, register_step]
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -178,13 +202,13 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    torch.set_num_threads(1)  # one core per worker process, like the workers themselves
     try:
         result = args.func(args)
     except (ValueError, FileNotFoundError) as err:
         print(f"adamae-bench: error: {err}", file=sys.stderr)
         return 2
-    print(json.dumps(result))
+    if result is not None:  # multi-rank benchmarks report from rank 0 only
+        print(json.dumps(result))
     return 0
 
 

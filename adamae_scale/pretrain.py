@@ -62,13 +62,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     with torch.device("meta"):
         num_params = build_model(model_cfg).num_params()
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = setup.build_module(lambda: build_model(model_cfg), ds_config)
-    optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
-                                  cpu_offload=setup.offloads_optimizer(ds_config),
-                                  constant_lr_prefixes=train["constant_lr_params"])
-    setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
-    engine = setup.initialize(model, optimizer, ds_config)
+    engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
     if env.rank == 0:
         print(f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
               f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {env.world_size}, global batch {global_batch}, "
@@ -99,6 +93,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer.logger.close()
     setup.shutdown()
     return summary
+
+
+def build_engine(cfg: dict[str, Any], model_cfg, ds_config: dict[str, Any], peak_lr: float):
+    """Model (sharded at birth under ZeRO-3) → AdamW groups → activation checkpointing → DeepSpeed engine."""
+    train = cfg["train"]
+    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
+    model = setup.build_module(lambda: build_model(model_cfg), ds_config)
+    optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
+                                  cpu_offload=setup.offloads_optimizer(ds_config),
+                                  constant_lr_prefixes=train["constant_lr_params"])
+    setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
+    return setup.initialize(model, optimizer, ds_config)
 
 
 def focus_report(engine, cfg: dict[str, Any], model_cfg, env) -> dict[str, float]:
@@ -154,6 +160,8 @@ def main() -> None:
     # The deepspeed launcher appends --local_rank=N (also exported as LOCAL_RANK), which Hydra
     # would read as an override: drop it.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    if setup.select_accelerator() == "cpu":
+        setup.limit_host_heap_growth()
     _hydra_main()
 
 

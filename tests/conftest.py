@@ -49,9 +49,10 @@ def _run(cmd: list[str], check: bool, timeout: int, env: dict[str, str] | None =
     return proc
 
 
-def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300) -> subprocess.CompletedProcess:
+def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300,
+                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     """``adamae-pretrain`` as a user runs it: a fresh process with Hydra overrides."""
-    return _run([sys.executable, "-m", "adamae_scale.pretrain", *overrides], check, timeout)
+    return _run([sys.executable, "-m", "adamae_scale.pretrain", *overrides], check, timeout, env)
 
 
 def torchrun_cmd(nproc: int, *overrides: str, port: int | None = None) -> list[str]:

@@ -34,3 +34,12 @@ def test_bench_memory_reports_model_and_measured_peak():
     assert report["bytes_per_rank"]["total"] == sum(report["bytes_per_rank"][k] for k in ("params", "grads", "optimizer"))
     # A real process holds the interpreter, torch and DeepSpeed besides the model states.
     assert report["measured_peak_bytes_per_rank"] > report["bytes_per_rank"]["total"]
+
+
+def test_host_heap_setting_applies_on_glibc_and_yields_to_the_users_malloc_variables():
+    check = "from adamae_scale.engine.setup import limit_host_heap_growth as f; print(f())"
+    env = {k: v for k, v in cli_env().items() if not k.startswith("MALLOC_")}
+    ours = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
+    users = subprocess.run([sys.executable, "-c", check], env={**env, "MALLOC_ARENA_MAX": "4"},
+                           capture_output=True, text=True, check=True)
+    assert (ours.stdout.strip(), users.stdout.strip()) == ("True", "False")
