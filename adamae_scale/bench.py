@@ -150,43 +150,61 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     parser.set_defaults(func=bench_data)
 
 
-def bench_memory(args: argparse.Namespace) -> dict:
-    from .engine.memory import main as memory_main
+# -- memory and step: key=value settings, the unknown keys being adamae-pretrain overrides ------------------
 
-    return memory_main(args.settings)
+def split_settings(benchmark: str, settings: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
+    """``key=value`` settings → (this benchmark's options over ``defaults``, the pre-training overrides)."""
+    options, overrides = dict(defaults), []
+    for arg in settings:
+        key, sep, _ = arg.partition("=")
+        if not sep:
+            raise ValueError(f"{benchmark}: expected key=value, got {arg!r}")
+        if key in options:
+            options[key] = arg.split("=", 1)[1]
+        else:
+            overrides.append(arg)
+    return options, overrides
+
+
+def bench_memory(args: argparse.Namespace) -> dict:
+    from .engine import memory
+
+    return memory.run(*split_settings("memory", args.settings, memory.DEFAULTS))
+
+
+def bench_step(args: argparse.Namespace) -> dict | None:
+    from . import speed
+
+    return speed.run(*split_settings("step", args.settings, speed.DEFAULTS))
+
+
+def _register_settings_benchmark(sub: argparse._SubParsersAction, name: str, func, help: str, description: str) -> None:
+    parser = sub.add_parser(name, help=help, description=description)
+    parser.add_argument("settings", nargs="*", help="key=value settings (see above)")
+    parser.set_defaults(func=func)
 
 
 def register_memory(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "memory", help="per-rank memory of a model under a ZeRO stage (model and, with run=true, measured)",
+    _register_settings_benchmark(
+        sub, "memory", bench_memory,
+        help="per-rank memory of a model under a ZeRO stage (model and, with run=true, measured)",
         description="Prints params and bytes_per_rank (params, grads, optimizer, total) implied by the ZeRO stage "
                     "and precision; with run=true also measured_peak_bytes_per_rank from real pre-training steps "
                     "(micro-batch 1, launched with torchrun for world_size > 1). Settings: model=NAME ds=NAME "
                     "world_size=N run=true|false steps=K; any other key=value is passed to adamae-pretrain "
                     "(e.g. precision=bf16 model.checkpoint_every=1).")
-    parser.add_argument("settings", nargs="*", help="key=value settings (see above)")
-    parser.set_defaults(func=bench_memory)
-
-
-# -- step ----------------------------------------------------------------------------------------------------
-
-def bench_step(args: argparse.Namespace) -> dict | None:
-    from .speed import main as step_main
-
-    return step_main(args.settings)
 
 
 def register_step(sub: argparse._SubParsersAction) -> None:
-    parser = sub.add_parser(
-        "step", help="training steps per second of the real engine on a fixed batch (no data pipeline)",
+    _register_settings_benchmark(
+        sub, "step", bench_step,
+        help="training steps per second of the real engine on a fixed batch (no data pipeline)",
         description="Times optimizer steps (forward, losses, backward, ZeRO communication, AdamW) on one fixed "
-                    "synthetic batch on the device, after warm-up. Prints seconds_per_step, clips_per_s, the model "
-                    "FLOPs of a step counted by torch's FlopCounterMode, the achieved TFLOP/s and the peak memory "
-                    "per rank. Settings: steps=K warmup=K; any other key=value is an adamae-pretrain override "
-                    "(model=vit_large ds=zero1 precision=bf16 train.micro_batch_size=16 model.checkpoint_every=1 "
-                    "...). Launch with torchrun for several ranks; rank 0 prints.")
-    parser.add_argument("settings", nargs="*", help="key=value settings (see above)")
-    parser.set_defaults(func=bench_step)
+                    "synthetic batch on the device, after warm-up. Prints seconds_per_step, clips_per_s, the FLOPs "
+                    "a step executes counted by torch's FlopCounterMode (recomputation included), the achieved "
+                    "TFLOP/s and the peak memory per rank. Settings: steps=K warmup=K; any other key=value is an "
+                    "adamae-pretrain override (model=vit_large ds=zero1 precision=bf16 train.micro_batch_size=16 "
+                    "model.checkpoint_every=1 ...). Launch with torchrun for several ranks; rank 0 prints.")
 
 
 REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data, register_memory, register_step]

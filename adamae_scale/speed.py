@@ -27,10 +27,15 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     """The resolved pre-training config for ``overrides`` (Hydra override grammar)."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
+    from hydra.errors import HydraException
+    from omegaconf.errors import OmegaConfBaseException
 
-    with initialize_config_module("adamae_scale.configs", version_base="1.3"):
-        cfg = hydra_compose("config", overrides=["run_dir=unused", *overrides])
-    return OmegaConf.to_container(cfg, resolve=True)
+    try:
+        with initialize_config_module("adamae_scale.configs", version_base="1.3"):
+            cfg = hydra_compose("config", overrides=["run_dir=unused", *overrides])
+        return OmegaConf.to_container(cfg, resolve=True)
+    except (HydraException, OmegaConfBaseException) as err:
+        raise ValueError(f"step: {str(err).splitlines()[0]}") from err
 
 
 def measure_steps(overrides: list[str], steps: int, warmup: int) -> dict[str, Any] | None:
@@ -38,7 +43,7 @@ def measure_steps(overrides: list[str], steps: int, warmup: int) -> dict[str, An
     from .pretrain import build_engine, validate
 
     if steps < 1 or warmup < 1:
-        raise ValueError(f"adamae-bench step: steps and warmup must be >= 1, got steps={steps} warmup={warmup}")
+        raise ValueError(f"step: steps and warmup must be >= 1, got steps={steps} warmup={warmup}")
     cfg = compose(overrides)
     model_cfg = validate(cfg)
     env = setup.dist_env()
@@ -110,18 +115,8 @@ def _synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def main(argv: list[str]) -> dict[str, Any] | None:
-    """``step [steps=K] [warmup=K] [pre-training overrides…]``."""
-    options = dict(DEFAULTS)
-    overrides: list[str] = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ValueError(f"adamae-bench step: expected key=value, got {arg!r}")
-        if key in options:
-            options[key] = value
-        else:
-            overrides.append(arg)
+def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any] | None:
+    """``options``: ``steps``, ``warmup`` (see ``DEFAULTS``); ``overrides``: adamae-pretrain overrides."""
     if setup.select_accelerator() == "cpu":
         setup.limit_host_heap_growth()
     return measure_steps(overrides, int(options["steps"]), int(options["warmup"]))

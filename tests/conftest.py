@@ -71,6 +71,23 @@ def run_ranks(nproc: int, *overrides: str, **kwargs) -> subprocess.CompletedProc
     return run_pretrain(*overrides, **kwargs) if nproc == 1 else run_torchrun(nproc, *overrides, **kwargs)
 
 
+STATE_DUMP_SCRIPT = Path(__file__).with_name("pretrain_with_master_dump.py")
+
+
+def run_dumping_state(nproc: int, master: Path, *overrides: str, optimizer: Path | None = None,
+                      timeout: int = 900) -> subprocess.CompletedProcess:
+    """Pre-train like ``run_ranks``, then write the live engine's fp32 master weights to ``master`` and, when
+    ``optimizer`` is given, its AdamW moments there (safetensors)."""
+    script = [str(STATE_DUMP_SCRIPT), *overrides]
+    cmd = [sys.executable, *script] if nproc == 1 else [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), *script]
+    dumps = {"ADAMAE_MASTER_DUMP": str(master)}
+    if optimizer is not None:
+        dumps["ADAMAE_OPTIMIZER_DUMP"] = str(optimizer)
+    return _run(cmd, True, timeout, cli_env(**dumps))
+
+
 @pytest.fixture
 def tiny_run():
     return list(TINY_RUN)
@@ -85,7 +102,7 @@ def convert_cli(capsys, *args) -> tuple[int, str, str]:
     return code, captured.out, captured.err
 
 
-def one_line_error(err: str) -> str:
+def one_line_error(err: str, prog: str = "adamae-convert") -> str:
     lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("adamae-convert: error: "), err
+    assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
     return lines[0]

@@ -8,7 +8,7 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from adamae_scale.models import build_model, config_for
 
-from .conftest import REPO, cli_env, free_port
+from .conftest import REPO, cli_env, free_port, one_line_error
 
 TINY = ["model=vit_tiny", "model.depth=2", "model.decoder_depth=1", "model.num_frames=4", "model.img_size=[32,32]",
         "model.patch_size=8", "masking.ratio=0.75", "train.micro_batch_size=4"]
@@ -39,3 +39,13 @@ def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
         model(torch.randn(4, 3, 4, 32, 32))
     forward_tflop = counter.get_total_flops() / 1e12
     assert 2.5 * forward_tflop < report["model_tflop_per_step_per_rank"] < 4.5 * forward_tflop
+
+
+def test_bench_step_rejects_bad_settings_in_one_line(capsys):
+    from adamae_scale.bench import main
+
+    for settings, expected in ((["model=vit_hug"], "model/vit_hug"), (["train.foo=1"], "train.foo"),
+                               (["steps=0"], "steps"), (["fast"], "expected key=value")):
+        assert main(["step", *settings]) == 2
+        line = one_line_error(capsys.readouterr().err, "adamae-bench")
+        assert line.startswith("adamae-bench: error: step: ") and expected in line

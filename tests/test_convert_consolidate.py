@@ -4,7 +4,6 @@ from the live engine by ``pretrain_with_master_dump.py`` right after the final c
 import json
 import math
 import shutil
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -18,31 +17,17 @@ from adamae_scale.convert import io as convert_io
 from adamae_scale.convert.folder import load_model
 from adamae_scale.models.adamae import Encoder
 
-from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, free_port, one_line_error, run_dumping_state
 
-DUMP_SCRIPT = Path(__file__).with_name("pretrain_with_master_dump.py")
 WORLD_SIZE = {"zero0": 1, "zero1": 1, "zero2": 2, "zero3": 2}
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def train(run_dir: Path, ds: str) -> dict:
     """Two optimizer steps of the tiny model (bf16 autocast, fp32 weights); returns paths of the results."""
     overrides = [o for o in TINY_RUN if not o.startswith("eval.")]
     overrides += ["precision=bf16", f"ds={ds}", "train.steps=2", "eval.focus_batches=0", f"run_dir={run_dir}"]
-    if WORLD_SIZE[ds] == 1:
-        cmd = [sys.executable, str(DUMP_SCRIPT), *overrides]
-    else:
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD_SIZE[ds]),
-               "--master_port", str(free_port()), str(DUMP_SCRIPT), *overrides]
     master = run_dir / "master_fp32.safetensors"
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(ADAMAE_MASTER_DUMP=str(master)), capture_output=True, text=True,
-                          timeout=900)
-    assert proc.returncode == 0, f"{' '.join(cmd)} failed:\n{proc.stdout[-3000:]}\n{proc.stderr[-5000:]}"
+    run_dumping_state(WORLD_SIZE[ds], master, *overrides)
     return {"ckpts": run_dir / "checkpoints", "tag": run_dir / "checkpoints" / "step_00000002", "master": master}
 
 

@@ -94,18 +94,12 @@ def measure(model: str, ds: str, world_size: int, overrides: list[str], steps: i
     }
 
 
-def main(argv: list[str]) -> dict[str, Any]:
-    """``memory model=NAME ds=NAME world_size=N [run=true] [steps=K] [pretrain overrides...]``."""
-    options = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "false", "steps": "2"}
-    overrides: list[str] = []
-    for arg in argv:
-        key, sep, value = arg.partition("=")
-        if not sep:
-            raise ValueError(f"adamae-bench memory: expected key=value, got {arg!r}")
-        if key in options:
-            options[key] = value
-        else:
-            overrides.append(arg)
+DEFAULTS = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "false", "steps": "2"}
+
+
+def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
+    """The model's figures for ``options`` (see ``DEFAULTS``), and the measured peak when ``run`` is true;
+    ``overrides`` go to adamae-pretrain (``model.*`` ones also shape the model)."""
     model_overrides = {k.split(".", 1)[1]: _literal(v) for k, _, v in (o.partition("=") for o in overrides)
                        if k.startswith("model.")}
     report = estimate(options["model"], options["ds"], int(options["world_size"]), model_overrides)
