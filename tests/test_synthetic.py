@@ -3,7 +3,7 @@ from dataclasses import replace
 
 import torch
 
-from adamae_scale.data.synthetic import SyntheticClips, SyntheticConfig, render_clip, token_coverage
+from adamae_scale.data.synthetic import SyntheticClips, SyntheticConfig, render_clip, render_threads, token_coverage
 from adamae_scale.data.transforms import denormalize
 from adamae_scale.metrics import focus_ratio
 
@@ -50,6 +50,16 @@ def test_batches_split_ranks_and_resume_exactly():
     assert one.state_dict() == {"next_batch": 3}
     pixels = denormalize(batches[0]["video"])
     assert pixels.min() > -1e-5 and pixels.max() < 1 + 1e-5
+
+
+def test_parallel_rendering_gives_the_same_batches():
+    serial, parallel = SyntheticClips(CFG, batch_size=4), SyntheticClips(CFG, batch_size=4, threads=3)
+    for _ in range(2):
+        a, b = next(serial), next(parallel)
+        assert torch.equal(a["video"], b["video"]) and torch.equal(a["motion"], b["motion"])
+    assert render_threads(5, local_world_size=8) == 5
+    assert 1 <= render_threads(0, local_world_size=1) <= 8
+    assert render_threads(0, local_world_size=10_000) == 1
 
 
 def test_focus_ratio_definition():

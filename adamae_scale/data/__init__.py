@@ -1,9 +1,10 @@
 """Data sources: each yields dicts of tensors ``{"video": [B, 3, T, H, W], ...}`` and has a state."""
 from __future__ import annotations
 
+import os
 from typing import Any, Mapping
 
-from .synthetic import SyntheticClips, SyntheticConfig
+from .synthetic import SyntheticClips, SyntheticConfig, render_threads
 
 SOURCES = ("synthetic", "shards")
 
@@ -42,7 +43,10 @@ def validate_data(data: Mapping[str, Any], model_cfg) -> None:
 def build_data(data: Mapping[str, Any], model_cfg, batch_size: int, rank: int, world_size: int):
     """The training stream named by ``data.name`` for this rank."""
     if data["name"] == "synthetic":
-        return SyntheticClips(synthetic_config(data, model_cfg), batch_size, rank, world_size)
+        # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE.
+        local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
+        threads = render_threads(int(data.get("render_threads", 0)), local_ranks)
+        return SyntheticClips(synthetic_config(data, model_cfg), batch_size, rank, world_size, threads=threads)
     if data["name"] == "shards":
         from .pipeline import ShardClips
 
