@@ -57,9 +57,10 @@ def test_parallel_rendering_gives_the_same_batches():
     for _ in range(2):
         a, b = next(serial), next(parallel)
         assert torch.equal(a["video"], b["video"]) and torch.equal(a["motion"], b["motion"])
-    assert render_threads(5, local_world_size=8) == 5
-    assert 1 <= render_threads(0, local_world_size=1) <= 8
-    assert render_threads(0, local_world_size=10_000) == 1
+    assert render_threads(5, local_world_size=8, accelerated=False) == 5
+    assert render_threads(0, local_world_size=1, accelerated=False) == 1
+    assert 1 <= render_threads(0, local_world_size=1, accelerated=True) <= 8
+    assert render_threads(0, local_world_size=10_000, accelerated=True) == 1
 
 
 def test_focus_ratio_definition():

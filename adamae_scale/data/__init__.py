@@ -4,6 +4,8 @@ from __future__ import annotations
 import os
 from typing import Any, Mapping
 
+import torch
+
 from .synthetic import SyntheticClips, SyntheticConfig, render_threads
 
 SOURCES = ("synthetic", "shards")
@@ -45,7 +47,7 @@ def build_data(data: Mapping[str, Any], model_cfg, batch_size: int, rank: int, w
     if data["name"] == "synthetic":
         # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
-        threads = render_threads(int(data.get("render_threads", 0)), local_ranks)
+        threads = render_threads(int(data.get("render_threads", 0)), local_ranks, torch.cuda.is_available())
         return SyntheticClips(synthetic_config(data, model_cfg), batch_size, rank, world_size, threads=threads)
     if data["name"] == "shards":
         from .pipeline import ShardClips

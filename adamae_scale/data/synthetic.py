@@ -109,10 +109,13 @@ def token_coverage(covered: torch.Tensor, tubelet: int, patch: int) -> torch.Ten
     return cubes.mean(dim=(1, 3, 5)).flatten()
 
 
-def render_threads(setting: int, local_world_size: int) -> int:
-    """``data.render_threads``: the value itself, or for 0 this rank's share of the usable cores, at most 8."""
+def render_threads(setting: int, local_world_size: int, accelerated: bool) -> int:
+    """``data.render_threads``: the value itself; for 0, one thread when training on the CPU (rendering
+    would take cores from the model), else this rank's share of the usable cores, at most 8."""
     if setting > 0:
         return setting
+    if not accelerated:
+        return 1
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
     return max(1, min(8, cores // max(local_world_size, 1)))
 
