@@ -62,6 +62,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     with torch.device("meta"):
         num_params = build_model(model_cfg).num_params()
+    setup.tune_host_allocator(ds_config)
     engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
     if env.rank == 0:
         print(f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
@@ -160,8 +161,6 @@ def main() -> None:
     # The deepspeed launcher appends --local_rank=N (also exported as LOCAL_RANK), which Hydra
     # would read as an override: drop it.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
-    if setup.select_accelerator() == "cpu":
-        setup.limit_host_heap_growth()
     _hydra_main()
 
 

@@ -38,13 +38,14 @@ def test_bench_memory_reports_model_and_measured_peak():
     assert report["measured_peak_bytes_per_rank"] > report["bytes_per_rank"]["total"]
 
 
-def test_host_heap_setting_applies_on_glibc_and_yields_to_the_users_malloc_variables():
-    check = "from adamae_scale.engine.setup import limit_host_heap_growth as f; print(f())"
+def test_host_heap_setting_is_for_cpu_zero3_and_yields_to_the_users_malloc_variables():
+    check = ("from adamae_scale.engine.setup import tune_host_allocator as f; "
+             "print(f({'zero_optimization': {'stage': 3}}), f({'zero_optimization': {'stage': 1}}))")
     env = {k: v for k, v in cli_env().items() if not k.startswith("MALLOC_")}
     ours = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
     users = subprocess.run([sys.executable, "-c", check], env={**env, "MALLOC_ARENA_MAX": "4"},
                            capture_output=True, text=True, check=True)
-    assert (ours.stdout.strip(), users.stdout.strip()) == ("True", "False")
+    assert (ours.stdout.split(), users.stdout.split()) == (["True", "False"], ["False", "False"])
 
 
 @pytest.mark.slow

@@ -59,13 +59,8 @@ _M_MMAP_THRESHOLD, _M_ARENA_MAX = -3, -8
 
 
 def limit_host_heap_growth(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bool:
-    """Make freed host tensors go back to the OS on glibc, unless ``MALLOC_*`` variables already chose.
-
-    ZeRO-3 on CPU gathers and frees every weight matrix each step. glibc serves buffers under its
-    adaptive mmap threshold (up to 32 MB: most ViT-H matrices) from per-thread heaps that it does not
-    return, so the gathered model piles up: a 2-rank vit_huge run grew to ~11 GB per rank and was
-    OOM-killed, and peaks at ~8 GB per rank with this. Returns whether the setting was applied.
-    """
+    """Make freed host buffers over ``mmap_threshold`` go back to the OS (glibc), unless ``MALLOC_*``
+    variables already chose. Returns whether the setting was applied."""
     if any(key.startswith("MALLOC_") for key in os.environ) or not sys.platform.startswith("linux"):
         return False
     try:
@@ -73,6 +68,20 @@ def limit_host_heap_growth(mmap_threshold: int = 1 << 20, arenas: int = 2) -> bo
     except OSError:  # not glibc (musl, …)
         return False
     return bool(libc.mallopt(_M_MMAP_THRESHOLD, mmap_threshold)) and bool(libc.mallopt(_M_ARENA_MAX, arenas))
+
+
+def tune_host_allocator(ds_config: dict[str, Any]) -> bool:
+    """ZeRO-3 on the CPU: ``limit_host_heap_growth``.
+
+    ZeRO-3 gathers and frees every weight matrix each step. glibc serves buffers under its adaptive
+    mmap threshold (up to 32 MB: most ViT-H matrices) from per-thread heaps it does not give back, so
+    the gathered model piles up: a 2-rank vit_huge run grew past 11 GB per rank and was OOM-killed,
+    and peaks at 9.2 GB per rank with this. Other stages keep it off: mapping every buffer over 1 MB
+    costs a small model's CPU training ~30% in page faults.
+    """
+    if select_accelerator() != "cpu" or ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        return False
+    return limit_host_heap_growth()
 
 
 def init_distributed() -> None:
