@@ -156,11 +156,11 @@ def split_settings(benchmark: str, settings: list[str], defaults: dict[str, str]
     """``key=value`` settings → (this benchmark's options over ``defaults``, the pre-training overrides)."""
     options, overrides = dict(defaults), []
     for arg in settings:
-        key, sep, _ = arg.partition("=")
+        key, sep, value = arg.partition("=")
         if not sep:
             raise ValueError(f"{benchmark}: expected key=value, got {arg!r}")
         if key in options:
-            options[key] = arg.split("=", 1)[1]
+            options[key] = value
         else:
             overrides.append(arg)
     return options, overrides

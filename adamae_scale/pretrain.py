@@ -62,7 +62,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     with torch.device("meta"):
         num_params = build_model(model_cfg).num_params()
-    setup.tune_host_allocator(ds_config)
     engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
     if env.rank == 0:
         print(f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
@@ -99,6 +98,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 def build_engine(cfg: dict[str, Any], model_cfg, ds_config: dict[str, Any], peak_lr: float):
     """Model (sharded at birth under ZeRO-3) → AdamW groups → activation checkpointing → DeepSpeed engine."""
     train = cfg["train"]
+    setup.tune_host_allocator(ds_config)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = setup.build_module(lambda: build_model(model_cfg), ds_config)
     optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
