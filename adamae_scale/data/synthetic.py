@@ -66,6 +66,13 @@ def _bounce(start: torch.Tensor, velocity: torch.Tensor, frames: int, low: float
     return low + torch.where(folded > span, 2 * span - folded, folded)
 
 
+def _window(center: torch.Tensor, half: float, length: int, limit: int) -> torch.Tensor:
+    """Per frame, the ``length`` pixel coordinates from just below ``center - half``, clamped to the image
+    (a clamped coordinate repeats a pixel with the same values, so writing it twice is harmless)."""
+    start = torch.floor(center - half).long()[:, None]  # (T, 1)
+    return (start + torch.arange(length)).clamp(0, limit - 1)  # (T, length)
+
+
 def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip ``index``: ``(video [3, T, H, W] in [0, 1], motion [N] bool)`` with N tokens (t, h, w)."""
     gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
@@ -73,8 +80,7 @@ def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.T
     short = min(h, w)
     frames = _background(cfg, gen)[:, None].repeat(1, t_frames, 1, 1)  # (3, T, H, W)
     covered = torch.zeros(t_frames, h, w, dtype=torch.bool)
-    yy = torch.arange(h, dtype=torch.float32)[None, :, None]  # (1, H, 1)
-    xx = torch.arange(w, dtype=torch.float32)[None, None, :]  # (1, 1, W)
+    frame_index = torch.arange(t_frames)[:, None, None]  # (T, 1, 1)
 
     count = int(torch.randint(cfg.num_objects[0], cfg.num_objects[1] + 1, (), generator=gen))
     for _ in range(count):
@@ -84,19 +90,23 @@ def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.T
         angle = float(_uniform(gen, 0.0, 2 * torch.pi))
         cy = _bounce(_uniform(gen, half, h - half), speed * torch.sin(torch.tensor(angle)), t_frames, half, h - half)
         cx = _bounce(_uniform(gen, half, w - half), speed * torch.cos(torch.tensor(angle)), t_frames, half, w - half)
-        dy = yy - cy[:, None, None]  # (T, H, 1)
-        dx = xx - cx[:, None, None]  # (T, 1, W)
+        # Only a (size + 2)-pixel window around the object can be inside it: work there, not on the frame.
+        rows = _window(cy, half, size + 2, h)  # (T, S)
+        cols = _window(cx, half, size + 2, w)  # (T, S)
+        dy = rows.float()[:, :, None] - cy[:, None, None]  # (T, S, 1)
+        dx = cols.float()[:, None, :] - cx[:, None, None]  # (T, 1, S)
         if torch.rand((), generator=gen) < 0.5:
-            inside = (dy.abs() < half) & (dx.abs() < half)  # square, (T, H, W)
+            inside = (dy.abs() < half) & (dx.abs() < half)  # square, (T, S, S)
         else:
             inside = dy**2 + dx**2 < half**2  # disk
         # The texture moves with the object: sample it at object-local coordinates.
         cells = cfg.object_texture or size
         texture = F.interpolate(torch.rand(1, 3, cells, cells, generator=gen), size=(size, size), mode="nearest")[0]
-        ly = (dy + half).long().clamp(0, size - 1).expand(t_frames, h, w)
-        lx = (dx + half).long().clamp(0, size - 1).expand(t_frames, h, w)
-        frames = torch.where(inside[None], texture[:, ly, lx], frames)
-        covered |= inside
+        ly = (dy + half).long().clamp(0, size - 1).expand_as(inside)
+        lx = (dx + half).long().clamp(0, size - 1).expand_as(inside)
+        pixels = (frame_index, rows[:, :, None], cols[:, None, :])  # indexes (T, S, S) pixels of the frames
+        frames[(slice(None), *pixels)] = torch.where(inside[None], texture[:, ly, lx], frames[(slice(None), *pixels)])
+        covered[pixels] = covered[pixels] | inside
 
     motion = token_coverage(covered, cfg.tubelet_size, cfg.patch_size) >= cfg.motion_threshold
     return frames, motion
