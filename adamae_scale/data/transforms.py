@@ -20,6 +20,11 @@ def normalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torc
     return (video - _channel_view(mean, video)) / _channel_view(std, video)
 
 
+def normalize_(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+    """``normalize`` in place, the same values without two more copies of the batch."""
+    return video.sub_(_channel_view(mean, video)).div_(_channel_view(std, video))
+
+
 def denormalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
     """ImageNet-standardised pixels → ``[0, 1]`` pixels."""
     return video * _channel_view(std, video) + _channel_view(mean, video)
