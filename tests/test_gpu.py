@@ -1,8 +1,9 @@
 """Checks that need a CUDA device (``pytest -m gpu``; deselected by default, CI has no GPU).
 
-They cover what the CPU suite cannot: bf16 autocast on CUDA with the sampler still in fp32, the flash
-attention kernel accepting every attention call of the model, and pre-training through the CUDA
-DeepSpeed accelerator with NCCL.
+They cover what the CPU suite cannot: bf16 autocast on CUDA with the sampler still in fp32, fused
+attention kernels for every attention call (flash for the bf16 backbone, memory-efficient for the fp32
+sampler), and pre-training through the CUDA DeepSpeed accelerator with NCCL: a run, a bf16 resume,
+ZeRO-3 with CPU offload.
 """
 import json
 
