@@ -55,10 +55,13 @@ def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300,
     return _run([sys.executable, "-m", "adamae_scale.pretrain", *overrides], check, timeout, env)
 
 
-def torchrun_cmd(nproc: int, *overrides: str, port: int | None = None) -> list[str]:
+PRETRAIN = ("-m", "adamae_scale.pretrain")
+
+
+def torchrun_cmd(nproc: int, *overrides: str, port: int | None = None, target: tuple[str, ...] = PRETRAIN) -> list[str]:
+    """``torchrun`` on 127.0.0.1 launching ``target`` (a module as ``-m NAME [ARGS]``, or a script) with ``overrides``."""
     return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()),
-            "-m", "adamae_scale.pretrain", *overrides]
+            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *target, *overrides]
 
 
 def run_torchrun(nproc: int, *overrides: str, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -78,10 +81,8 @@ def run_dumping_state(nproc: int, master: Path, *overrides: str, optimizer: Path
                       timeout: int = 900) -> subprocess.CompletedProcess:
     """Pre-train like ``run_ranks``, then write the live engine's fp32 master weights to ``master`` and, when
     ``optimizer`` is given, its AdamW moments there (safetensors)."""
-    script = [str(STATE_DUMP_SCRIPT), *overrides]
-    cmd = [sys.executable, *script] if nproc == 1 else [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), *script]
+    script = (str(STATE_DUMP_SCRIPT),)
+    cmd = [sys.executable, *script, *overrides] if nproc == 1 else torchrun_cmd(nproc, *overrides, target=script)
     dumps = {"ADAMAE_MASTER_DUMP": str(master)}
     if optimizer is not None:
         dumps["ADAMAE_OPTIMIZER_DUMP"] = str(optimizer)

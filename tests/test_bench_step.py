@@ -1,23 +1,21 @@
 """adamae-bench step: timed optimizer steps of the real engine, with the FLOPs they execute."""
 import json
 import subprocess
-import sys
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from adamae_scale.models import build_model, config_for
 
-from .conftest import REPO, cli_env, free_port, one_line_error
+from .conftest import REPO, cli_env, one_line_error, torchrun_cmd
 
 TINY = ["model=vit_tiny", "model.depth=2", "model.decoder_depth=1", "model.num_frames=4", "model.img_size=[32,32]",
         "model.patch_size=8", "masking.ratio=0.75", "train.micro_batch_size=4"]
 
 
 def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-           "--master_port", str(free_port()), "-m", "adamae_scale.bench", "step", *TINY, "ds=zero3",
-           "model.checkpoint_every=1", "steps=3", "warmup=1"]
+    cmd = torchrun_cmd(2, *TINY, "ds=zero3", "model.checkpoint_every=1", "steps=3", "warmup=1",
+                       target=("-m", "adamae_scale.bench", "step"))
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]

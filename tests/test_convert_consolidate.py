@@ -17,7 +17,7 @@ from adamae_scale.convert import io as convert_io
 from adamae_scale.convert.folder import load_model
 from adamae_scale.models.adamae import Encoder
 
-from .conftest import REPO, TINY_RUN, cli_env, convert_cli, free_port, one_line_error, run_dumping_state
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_dumping_state, torchrun_cmd
 
 WORLD_SIZE = {"zero0": 1, "zero1": 1, "zero2": 2, "zero3": 2}
 
@@ -252,10 +252,9 @@ def test_vit_large_consolidation_needs_about_one_fp32_copy_of_memory(tmp_path, s
         buckets.update(allgather_bucket_size=50_000_000, reduce_scatter=True)
     ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage, **buckets}, "zero_allow_untested_optimizer": True}))
     run_dir = tmp_path / "run"
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", str(free_port()),
-           "-m", "adamae_scale.pretrain", "model=vit_large", "model.num_frames=2", "model.img_size=[32,32]",
-           "model.patch_size=16", "masking.ratio=0.75", "data=synthetic", "train.micro_batch_size=1", "train.steps=1",
-           "eval.focus_batches=0", f"ds={ds_config}", f"run_dir={run_dir}"]
+    cmd = torchrun_cmd(2, "model=vit_large", "model.num_frames=2", "model.img_size=[32,32]",
+                       "model.patch_size=16", "masking.ratio=0.75", "data=synthetic", "train.micro_batch_size=1", "train.steps=1",
+                       "eval.focus_batches=0", f"ds={ds_config}", f"run_dir={run_dir}")
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
 

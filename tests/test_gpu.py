@@ -5,11 +5,10 @@ attention kernels for every attention call (flash for the bf16 backbone, memory-
 sampler), and pre-training through the CUDA DeepSpeed accelerator with NCCL: a run, a bf16 resume,
 ZeRO-3 with CPU offload.
 """
-import json
-
 import pytest
 import torch
 
+from adamae_scale.metrics import read_metrics
 from adamae_scale.models import build_model, config_for
 
 from .conftest import TINY_RUN, cli_env, run_pretrain
@@ -91,7 +90,7 @@ def test_bf16_loss_matches_fp32_on_cuda(cuda):
 def test_pretrain_on_cuda_with_nccl(cuda, tmp_path):
     proc = run_pretrain(*TINY_RUN, "precision=bf16", "train.steps=20", "train.log_every=1", f"run_dir={tmp_path}",
                         timeout=600, env=cli_env(DS_ACCELERATOR="cuda"))
-    records = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    records = read_metrics(tmp_path / "metrics.jsonl")
     assert len(records) == 20
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
     assert records[-1]["loss"] < records[0]["loss"], proc.stdout[-2000:]
@@ -101,7 +100,7 @@ def test_pretrain_on_cuda_with_nccl(cuda, tmp_path):
 
 
 def gpu_losses(run_dir):
-    return [json.loads(line)["loss"] for line in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
 
 
 def test_bf16_resume_on_cuda_follows_the_uninterrupted_run(cuda, tmp_path):

@@ -16,13 +16,13 @@ the whole peak.
 """
 from __future__ import annotations
 
-import json
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..metrics import read_metrics
 from .setup import load_ds_config
 
 
@@ -85,7 +85,7 @@ def measure(model: str, ds: str, world_size: int, overrides: list[str], steps: i
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"memory run failed ({proc.returncode}): {proc.stderr[-2000:]}")
-        records = [json.loads(line) for line in Path(run_dir, "metrics.jsonl").read_text().splitlines()]
+        records = read_metrics(Path(run_dir, "metrics.jsonl"))
     return {
         "measured_peak_bytes_per_rank": int(max(r["mem_peak_bytes"] for r in records)),
         "measured_steps": steps,
