@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a few C++ ops on first use: cache them per checkout, never in git.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup demo demo-video test test-slow test-gpu clean
+.PHONY: setup setup-lint lint format demo demo-video test test-slow test-gpu clean
 
 setup: $(STAMP)
 
@@ -18,6 +18,25 @@ $(STAMP): pyproject.toml constraints.txt
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test]'
 	touch $(STAMP)
+
+LINT_STAMP := $(VENV)/.installed-lint
+
+setup-lint: $(LINT_STAMP)
+
+$(LINT_STAMP): $(STAMP)
+	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,lint]'
+	touch $(LINT_STAMP)
+
+# ruff (lint + format check) and mypy, configured in pyproject.toml; CI runs this before the tests.
+lint: setup-lint
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/mypy
+
+# Apply ruff's formatting and safe fixes.
+format: setup-lint
+	$(BIN)/ruff check --fix .
+	$(BIN)/ruff format .
 
 demo: setup
 	$(BIN)/adamae-pretrain +experiment=demo
@@ -31,7 +50,7 @@ demo-video: setup
 	OMP_NUM_THREADS=1 $(BIN)/adamae-pretrain +experiment=demo_video
 
 test: setup
-	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
+	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)
 
 test-slow: setup
 	$(BIN)/python -m pytest -q -m slow $(PYTEST_ARGS)

@@ -9,6 +9,7 @@
 Add a benchmark as another subcommand: a ``register_*`` function that adds its parser and sets
 ``func`` to a callable taking the parsed arguments and returning a JSON-able dict.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -17,8 +18,9 @@ import os
 import sys
 import tarfile
 import time
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -28,8 +30,8 @@ from .data.pipeline import ShardClips, ShardDataConfig, shard_urls
 from .data.transforms import REFERENCE_CROP_SCALES, augment_clip
 from .data.video import VIDEO_EXTENSIONS, read_window
 
-
 # -- data ----------------------------------------------------------------------------------------------------
+
 
 def shard_format(url: str) -> str:
     """``mp4`` or ``jpg`` (one .mjpeg member or .jpg members): what the first sample of a local shard stores."""
@@ -58,8 +60,9 @@ class VideoFileClips(Dataset):
         return augment_clip(frames, self.img_size, REFERENCE_CROP_SCALES, 1, False, rng)
 
 
-def _clips_per_second(next_clips: Callable[[], torch.Tensor], clips: int, warmup: int,
-                      clock: Callable[[], float] = time.perf_counter) -> float:
+def _clips_per_second(
+    next_clips: Callable[[], torch.Tensor], clips: int, warmup: int, clock: Callable[[], float] = time.perf_counter
+) -> float:
     for _ in range(warmup):  # worker start-up and first decodes are not throughput
         next_clips()
     done, start = 0, clock()
@@ -68,23 +71,37 @@ def _clips_per_second(next_clips: Callable[[], torch.Tensor], clips: int, warmup
     return done / (clock() - start)
 
 
-def _measure(groups: dict[str, list[str]], files: list[Path], args: argparse.Namespace, workers: int,
-             clock: Callable[[], float]) -> tuple[dict[str, float], float]:
+def _measure(
+    groups: dict[str, list[str]], files: list[Path], args: argparse.Namespace, workers: int, clock: Callable[[], float]
+) -> tuple[dict[str, float], float]:
     """Clips per second per worker: ``{format: shards}`` and the baseline."""
     per_worker = max(workers, 1)
     size = (args.img_size, args.img_size)
     shards: dict[str, float] = {}
     for fmt, urls in sorted(groups.items()):
-        cfg = ShardDataConfig(urls=urls, num_frames=args.num_frames, img_size=size, sampling_rate=args.sampling_rate,
-                              workers=workers, resampled=True, shuffle_buffer=args.shuffle_buffer, seed=args.seed)
+        cfg = ShardDataConfig(
+            urls=urls,
+            num_frames=args.num_frames,
+            img_size=size,
+            sampling_rate=args.sampling_rate,
+            workers=workers,
+            resampled=True,
+            shuffle_buffer=args.shuffle_buffer,
+            seed=args.seed,
+        )
         stream = ShardClips(cfg, args.batch_size)
-        shards[fmt] = _clips_per_second(lambda: next(stream)["video"], args.clips, args.warmup, clock) / per_worker
+        shards[fmt] = _clips_per_second(lambda s=stream: next(s)["video"], args.clips, args.warmup, clock) / per_worker
         stream.close()
     dataset = VideoFileClips(files, args.num_frames, args.sampling_rate, size, args.seed)
-    loader = DataLoader(dataset, batch_size=args.batch_size, num_workers=workers,
-                        sampler=RandomSampler(dataset, replacement=True, num_samples=10**9,
-                                              generator=torch.Generator().manual_seed(args.seed)),
-                        prefetch_factor=2 if workers > 0 else None)
+    loader = DataLoader(
+        dataset,
+        batch_size=args.batch_size,
+        num_workers=workers,
+        sampler=RandomSampler(
+            dataset, replacement=True, num_samples=10**9, generator=torch.Generator().manual_seed(args.seed)
+        ),
+        prefetch_factor=2 if workers > 0 else None,
+    )
     batches = iter(loader)
     baseline = _clips_per_second(lambda: next(batches), args.clips, args.warmup, clock) / per_worker
     return shards, baseline
@@ -120,20 +137,30 @@ def bench_data(args: argparse.Namespace) -> dict[str, Any]:
             cpu_baseline_clips_per_s=round(cpu_baseline, 3),
             cpu_ratio={fmt: round(v / cpu_baseline, 2) for fmt, v in cpu_shards.items()},
         )
-    result.update(shards={fmt: len(urls) for fmt, urls in groups.items()}, videos=len(files),
-                  cpu_count=os.cpu_count(), load_average_1m=round(os.getloadavg()[0], 2))
+    result.update(
+        shards={fmt: len(urls) for fmt, urls in groups.items()},
+        videos=len(files),
+        cpu_count=os.cpu_count(),
+        load_average_1m=round(os.getloadavg()[0], 2),
+    )
     return result
 
 
 def register_data(sub: argparse._SubParsersAction) -> None:
     parser = sub.add_parser(
-        "data", formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        "data",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
         help="clips/s per worker from shards vs decoding windows from the original videos",
         description="Training clips (multi-scale crop, resize, normalise) per second per DataLoader worker, from "
-                    "tar shards (each storage format found) and, as the baseline, from random windows decoded "
-                    "straight from the original video files.")
-    parser.add_argument("--urls", action="append", required=True,
-                        help="shards (folder, manifest.json, brace pattern); repeat for several sets")
+        "tar shards (each storage format found) and, as the baseline, from random windows decoded "
+        "straight from the original video files.",
+    )
+    parser.add_argument(
+        "--urls",
+        action="append",
+        required=True,
+        help="shards (folder, manifest.json, brace pattern); repeat for several sets",
+    )
     parser.add_argument("--videos", required=True, help="folder of the original video files (recursive)")
     parser.add_argument("--num-workers", type=int, default=1, help="DataLoader workers (0: in-process)")
     parser.add_argument("--clips", type=int, default=64, help="clips timed per measurement")
@@ -144,13 +171,17 @@ def register_data(sub: argparse._SubParsersAction) -> None:
     parser.add_argument("--sampling-rate", type=int, default=4, help="frames between sampled frames")
     parser.add_argument("--shuffle-buffer", type=int, default=16, help="shard pipeline shuffle buffer")
     parser.add_argument("--seed", type=int, default=0, help="seed")
-    parser.add_argument("--cpu-time", action="store_true",
-                        help="also measure each path in-process against CPU time (cpu_* fields): steady on a "
-                             "machine shared with other work")
+    parser.add_argument(
+        "--cpu-time",
+        action="store_true",
+        help="also measure each path in-process against CPU time (cpu_* fields): steady on a "
+        "machine shared with other work",
+    )
     parser.set_defaults(func=bench_data)
 
 
 # -- memory and step: key=value settings, the unknown keys being adamae-pretrain overrides ------------------
+
 
 def split_settings(benchmark: str, settings: list[str], defaults: dict[str, str]) -> tuple[dict[str, str], list[str]]:
     """``key=value`` settings → (this benchmark's options over ``defaults``, the pre-training overrides)."""
@@ -186,25 +217,31 @@ def _register_settings_benchmark(sub: argparse._SubParsersAction, name: str, fun
 
 def register_memory(sub: argparse._SubParsersAction) -> None:
     _register_settings_benchmark(
-        sub, "memory", bench_memory,
+        sub,
+        "memory",
+        bench_memory,
         help="per-rank memory of a model under a ZeRO stage (model and, with run=true, measured)",
         description="Prints params and bytes_per_rank (params, grads, optimizer, total) implied by the ZeRO stage "
-                    "and precision; with run=true also measured_peak_bytes_per_rank from real pre-training steps "
-                    "(micro-batch 1, launched with torchrun for world_size > 1). Settings: model=NAME ds=NAME "
-                    "world_size=N run=true|false steps=K; any other key=value is passed to adamae-pretrain "
-                    "(e.g. precision=bf16 model.checkpoint_every=1).")
+        "and precision; with run=true also measured_peak_bytes_per_rank from real pre-training steps "
+        "(micro-batch 1, launched with torchrun for world_size > 1). Settings: model=NAME ds=NAME "
+        "world_size=N run=true|false steps=K; any other key=value is passed to adamae-pretrain "
+        "(e.g. precision=bf16 model.checkpoint_every=1).",
+    )
 
 
 def register_step(sub: argparse._SubParsersAction) -> None:
     _register_settings_benchmark(
-        sub, "step", bench_step,
+        sub,
+        "step",
+        bench_step,
         help="training steps per second of the real engine on a fixed batch (no data pipeline)",
         description="Times optimizer steps (forward, losses, backward, ZeRO communication, AdamW) on one fixed "
-                    "synthetic batch on the device, after warm-up. Prints seconds_per_step, clips_per_s, the FLOPs "
-                    "a step executes counted by torch's FlopCounterMode (recomputation included), the achieved "
-                    "TFLOP/s and the peak memory per rank. Settings: steps=K warmup=K; any other key=value is an "
-                    "adamae-pretrain override (model=vit_large ds=zero1 precision=bf16 train.micro_batch_size=16 "
-                    "model.checkpoint_every=1 ...). Launch with torchrun for several ranks; rank 0 prints.")
+        "synthetic batch on the device, after warm-up. Prints seconds_per_step, clips_per_s, the FLOPs "
+        "a step executes counted by torch's FlopCounterMode (recomputation included), the achieved "
+        "TFLOP/s and the peak memory per rank. Settings: steps=K warmup=K; any other key=value is an "
+        "adamae-pretrain override (model=vit_large ds=zero1 precision=bf16 train.micro_batch_size=16 "
+        "model.checkpoint_every=1 ...). Launch with torchrun for several ranks; rank 0 prints.",
+    )
 
 
 REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data, register_memory, register_step]

@@ -8,6 +8,7 @@
   hard-to-reconstruct masked tokens become more likely to be visible next time).
 - ``L = L_r + lambda * L_s``.
 """
+
 from __future__ import annotations
 
 import torch

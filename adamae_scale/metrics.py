@@ -2,11 +2,13 @@
 
 Only rank 0 writes. ``focus_ratio`` measures whether visible tokens sit on moving regions.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 

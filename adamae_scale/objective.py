@@ -3,17 +3,19 @@
 ``AdaMAEObjective`` is the ``loss_fn(model, batch)`` the trainer calls: forward, losses and — when
 the batch carries motion ground truth (synthetic data) — ``focus_ratio`` of the sampled masks.
 """
+
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping
+from typing import Any
 
 import torch
 
 from .losses import adamae_loss
 from .metrics import focus_ratio
-from .models.masking import mask_from_visible, noise_for_samples, sample_mask
 from .models.adamae import AdaMAEConfig
+from .models.masking import mask_from_visible, noise_for_samples, sample_mask
 
 
 @dataclass
@@ -66,8 +68,9 @@ def evaluate_focus(
             masks["topk"].append(mask_from_visible(topk, model_cfg.num_tokens).cpu())
         noise = torch.rand(video.shape[0], model_cfg.num_tokens, generator=generator)
         masks["random"].append(
-            sample_mask("random", model_cfg.layout, model_cfg.num_visible, video.shape[0], torch.device("cpu"),
-                        noise=noise)
+            sample_mask(
+                "random", model_cfg.layout, model_cfg.num_visible, video.shape[0], torch.device("cpu"), noise=noise
+            )
         )
         motion.append(batch["motion"].cpu())
     motion_all = torch.cat(motion)

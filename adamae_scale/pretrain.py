@@ -2,6 +2,7 @@
 
 Runs as a single process with no launcher, or under ``deepspeed`` / ``torchrun`` / SLURM.
 """
+
 from __future__ import annotations
 
 import json
@@ -52,8 +53,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
     resume_from = checkpointer.find(train["resume"])
     ds_config = setup.build_ds_config(
-        setup.load_ds_config(cfg["ds"]), train["micro_batch_size"], train["accumulation"], env.world_size,
-        cfg["precision"], train["clip_grad"],
+        setup.load_ds_config(cfg["ds"]),
+        train["micro_batch_size"],
+        train["accumulation"],
+        env.world_size,
+        cfg["precision"],
+        train["clip_grad"],
     )
     if resume_from is not None and resume_from.world_size not in (None, env.world_size):
         # Elastic resume: re-shard through DeepSpeed's world-size independent universal format.
@@ -64,17 +69,30 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         num_params = build_model(model_cfg).num_params()
     engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
     if env.rank == 0:
-        print(f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
-              f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {env.world_size}, global batch {global_batch}, "
-              f"peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}", flush=True)
+        print(
+            f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
+            f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {env.world_size}, "
+            f"global batch {global_batch}, "
+            f"peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}",
+            flush=True,
+        )
 
     data = build_data(cfg["data"], model_cfg, train["micro_batch_size"], env.rank, env.world_size)
     objective = AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
     trainer = Trainer(
-        engine, objective, data, checkpointer, MetricsLogger(run_dir, enabled=env.rank == 0),
-        lambda step: {"cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"]),
-                      "constant": optim.lr_at(step, peak_lr, peak_lr, warmup_steps, train["steps"])},
-        train["steps"], global_batch, cfg["seed"], train["log_every"],
+        engine,
+        objective,
+        data,
+        checkpointer,
+        MetricsLogger(run_dir, enabled=env.rank == 0),
+        lambda step: {
+            "cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"]),
+            "constant": optim.lr_at(step, peak_lr, peak_lr, warmup_steps, train["steps"]),
+        },
+        train["steps"],
+        global_batch,
+        cfg["seed"],
+        train["log_every"],
     )
     trainer.resume(resume_from)
     start = trainer.step
@@ -101,17 +119,28 @@ def build_engine(cfg: dict[str, Any], model_cfg, ds_config: dict[str, Any], peak
     setup.tune_host_allocator(ds_config)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
     model = setup.build_module(lambda: build_model(model_cfg), ds_config)
-    optimizer = optim.build_adamw(model, peak_lr, train["weight_decay"], train["betas"], train["eps"],
-                                  cpu_offload=setup.offloads_optimizer(ds_config),
-                                  constant_lr_prefixes=train["constant_lr_params"])
+    optimizer = optim.build_adamw(
+        model,
+        peak_lr,
+        train["weight_decay"],
+        train["betas"],
+        train["eps"],
+        cpu_offload=setup.offloads_optimizer(ds_config),
+        constant_lr_prefixes=train["constant_lr_params"],
+    )
     setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
     return setup.initialize(model, optimizer, ds_config)
 
 
 def focus_report(engine, cfg: dict[str, Any], model_cfg, env) -> dict[str, float]:
     """Focus of the sampler on held-out synthetic clips (the same clips every time it is called)."""
-    held_out = build_data({**cfg["data"], "seed": cfg["data"]["eval_seed"]}, model_cfg,
-                          cfg["train"]["micro_batch_size"], env.rank, env.world_size)
+    held_out = build_data(
+        {**cfg["data"], "seed": cfg["data"]["eval_seed"]},
+        model_cfg,
+        cfg["train"]["micro_batch_size"],
+        env.rank,
+        env.world_size,
+    )
     batches = [next(held_out) for _ in range(cfg["eval"]["focus_batches"])]
     engine.eval()
     report = evaluate_focus(engine, model_cfg, batches, engine.device)
@@ -121,22 +150,30 @@ def focus_report(engine, cfg: dict[str, Any], model_cfg, env) -> dict[str, float
 
 def report(summary: dict[str, Any]) -> str:
     if "stopped_by_signal" in summary:
-        return (f"[adamae] stopped by {summary['stopped_by_signal']} after step {summary['steps']}: checkpoint saved in "
-                f"{summary['run_dir']}/checkpoints; run the same command again to resume.")
-    lines = [f"[adamae] done: {summary['steps']} steps, results in {summary['run_dir']}",
-             f"  metrics: {summary['run_dir']}/metrics.jsonl   TensorBoard: {summary['run_dir']}/tb   "
-             f"checkpoints: {summary['run_dir']}/checkpoints"]
+        return (
+            f"[adamae] stopped by {summary['stopped_by_signal']} after step {summary['steps']}: checkpoint saved in "
+            f"{summary['run_dir']}/checkpoints; run the same command again to resume."
+        )
+    lines = [
+        f"[adamae] done: {summary['steps']} steps, results in {summary['run_dir']}",
+        f"  metrics: {summary['run_dir']}/metrics.jsonl   TensorBoard: {summary['run_dir']}/tb   "
+        f"checkpoints: {summary['run_dir']}/checkpoints",
+    ]
     if "eval" in summary:
         ev = summary["eval"]
-        lines.append(f"  focus_ratio on held-out clips ({ev['motion_token_fraction']:.1%} of tokens move; "
-                     f"1.0 = no preference for motion):")
+        lines.append(
+            f"  focus_ratio on held-out clips ({ev['motion_token_fraction']:.1%} of tokens move; "
+            f"1.0 = no preference for motion):"
+        )
         lines.append(f"    AdaMAE, masks sampled as in training: {ev['focus_ratio']:.2f}")
         if "focus_ratio_topk" in ev:
             lines.append(f"    AdaMAE, top-k of the sampler's p:      {ev['focus_ratio_topk']:.2f}")
         if "eval_before_training" in summary and "focus_ratio_topk" in ev:
             init = summary["eval_before_training"]
-            lines.append(f"    same sampler before training:         {init['focus_ratio']:.2f} sampled, "
-                         f"{init['focus_ratio_topk']:.2f} top-k")
+            lines.append(
+                f"    same sampler before training:         {init['focus_ratio']:.2f} sampled, "
+                f"{init['focus_ratio_topk']:.2f} top-k"
+            )
         lines.append(f"    random masking baseline (same clips):  {ev['focus_ratio_random']:.2f}")
     return "\n".join(lines)
 

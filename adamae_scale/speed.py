@@ -5,6 +5,7 @@ DeepSpeed engine (ZeRO communication, optimizer, clipping) without the data pipe
 ``adamae-bench data`` measures on its own. The config is composed from ``configs/`` exactly as
 ``adamae-pretrain`` composes it, so any pre-training override applies.
 """
+
 from __future__ import annotations
 
 import time
@@ -49,8 +50,9 @@ def measure_steps(overrides: list[str], steps: int, warmup: int) -> dict[str, An
     env = setup.dist_env()
     setup.init_distributed()
     micro = int(cfg["train"]["micro_batch_size"])
-    ds_config = setup.build_ds_config(setup.load_ds_config(cfg["ds"]), micro, 1, env.world_size,
-                                      cfg["precision"], cfg["train"]["clip_grad"])
+    ds_config = setup.build_ds_config(
+        setup.load_ds_config(cfg["ds"]), micro, 1, env.world_size, cfg["precision"], cfg["train"]["clip_grad"]
+    )
     engine = build_engine(cfg, model_cfg, ds_config, optim.scaled_lr(cfg["train"]["base_lr"], micro * env.world_size))
     clips = SyntheticClips(synthetic_config(cfg["data"], model_cfg), micro, env.rank, env.world_size, prefetch=0)
     batch = {key: value.to(engine.device) for key, value in clips.batch(0).items()}

@@ -45,12 +45,15 @@ def free_port() -> int:
 def _run(cmd: list[str], check: bool, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
     proc = subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
+        )
     return proc
 
 
-def run_pretrain(*overrides: str, check: bool = True, timeout: int = 300,
-                 env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+def run_pretrain(
+    *overrides: str, check: bool = True, timeout: int = 300, env: dict[str, str] | None = None
+) -> subprocess.CompletedProcess:
     """``adamae-pretrain`` as a user runs it: a fresh process with Hydra overrides."""
     return _run([sys.executable, "-m", "adamae_scale.pretrain", *overrides], check, timeout, env)
 
@@ -59,9 +62,21 @@ PRETRAIN = ("-m", "adamae_scale.pretrain")
 
 
 def torchrun_cmd(nproc: int, *overrides: str, port: int | None = None, target: tuple[str, ...] = PRETRAIN) -> list[str]:
-    """``torchrun`` on 127.0.0.1 launching ``target`` (a module as ``-m NAME [ARGS]``, or a script) with ``overrides``."""
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc),
-            "--master_addr", "127.0.0.1", "--master_port", str(port or free_port()), *target, *overrides]
+    """``torchrun`` on 127.0.0.1 launching ``target`` (a module as ``-m NAME [ARGS]``, or a script) with
+    ``overrides``."""
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc_per_node",
+        str(nproc),
+        "--master_addr",
+        "127.0.0.1",
+        "--master_port",
+        str(port or free_port()),
+        *target,
+        *overrides,
+    ]
 
 
 def run_torchrun(nproc: int, *overrides: str, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
@@ -77,8 +92,9 @@ def run_ranks(nproc: int, *overrides: str, **kwargs) -> subprocess.CompletedProc
 STATE_DUMP_SCRIPT = Path(__file__).with_name("pretrain_with_master_dump.py")
 
 
-def run_dumping_state(nproc: int, master: Path, *overrides: str, optimizer: Path | None = None,
-                      timeout: int = 900) -> subprocess.CompletedProcess:
+def run_dumping_state(
+    nproc: int, master: Path, *overrides: str, optimizer: Path | None = None, timeout: int = 900
+) -> subprocess.CompletedProcess:
     """Pre-train like ``run_ranks``, then write the live engine's fp32 master weights to ``master`` and, when
     ``optimizer`` is given, its AdamW moments there (safetensors)."""
     script = (str(STATE_DUMP_SCRIPT),)

@@ -1,5 +1,6 @@
 """Run by ``test_pipeline.py`` as N real processes (gloo): one epoch per rank, and a straight vs a resumed
 stream, where the resumed one loads the state that rank 0 saved. Writes ``OUT/rank{r}.json``."""
+
 import json
 import os
 import sys
@@ -11,8 +12,13 @@ from adamae_scale.data.pipeline import ShardClips, ShardDataConfig
 
 
 def summary(batch) -> dict:
-    return {"key": batch["key"], "epoch": batch["epoch"].tolist(), "label": batch["label"].tolist(),
-            "sum": float(batch["video"].double().sum()), "shape": list(batch["video"].shape)}
+    return {
+        "key": batch["key"],
+        "epoch": batch["epoch"].tolist(),
+        "label": batch["label"].tolist(),
+        "sum": float(batch["video"].double().sum()),
+        "shape": list(batch["video"].shape),
+    }
 
 
 def main() -> None:
@@ -28,7 +34,7 @@ def main() -> None:
     result["epoch0"] = []
     while True:
         got = next(stream)
-        result["epoch0"] += [k for k, e in zip(got["key"], got["epoch"].tolist()) if e == 0]
+        result["epoch0"] += [k for k, e in zip(got["key"], got["epoch"].tolist(), strict=True) if e == 0]
         if max(got["epoch"].tolist()) > 0:
             break
     stream.close()

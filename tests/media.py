@@ -3,6 +3,7 @@
 Frame ``i`` of a generated video has mean brightness ``BRIGHTNESS_STEP * (i % 40)`` under a small moving
 square, so a decoded frame says which frame it is.
 """
+
 from __future__ import annotations
 
 import os
@@ -19,7 +20,7 @@ BRIGHTNESS_STEP = 6
 def frame_pattern(index: int, height: int, width: int) -> np.ndarray:
     frame = np.full((height, width, 3), BRIGHTNESS_STEP * (index % 40), np.uint8)
     y, x = (index * 2) % max(1, height - 8), (index * 3) % max(1, width - 8)
-    frame[y:y + 8, x:x + 8] = (255, 0, 0)  # motion
+    frame[y : y + 8, x : x + 8] = (255, 0, 0)  # motion
     return frame
 
 
@@ -29,8 +30,14 @@ def frame_number(frame: np.ndarray) -> int:
     return int(round(float(np.median(border[:, 1])) / BRIGHTNESS_STEP))
 
 
-def write_video(path: Path, num_frames: int = 40, size: tuple[int, int] = (48, 64), fps: int = 25,
-                faststart: bool = False, with_audio: bool = False) -> Path:
+def write_video(
+    path: Path,
+    num_frames: int = 40,
+    size: tuple[int, int] = (48, 64),
+    fps: int = 25,
+    faststart: bool = False,
+    with_audio: bool = False,
+) -> Path:
     """An H.264 mp4 of ``frame_pattern`` frames (``size`` = height, width)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"movflags": "+faststart"} if faststart else {}
@@ -62,7 +69,7 @@ def _write_tone(container, audio, seconds: float) -> None:
     tone = (0.2 * np.sin(np.arange(samples) * 2 * np.pi * 440 / 16000)).astype(np.float32)
     pts = 0
     for start in range(0, samples, 1024):
-        chunk = tone[start:start + 1024][None]
+        chunk = tone[start : start + 1024][None]
         frame = av.AudioFrame.from_ndarray(chunk, format="fltp", layout="mono")
         frame.sample_rate, frame.pts, frame.time_base = 16000, pts, Fraction(1, 16000)
         pts += chunk.shape[1]

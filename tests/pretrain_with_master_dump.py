@@ -5,10 +5,12 @@ run with ``train.stop_after`` equal to its resume step dumps the state exactly a
 
 Run it like the CLI: ``python tests/pretrain_with_master_dump.py OVERRIDES`` or under torchrun.
 """
+
 import os
 
-import adamae_scale.pretrain as pretrain
 from safetensors.torch import save_file
+
+import adamae_scale.pretrain as pretrain
 
 
 class MasterDumpingTrainer(pretrain.Trainer):

@@ -1,10 +1,20 @@
 """The four annotation formats → records, and errors that name the file and line."""
+
 import json
 
 import pytest
 
-from adamae_scale.data.annotations import (AnnotationError, Record, build_label_map, detect_format, index_stems,
-                                           label_index, read_annotations, resolve, scan_folder)
+from adamae_scale.data.annotations import (
+    AnnotationError,
+    Record,
+    build_label_map,
+    detect_format,
+    index_stems,
+    label_index,
+    read_annotations,
+    resolve,
+    scan_folder,
+)
 
 
 def test_space_separated_lists_two_and_three_columns(tmp_path):
@@ -32,8 +42,9 @@ def test_csv_with_header_and_named_labels(tmp_path):
 
 def test_kinetics_csv_names_files_the_downloader_way(tmp_path):
     f = tmp_path / "k400.csv"
-    f.write_text("label,youtube_id,time_start,time_end,split\n"
-                 "abseiling,--Ntv_b3mEQ,12,22,train\nzumba,a_b-c,0,10,train\n")
+    f.write_text(
+        "label,youtube_id,time_start,time_end,split\nabseiling,--Ntv_b3mEQ,12,22,train\nzumba,a_b-c,0,10,train\n"
+    )
     assert detect_format(f) == "kinetics"
     records = read_annotations(f)
     assert records[0] == Record("--Ntv_b3mEQ_000012_000022", "abseiling", 2, "--Ntv_b3mEQ")
@@ -54,14 +65,23 @@ def test_kinetics_csv_names_files_the_downloader_way(tmp_path):
 
 def test_ssv2_json_templates_become_classes(tmp_path):
     f = tmp_path / "something-something-v2-train.json"
-    items = [{"id": "78687", "label": "holding potato next to vicks vaporub bottle",
-              "template": "Holding [something] next to [something]", "placeholders": ["potato", "bottle"]},
-             {"id": "42326", "label": "putting a pen on a table", "template": "Putting [something] on a surface"},
-             {"id": "100", "label": "x"}]
+    items = [
+        {
+            "id": "78687",
+            "label": "holding potato next to vicks vaporub bottle",
+            "template": "Holding [something] next to [something]",
+            "placeholders": ["potato", "bottle"],
+        },
+        {"id": "42326", "label": "putting a pen on a table", "template": "Putting [something] on a surface"},
+        {"id": "100", "label": "x"},
+    ]
     f.write_text(json.dumps(items))
     records = read_annotations(f)
     assert [(r.path, r.label) for r in records] == [
-        ("78687", "Holding something next to something"), ("42326", "Putting something on a surface"), ("100", None)]
+        ("78687", "Holding something next to something"),
+        ("42326", "Putting something on a surface"),
+        ("100", None),
+    ]
     given = {"Holding something next to something": 5, "Putting something on a surface": 9}
     assert build_label_map(records, given) == given
     with pytest.raises(AnnotationError, match="--label-map has no entry"):
@@ -80,7 +100,11 @@ def test_folder_scan_labels_by_subfolder(tmp_path):
         (tmp_path / name).write_bytes(b"x")
     records = scan_folder(tmp_path)
     assert [(r.path, r.label) for r in records] == [
-        ("cats/a.mp4", "cats"), ("cats/b.MKV", "cats"), ("dogs/c.webm", "dogs"), ("top.mp4", None)]
+        ("cats/a.mp4", "cats"),
+        ("cats/b.MKV", "cats"),
+        ("dogs/c.webm", "dogs"),
+        ("top.mp4", None),
+    ]
 
 
 def test_missing_file_and_unknown_format(tmp_path):

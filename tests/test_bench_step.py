@@ -1,4 +1,5 @@
 """adamae-bench step: timed optimizer steps of the real engine, with the FLOPs they execute."""
+
 import json
 import subprocess
 
@@ -9,20 +10,36 @@ from adamae_scale.models import build_model, config_for
 
 from .conftest import REPO, cli_env, one_line_error, torchrun_cmd
 
-TINY = ["model=vit_tiny", "model.depth=2", "model.decoder_depth=1", "model.num_frames=4", "model.img_size=[32,32]",
-        "model.patch_size=8", "masking.ratio=0.75", "train.micro_batch_size=4"]
+TINY = [
+    "model=vit_tiny",
+    "model.depth=2",
+    "model.decoder_depth=1",
+    "model.num_frames=4",
+    "model.img_size=[32,32]",
+    "model.patch_size=8",
+    "masking.ratio=0.75",
+    "train.micro_batch_size=4",
+]
 
 
 def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
-    cmd = torchrun_cmd(2, *TINY, "ds=zero3", "model.checkpoint_every=1", "steps=3", "warmup=1",
-                       target=("-m", "adamae_scale.bench", "step"))
+    cmd = torchrun_cmd(
+        2,
+        *TINY,
+        "ds=zero3",
+        "model.checkpoint_every=1",
+        "steps=3",
+        "warmup=1",
+        target=("-m", "adamae_scale.bench", "step"),
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
     reports = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
     assert len(reports) == 1  # rank 0 reports
     report = reports[0]
-    cfg = config_for("vit_tiny", depth=2, decoder_depth=1, num_frames=4, img_size=[32, 32], patch_size=8,
-                     mask_ratio=0.75)
+    cfg = config_for(
+        "vit_tiny", depth=2, decoder_depth=1, num_frames=4, img_size=[32, 32], patch_size=8, mask_ratio=0.75
+    )
     with torch.device("meta"):
         assert report["params"] == build_model(cfg).num_params()  # the full model, not one ZeRO-3 shard
     assert (report["world_size"], report["micro_batch_size"], report["steps_timed"]) == (2, 4, 3)
@@ -42,8 +59,12 @@ def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
 def test_bench_step_rejects_bad_settings_in_one_line(capsys):
     from adamae_scale.bench import main
 
-    for settings, expected in ((["model=vit_hug"], "model/vit_hug"), (["train.foo=1"], "train.foo"),
-                               (["steps=0"], "steps"), (["fast"], "expected key=value")):
+    for settings, expected in (
+        (["model=vit_hug"], "model/vit_hug"),
+        (["train.foo=1"], "train.foo"),
+        (["steps=0"], "steps"),
+        (["fast"], "expected key=value"),
+    ):
         assert main(["step", *settings]) == 2
         line = one_line_error(capsys.readouterr().err, "adamae-bench")
         assert line.startswith("adamae-bench: error: step: ") and expected in line

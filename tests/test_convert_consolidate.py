@@ -1,6 +1,7 @@
 """``adamae-convert consolidate`` (and the commands after it) on real ``adamae-pretrain`` checkpoints: ZeRO-0/1 on
 one process, ZeRO-2/3 on two ranks under torchrun. The reference is the run's own fp32 master weights, gathered
 from the live engine by ``pretrain_with_master_dump.py`` right after the final checkpoint."""
+
 import json
 import math
 import shutil
@@ -46,8 +47,14 @@ def runs(tmp_path_factory):
 
 def convert(*args: str) -> subprocess.CompletedProcess:
     """``adamae-convert ARGS`` as a user types it (a fresh process)."""
-    return subprocess.run([sys.executable, "-m", "adamae_scale.convert.cli", *map(str, args)], cwd=REPO,
-                          env=cli_env(), capture_output=True, text=True, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "adamae_scale.convert.cli", *map(str, args)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
 
 
 @pytest.mark.parametrize("ds", ["zero0", "zero1", "zero2", "zero3"])
@@ -83,13 +90,15 @@ def test_consolidate_bf16_is_the_master_rounded_and_a_tag_folder_works(runs, tmp
     assert proc.returncode == 0, proc.stderr
     master = load_file(run["master"])
     written = load_file(out / "model.safetensors")
-    assert all(written[k].dtype == torch.bfloat16 and torch.equal(written[k], v.to(torch.bfloat16))
-               for k, v in master.items())
+    assert all(
+        written[k].dtype == torch.bfloat16 and torch.equal(written[k], v.to(torch.bfloat16)) for k, v in master.items()
+    )
     assert json.loads((out / "config.json").read_text())["dtype"] == "bfloat16"
 
 
 def test_encoder_export_and_hf_export_of_a_pretrain_checkpoint(runs, tmp_path):
     import transformers  # the test extra installs it: this test runs in CI, never skipped
+
     run = runs("zero2")
     full, encoder_dir, hf_dir = tmp_path / "full", tmp_path / "encoder", tmp_path / "hf"
     assert convert("consolidate", run["ckpts"], full).returncode == 0
@@ -102,7 +111,7 @@ def test_encoder_export_and_hf_export_of_a_pretrain_checkpoint(runs, tmp_path):
     cfg = model.cfg
     generator = torch.Generator().manual_seed(0)
     video = torch.randn(2, 3, cfg.num_frames, *cfg.img_size, generator=generator)
-    visible = torch.stack([torch.randperm(cfg.num_tokens, generator=generator)[:cfg.num_visible] for _ in range(2)])
+    visible = torch.stack([torch.randperm(cfg.num_tokens, generator=generator)[: cfg.num_visible] for _ in range(2)])
     mask = torch.ones(2, cfg.num_tokens, dtype=torch.bool).scatter(1, visible, False)
 
     # Encoder only: exactly the encoder's parameters, and the same features as inside the full model.
@@ -165,11 +174,14 @@ def test_consolidate_refuses_another_architecture_and_wrong_paths(runs, tmp_path
     assert code == 2 and "covers 32 tokens" in one_line_error(err) and "--num-frames/--img-size" in err
     code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e", "--model", "vit_tiny")
     assert code == 2 and "depth 2 (--model vit_tiny has 12)" in one_line_error(err)
-    code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e", "--num-frames", "4", "--img-size", "32",
-                                      "--mask-ratio", "0.75")
+    code, _, err = convert_cli(
+        capsys, "consolidate", bare, tmp_path / "e", "--num-frames", "4", "--img-size", "32", "--mask-ratio", "0.75"
+    )
     assert code == 0, err
-    assert json.loads((tmp_path / "e" / "config.json").read_text())["model"] == \
-        json.loads((run["tag"] / "config.json").read_text())["model"]
+    assert (
+        json.loads((tmp_path / "e" / "config.json").read_text())["model"]
+        == json.loads((run["tag"] / "config.json").read_text())["model"]
+    )
     master = load_file(run["master"])
     assert all(torch.equal(t, master[k]) for k, t in load_file(tmp_path / "e" / "model.safetensors").items())
 
@@ -250,24 +262,45 @@ def test_vit_large_consolidation_needs_about_one_fp32_copy_of_memory(tmp_path, s
         buckets.update(stage3_prefetch_bucket_size=50_000_000, stage3_param_persistence_threshold=100_000)
     else:
         buckets.update(allgather_bucket_size=50_000_000, reduce_scatter=True)
-    ds_config.write_text(json.dumps({"zero_optimization": {"stage": stage, **buckets}, "zero_allow_untested_optimizer": True}))
+    ds_config.write_text(
+        json.dumps({"zero_optimization": {"stage": stage, **buckets}, "zero_allow_untested_optimizer": True})
+    )
     run_dir = tmp_path / "run"
-    cmd = torchrun_cmd(2, "model=vit_large", "model.num_frames=2", "model.img_size=[32,32]",
-                       "model.patch_size=16", "masking.ratio=0.75", "data=synthetic", "train.micro_batch_size=1", "train.steps=1",
-                       "eval.focus_batches=0", f"ds={ds_config}", f"run_dir={run_dir}")
+    cmd = torchrun_cmd(
+        2,
+        "model=vit_large",
+        "model.num_frames=2",
+        "model.img_size=[32,32]",
+        "model.patch_size=16",
+        "masking.ratio=0.75",
+        "data=synthetic",
+        "train.micro_batch_size=1",
+        "train.steps=1",
+        "eval.focus_batches=0",
+        f"ds={ds_config}",
+        f"run_dir={run_dir}",
+    )
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=1800)
     assert proc.returncode == 0, proc.stderr[-5000:]
 
     out = tmp_path / "consolidated"
-    proc = subprocess.run([sys.executable, "-c", _PEAK_RSS_SCRIPT, str(run_dir / "checkpoints"), str(out)], cwd=REPO,
-                          env=cli_env(), capture_output=True, text=True, timeout=1800)
+    proc = subprocess.run(
+        [sys.executable, "-c", _PEAK_RSS_SCRIPT, str(run_dir / "checkpoints"), str(out)],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=1800,
+    )
     assert proc.returncode == 0, proc.stderr[-5000:]
     memory = json.loads(proc.stdout.strip().splitlines()[-1])
     with safe_open(str(out / "model.safetensors"), "pt") as f:
         fp32_bytes = 4 * sum(math.prod(f.get_slice(k).get_shape()) for k in f.keys())
     increase = (memory["peak_kib"] - memory["baseline_kib"]) * 1024
-    print(f"ZeRO-{stage} vit_large: fp32 copy {fp32_bytes / 1e9:.2f} GB, consolidate peak RSS "
-          f"{memory['peak_kib'] * 1024 / 1e9:.2f} GB = imports {memory['baseline_kib'] * 1024 / 1e9:.2f} GB "
-          f"+ {increase / 1e9:.2f} GB")
+    print(
+        f"ZeRO-{stage} vit_large: fp32 copy {fp32_bytes / 1e9:.2f} GB, consolidate peak RSS "
+        f"{memory['peak_kib'] * 1024 / 1e9:.2f} GB = imports {memory['baseline_kib'] * 1024 / 1e9:.2f} GB "
+        f"+ {increase / 1e9:.2f} GB"
+    )
     assert fp32_bytes > 1.2e9
     assert increase < 1.2 * fp32_bytes

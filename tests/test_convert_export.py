@@ -1,5 +1,6 @@
 """``export-encoder`` and ``to-hf`` on full-model folders (here written from a randomly initialised AdaMAE with a
 non-square clip), and the command line itself: ``--help`` everywhere, one-line errors for wrong paths."""
+
 import json
 import subprocess
 import sys
@@ -35,21 +36,31 @@ def random_model(**overrides) -> AdaMAE:
             elif param.ndim == 1 or name.endswith("pos_embed_probs"):
                 param.copy_(0.05 * torch.randn_like(param))
             else:
-                param.copy_(torch.randn_like(param) * param.shape[-1] ** -0.5 if param.ndim == 2 else 0.02 * torch.randn_like(param))
+                param.copy_(
+                    torch.randn_like(param) * param.shape[-1] ** -0.5
+                    if param.ndim == 2
+                    else 0.02 * torch.randn_like(param)
+                )
     return model.eval()
 
 
 def write_full_folder(folder: Path, model: AdaMAE) -> Path:
     folder.mkdir()
-    write_folder(folder, model.state_dict(), {"format": FORMAT_FULL, "format_version": FORMAT_VERSION,
-                                              "model": model.cfg.to_dict()}, torch.float32)
+    write_folder(
+        folder,
+        model.state_dict(),
+        {"format": FORMAT_FULL, "format_version": FORMAT_VERSION, "model": model.cfg.to_dict()},
+        torch.float32,
+    )
     return folder
 
 
 def random_inputs(cfg, batch=2, seed=1):
     generator = torch.Generator().manual_seed(seed)
     video = torch.randn(batch, 3, cfg.num_frames, *cfg.img_size, generator=generator)
-    visible = torch.stack([torch.randperm(cfg.num_tokens, generator=generator)[:cfg.num_visible] for _ in range(batch)])
+    visible = torch.stack(
+        [torch.randperm(cfg.num_tokens, generator=generator)[: cfg.num_visible] for _ in range(batch)]
+    )
     mask = torch.ones(batch, cfg.num_tokens, dtype=torch.bool).scatter(1, visible, False)
     return video, mask, torch.sort(visible, dim=1).values
 
@@ -67,6 +78,7 @@ def full(tmp_path_factory):
 
 def test_to_hf_output_loads_in_transformers_and_matches_on_a_non_square_clip(full, tmp_path, capsys):
     import transformers  # the test extra installs it: this test runs in CI, never skipped
+
     folder, model = full
     assert model.cfg.img_size == (32, 48)
     code, out, err = convert_cli(capsys, "to-hf", folder, tmp_path / "hf")
@@ -105,8 +117,10 @@ def test_export_encoder_native_layout_is_the_encoder_state_dict(full, tmp_path, 
     encoder.load_state_dict(load_file(tmp_path / "enc32" / "model.safetensors"), strict=True)
     video, _, visible_idx = random_inputs(model.cfg)
     with torch.no_grad():
-        assert torch.equal(encoder(encoder.patch_embed(video), visible_idx),
-                           model.encoder(model.encoder.patch_embed(video), visible_idx))
+        assert torch.equal(
+            encoder(encoder.patch_embed(video), visible_idx),
+            model.encoder(model.encoder.patch_embed(video), visible_idx),
+        )
 
 
 def test_export_encoder_timm_layout_runs_in_timm_blocks(full, tmp_path, capsys):
@@ -119,14 +133,20 @@ def test_export_encoder_timm_layout_runs_in_timm_blocks(full, tmp_path, capsys):
     torch.testing.assert_close(weights["pos_embed"], sincos_table_1d(cfg.num_tokens, cfg.embed_dim), rtol=0, atol=0)
 
     blocks = torch.nn.ModuleList(
-        TimmBlock(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6))
+        TimmBlock(
+            cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, norm_layer=partial(torch.nn.LayerNorm, eps=1e-6)
+        )
         for _ in range(cfg.depth)
     ).eval()
-    blocks.load_state_dict({k[len("blocks."):]: v for k, v in weights.items() if k.startswith("blocks.")}, strict=True)
+    blocks.load_state_dict({k[len("blocks.") :]: v for k, v in weights.items() if k.startswith("blocks.")}, strict=True)
     norm = torch.nn.LayerNorm(cfg.embed_dim, eps=1e-6)
     norm.load_state_dict({"weight": weights["norm.weight"], "bias": weights["norm.bias"]})
-    conv = torch.nn.Conv3d(cfg.in_chans, cfg.embed_dim, (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
-                           stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size))
+    conv = torch.nn.Conv3d(
+        cfg.in_chans,
+        cfg.embed_dim,
+        (cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
+        stride=(cfg.tubelet_size, cfg.patch_size, cfg.patch_size),
+    )
     conv.load_state_dict({"weight": weights["patch_embed.proj.weight"], "bias": weights["patch_embed.proj.bias"]})
 
     video, _, visible_idx = random_inputs(cfg)
@@ -141,8 +161,14 @@ def test_export_encoder_timm_layout_runs_in_timm_blocks(full, tmp_path, capsys):
 
 def test_every_command_has_complete_help():
     def help_of(*args):
-        proc = subprocess.run([sys.executable, "-m", "adamae_scale.convert.cli", *args, "--help"], cwd=REPO,
-                              env=cli_env(), capture_output=True, text=True, timeout=120)
+        proc = subprocess.run(
+            [sys.executable, "-m", "adamae_scale.convert.cli", *args, "--help"],
+            cwd=REPO,
+            env=cli_env(),
+            capture_output=True,
+            text=True,
+            timeout=120,
+        )
         assert proc.returncode == 0 and not proc.stderr.strip(), proc.stderr
         return proc.stdout
 
@@ -160,8 +186,14 @@ def test_every_command_has_complete_help():
         assert not missing, f"{command} --help lacks {missing}"
 
     # The thin wrapper in tools/ and the installed console script are the same command.
-    wrapper = subprocess.run([sys.executable, str(REPO / "tools" / "convert.py"), "to-hf", "--help"], cwd=REPO,
-                             env=cli_env(), capture_output=True, text=True, timeout=120)
+    wrapper = subprocess.run(
+        [sys.executable, str(REPO / "tools" / "convert.py"), "to-hf", "--help"],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert wrapper.returncode == 0 and "VideoMAEForPreTraining" in wrapper.stdout
     script = Path(sys.executable).with_name("adamae-convert")  # installed by `pip install -e .` (make setup)
     proc = subprocess.run([str(script), "--help"], env=cli_env(), capture_output=True, text=True, timeout=120)
@@ -190,7 +222,10 @@ def test_wrong_or_missing_paths_and_usage_errors_are_one_line(full, tmp_path, ca
 
     for args, message in [
         ((), "the following arguments are required: COMMAND"),
-        (("consolidate",), "the following arguments are required: CKPT_DIR, OUT_DIR (see 'adamae-convert consolidate --help')"),
+        (
+            ("consolidate",),
+            "the following arguments are required: CKPT_DIR, OUT_DIR (see 'adamae-convert consolidate --help')",
+        ),
         (("convert-all", "a", "b"), "invalid choice: 'convert-all'"),
         (("import", "a.pth", "out", "--num-frames", "zero"), "argument --num-frames: invalid _positive_int value"),
         (("export-encoder", str(folder), "out", "--key-layout", "hf"), "argument --key-layout: invalid choice"),
@@ -216,4 +251,6 @@ def test_to_hf_refuses_a_model_hf_cannot_represent(tmp_path, capsys):
 def test_load_model_round_trip_of_a_written_folder(full):
     folder, model = full
     loaded = load_model(folder)
-    assert all(torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values()))
+    assert all(
+        torch.equal(a, b) for a, b in zip(loaded.state_dict().values(), model.state_dict().values(), strict=True)
+    )

@@ -3,6 +3,7 @@
 The checkpoints are built here with the reference key names, and the reference network is written here with
 plain torch ops straight from those names (no code from ``adamae_scale``), so the imported model must agree
 with an independent reading of the reference layout on the same input and mask."""
+
 import argparse
 import json
 import os
@@ -35,18 +36,29 @@ def reference_state_dict(adaptive: bool, seed: int = 0, dim: int = DIM) -> dict[
     def rand(*shape, scale=0.05):
         return torch.randn(*shape, generator=generator) * scale
 
-    sd = {"encoder.patch_embed.proj.weight": rand(dim, 3, TUBELET, PATCH, PATCH, scale=0.02),
-          "encoder.patch_embed.proj.bias": rand(dim)}
+    sd = {
+        "encoder.patch_embed.proj.weight": rand(dim, 3, TUBELET, PATCH, PATCH, scale=0.02),
+        "encoder.patch_embed.proj.bias": rand(dim),
+    }
 
     def block(prefix, width, qkv_bias=True):
         sd[f"{prefix}.norm1.weight"], sd[f"{prefix}.norm1.bias"] = 1 + rand(width, scale=0.1), rand(width)
-        sd[f"{prefix}.attn.qkv.weight"] = rand(3 * width, width, scale=width ** -0.5)
+        sd[f"{prefix}.attn.qkv.weight"] = rand(3 * width, width, scale=width**-0.5)
         if qkv_bias:
             sd[f"{prefix}.attn.q_bias"], sd[f"{prefix}.attn.v_bias"] = rand(width), rand(width)
-        sd[f"{prefix}.attn.proj.weight"], sd[f"{prefix}.attn.proj.bias"] = rand(width, width, scale=width ** -0.5), rand(width)
+        sd[f"{prefix}.attn.proj.weight"], sd[f"{prefix}.attn.proj.bias"] = (
+            rand(width, width, scale=width**-0.5),
+            rand(width),
+        )
         sd[f"{prefix}.norm2.weight"], sd[f"{prefix}.norm2.bias"] = 1 + rand(width, scale=0.1), rand(width)
-        sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"] = rand(4 * width, width, scale=width ** -0.5), rand(4 * width)
-        sd[f"{prefix}.mlp.fc2.weight"], sd[f"{prefix}.mlp.fc2.bias"] = rand(width, 4 * width, scale=(4 * width) ** -0.5), rand(width)
+        sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"] = (
+            rand(4 * width, width, scale=width**-0.5),
+            rand(4 * width),
+        )
+        sd[f"{prefix}.mlp.fc2.weight"], sd[f"{prefix}.mlp.fc2.bias"] = (
+            rand(width, 4 * width, scale=(4 * width) ** -0.5),
+            rand(width),
+        )
 
     for i in range(DEPTH):
         block(f"encoder.blocks.{i}", dim)
@@ -54,13 +66,16 @@ def reference_state_dict(adaptive: bool, seed: int = 0, dim: int = DIM) -> dict[
     if adaptive:
         sd["encoder.pos_embed_probs"] = rand(1, NUM_TOKENS, dim, scale=0.5)
         block("encoder.get_token_probs.0", dim, qkv_bias=False)
-        sd["encoder.get_token_probs.1.weight"], sd["encoder.get_token_probs.1.bias"] = rand(1, dim, scale=dim ** -0.5), rand(1)
-    sd["encoder_to_decoder.weight"] = rand(DEC_DIM, dim, scale=dim ** -0.5)
+        sd["encoder.get_token_probs.1.weight"], sd["encoder.get_token_probs.1.bias"] = (
+            rand(1, dim, scale=dim**-0.5),
+            rand(1),
+        )
+    sd["encoder_to_decoder.weight"] = rand(DEC_DIM, dim, scale=dim**-0.5)
     sd["mask_token"] = rand(1, 1, DEC_DIM, scale=0.02)
     for i in range(DEC_DEPTH):
         block(f"decoder.blocks.{i}", DEC_DIM)
     sd["decoder.norm.weight"], sd["decoder.norm.bias"] = 1 + rand(DEC_DIM, scale=0.1), rand(DEC_DIM)
-    sd["decoder.head.weight"] = rand(3 * TUBELET * PATCH * PATCH, DEC_DIM, scale=DEC_DIM ** -0.5)
+    sd["decoder.head.weight"] = rand(3 * TUBELET * PATCH * PATCH, DEC_DIM, scale=DEC_DIM**-0.5)
     sd["decoder.head.bias"] = rand(3 * TUBELET * PATCH * PATCH)
     return sd
 
@@ -86,20 +101,32 @@ def reference_block(sd, prefix, x, heads, eps, qkv_bias=True):
     h = (attn @ v).transpose(1, 2).reshape(batch, tokens, width)
     x = x + F.linear(h, sd[f"{prefix}.attn.proj.weight"], sd[f"{prefix}.attn.proj.bias"])
     h = F.layer_norm(x, (width,), sd[f"{prefix}.norm2.weight"], sd[f"{prefix}.norm2.bias"], eps)
-    h = F.linear(F.gelu(F.linear(h, sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"])),
-                 sd[f"{prefix}.mlp.fc2.weight"], sd[f"{prefix}.mlp.fc2.bias"])
+    h = F.linear(
+        F.gelu(F.linear(h, sd[f"{prefix}.mlp.fc1.weight"], sd[f"{prefix}.mlp.fc1.bias"])),
+        sd[f"{prefix}.mlp.fc2.weight"],
+        sd[f"{prefix}.mlp.fc2.bias"],
+    )
     return x + h
 
 
 def reference_forward(sd, video, mask, dim=DIM, heads=HEADS):
     """(pred of the masked tokens, sampler logits or None), as the reference computes them."""
     batch = video.shape[0]
-    x = F.conv3d(video, sd["encoder.patch_embed.proj.weight"], sd["encoder.patch_embed.proj.bias"],
-                 stride=(TUBELET, PATCH, PATCH)).flatten(2).transpose(1, 2)
+    x = (
+        F.conv3d(
+            video,
+            sd["encoder.patch_embed.proj.weight"],
+            sd["encoder.patch_embed.proj.bias"],
+            stride=(TUBELET, PATCH, PATCH),
+        )
+        .flatten(2)
+        .transpose(1, 2)
+    )
     logits = None
     if "encoder.pos_embed_probs" in sd:
-        s = reference_block(sd, "encoder.get_token_probs.0", x + sd["encoder.pos_embed_probs"], SAMPLER_HEADS, 1e-5,
-                            qkv_bias=False)
+        s = reference_block(
+            sd, "encoder.get_token_probs.0", x + sd["encoder.pos_embed_probs"], SAMPLER_HEADS, 1e-5, qkv_bias=False
+        )
         logits = F.linear(s, sd["encoder.get_token_probs.1.weight"], sd["encoder.get_token_probs.1.bias"]).flatten(1)
     x = (x + sinusoid_table(NUM_TOKENS, dim))[~mask].reshape(batch, -1, dim)
     for i in range(DEPTH):
@@ -107,8 +134,9 @@ def reference_forward(sd, video, mask, dim=DIM, heads=HEADS):
     x = F.layer_norm(x, (dim,), sd["encoder.norm.weight"], sd["encoder.norm.bias"], 1e-6)
     x = F.linear(x, sd["encoder_to_decoder.weight"])
     pos = sinusoid_table(NUM_TOKENS, DEC_DIM).expand(batch, -1, -1)
-    x = torch.cat([x + pos[~mask].reshape(batch, -1, DEC_DIM),
-                   sd["mask_token"] + pos[mask].reshape(batch, -1, DEC_DIM)], dim=1)
+    x = torch.cat(
+        [x + pos[~mask].reshape(batch, -1, DEC_DIM), sd["mask_token"] + pos[mask].reshape(batch, -1, DEC_DIM)], dim=1
+    )
     for i in range(DEC_DEPTH):
         x = reference_block(sd, f"decoder.blocks.{i}", x, DEC_HEADS, 1e-6)
     num_masked = int(mask[0].sum())
@@ -124,13 +152,30 @@ def inputs(num_visible: int = 8, batch: int = 2, seed: int = 1):
 
 
 def save_reference_checkpoint(path, sd, entry="model", args=None):
-    torch.save({entry: sd, "optimizer": {"state": {}, "param_groups": [{"lr": 1.5e-4, "params": []}]}, "epoch": 799,
-                "scaler": {"scale": 65536.0, "growth_factor": 2.0}, "args": args}, path)
+    torch.save(
+        {
+            entry: sd,
+            "optimizer": {"state": {}, "param_groups": [{"lr": 1.5e-4, "params": []}]},
+            "epoch": 799,
+            "scaler": {"scale": 65536.0, "growth_factor": 2.0},
+            "args": args,
+        },
+        path,
+    )
 
 
 def reference_args(**overrides):
-    values = dict(model="pretrain_adamae_tiny_patch8_32", num_frames=FRAMES, input_size=SIZE, mask_type="adaptive",
-                  mask_ratio=0.75, batch_size=8, lr=1.5e-4, device="cuda", output_dir="/checkpoints/adamae")
+    values = dict(
+        model="pretrain_adamae_tiny_patch8_32",
+        num_frames=FRAMES,
+        input_size=SIZE,
+        mask_type="adaptive",
+        mask_ratio=0.75,
+        batch_size=8,
+        lr=1.5e-4,
+        device="cuda",
+        output_dir="/checkpoints/adamae",
+    )
     values.update(overrides)
     return argparse.Namespace(**values)
 
@@ -146,8 +191,14 @@ def test_reference_adamae_checkpoint_imports_and_matches_the_reference_forward(t
 
     model = load_model(out)
     cfg = model.cfg
-    assert (cfg.embed_dim, cfg.depth, cfg.num_heads, cfg.decoder_embed_dim, cfg.decoder_depth, cfg.decoder_num_heads) == \
-        (DIM, DEPTH, HEADS, DEC_DIM, DEC_DEPTH, DEC_HEADS)
+    assert (
+        cfg.embed_dim,
+        cfg.depth,
+        cfg.num_heads,
+        cfg.decoder_embed_dim,
+        cfg.decoder_depth,
+        cfg.decoder_num_heads,
+    ) == (DIM, DEPTH, HEADS, DEC_DIM, DEC_DEPTH, DEC_HEADS)
     assert (cfg.masking, cfg.mask_ratio, cfg.num_tokens, cfg.name) == ("adaptive", 0.75, NUM_TOKENS, "vit_tiny")
 
     video, mask = inputs()
@@ -191,8 +242,9 @@ def test_videomae_checkpoint_imports_with_tube_masking_or_a_fresh_sampler(tmp_pa
     assert ours.logits is None and logits is None
     torch.testing.assert_close(ours.pred, pred, rtol=0, atol=1e-5)
 
-    code, stdout, err = convert_cli(capsys, "import", src, tmp_path / "adaptive", *geometry, "--masking", "adaptive",
-                                "--seed", "5")
+    code, stdout, err = convert_cli(
+        capsys, "import", src, tmp_path / "adaptive", *geometry, "--masking", "adaptive", "--seed", "5"
+    )
     assert code == 0, err
     assert "initialised 14 sampler tensors" in stdout
     adaptive = load_model(tmp_path / "adaptive")
@@ -212,7 +264,9 @@ def test_adamae_checkpoint_can_drop_its_sampler_for_random_masking(tmp_path, cap
     code, stdout, err = convert_cli(capsys, "import", src, tmp_path / "out", "--masking", "random")
     assert code == 0, err
     report = json.loads((tmp_path / "out" / "config.json").read_text())["import_report"]
-    assert len(report["dropped"]) == 14 and all("--masking random has no sampler" in v for v in report["dropped"].values())
+    assert len(report["dropped"]) == 14 and all(
+        "--masking random has no sampler" in v for v in report["dropped"].values()
+    )
     assert report["kept"] + len(report["renamed"]) + len(report["dropped"]) == len(sd)
 
 
@@ -226,11 +280,13 @@ def test_import_refuses_what_it_cannot_place_with_one_line(tmp_path, capsys):
 
     sd = reference_state_dict(adaptive=True)
     geometry = ("--num-frames", FRAMES, "--img-size", SIZE)
-    assert "learned position embedding" in attempt({**sd, "encoder.pos_embed": torch.randn(1, NUM_TOKENS, DIM)}, *geometry)
+    assert "learned position embedding" in attempt(
+        {**sd, "encoder.pos_embed": torch.randn(1, NUM_TOKENS, DIM)}, *geometry
+    )
     assert "fine-tuned checkpoint" in attempt({**sd, "encoder.head.weight": torch.randn(10, DIM)}, *geometry)
     assert "layer-scale" in attempt({**sd, "encoder.blocks.0.gamma_1": torch.ones(DIM)}, *geometry)
     assert "does not know: encoder.extra_thing" in attempt({**sd, "encoder.extra_thing": torch.ones(3)}, *geometry)
-    finetuned = {k[len("encoder."):]: v for k, v in sd.items() if k.startswith("encoder.")}
+    finetuned = {k[len("encoder.") :]: v for k, v in sd.items() if k.startswith("encoder.")}
     assert "no 'encoder.*' keys" in attempt(finetuned)
 
     # Another architecture than the one asked for, or a geometry the weights do not fit.
@@ -239,10 +295,12 @@ def test_import_refuses_what_it_cannot_place_with_one_line(tmp_path, capsys):
     assert "covers 32 tokens, but 8 frames of 32x32 make 64" in attempt(sd, "--num-frames", "8", args=reference_args())
     assert "--patch-size 16 does not match" in attempt(sd, "--patch-size", "16", args=reference_args())
     assert "covers 32 tokens" in attempt(sd)  # no args: 16 frames of 224x224 by default
-    assert "cannot tell the number of attention heads of a 96-wide encoder" in \
-        attempt(reference_state_dict(adaptive=False, dim=96), *geometry)
-    assert "--num-heads 5 does not divide the width 96" in \
-        attempt(reference_state_dict(adaptive=False, dim=96), *geometry, "--num-heads", "5")
+    assert "cannot tell the number of attention heads of a 96-wide encoder" in attempt(
+        reference_state_dict(adaptive=False, dim=96), *geometry
+    )
+    assert "--num-heads 5 does not divide the width 96" in attempt(
+        reference_state_dict(adaptive=False, dim=96), *geometry, "--num-heads", "5"
+    )
 
     code, _, err = convert_cli(capsys, "import", tmp_path / "missing.pth", tmp_path / "out")
     assert code == 2 and "missing.pth: no such file" in one_line_error(err)
@@ -258,8 +316,9 @@ def test_an_odd_width_imports_with_explicit_head_counts(tmp_path, capsys):
     sd = reference_state_dict(adaptive=False, dim=96)
     src = tmp_path / "ckpt.pth"
     save_reference_checkpoint(src, sd)
-    code, _, err = convert_cli(capsys, "import", src, tmp_path / "out", "--num-frames", FRAMES, "--img-size", SIZE,
-                           "--num-heads", "4")
+    code, _, err = convert_cli(
+        capsys, "import", src, tmp_path / "out", "--num-frames", FRAMES, "--img-size", SIZE, "--num-heads", "4"
+    )
     assert code == 0, err
     model = load_model(tmp_path / "out")
     video, mask = inputs(num_visible=4)

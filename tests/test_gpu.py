@@ -5,6 +5,7 @@ attention kernels for every attention call (flash for the bf16 backbone, memory-
 sampler), and pre-training through the CUDA DeepSpeed accelerator with NCCL: a run, a bf16 resume,
 ZeRO-3 with CPU offload.
 """
+
 import pytest
 import torch
 
@@ -32,6 +33,7 @@ def small_video_model(cuda, **overrides):
 def record_output_dtype(seen: dict[str, torch.dtype], name: str):
     def hook(module, inputs, output) -> None:  # a hook returning a value would replace the output
         seen.setdefault(name, output.dtype)
+
     return hook
 
 
@@ -39,8 +41,10 @@ def test_bf16_backbone_with_fp32_sampler_on_cuda(cuda):
     cfg, model = small_video_model(cuda)
     video = torch.randn(4, 3, cfg.num_frames, *cfg.img_size, device=cuda)
     seen: dict[str, torch.dtype] = {}
-    hooks = [model.encoder.blocks[0].attn.qkv.register_forward_hook(record_output_dtype(seen, "encoder")),
-             model.sampler.head.register_forward_hook(record_output_dtype(seen, "sampler"))]
+    hooks = [
+        model.encoder.blocks[0].attn.qkv.register_forward_hook(record_output_dtype(seen, "encoder")),
+        model.sampler.head.register_forward_hook(record_output_dtype(seen, "sampler")),
+    ]
     with torch.autocast("cuda", dtype=torch.bfloat16):
         out = model(video)
     for hook in hooks:
@@ -88,8 +92,15 @@ def test_bf16_loss_matches_fp32_on_cuda(cuda):
 
 
 def test_pretrain_on_cuda_with_nccl(cuda, tmp_path):
-    proc = run_pretrain(*TINY_RUN, "precision=bf16", "train.steps=20", "train.log_every=1", f"run_dir={tmp_path}",
-                        timeout=600, env=cli_env(DS_ACCELERATOR="cuda"))
+    proc = run_pretrain(
+        *TINY_RUN,
+        "precision=bf16",
+        "train.steps=20",
+        "train.log_every=1",
+        f"run_dir={tmp_path}",
+        timeout=600,
+        env=cli_env(DS_ACCELERATOR="cuda"),
+    )
     records = read_metrics(tmp_path / "metrics.jsonl")
     assert len(records) == 20
     assert all(torch.isfinite(torch.tensor(r["loss"])) for r in records)
@@ -120,8 +131,16 @@ def test_bf16_resume_on_cuda_follows_the_uninterrupted_run(cuda, tmp_path):
 def test_zero3_offload_on_cuda_trains(cuda, tmp_path):
     """Parameters and optimizer states in host memory, DeepSpeed's CPU Adam, compute on the GPU."""
     run_dir = tmp_path / "offload"
-    run_pretrain(*TINY_RUN, "precision=bf16", "ds=zero3_offload", "train.steps=12", "train.log_every=1",
-                 f"run_dir={run_dir}", timeout=900, env=cli_env(DS_ACCELERATOR="cuda"))
+    run_pretrain(
+        *TINY_RUN,
+        "precision=bf16",
+        "ds=zero3_offload",
+        "train.steps=12",
+        "train.log_every=1",
+        f"run_dir={run_dir}",
+        timeout=900,
+        env=cli_env(DS_ACCELERATOR="cuda"),
+    )
     losses = gpu_losses(run_dir)
     assert len(losses) == 12 and all(torch.isfinite(torch.tensor(losses)))
     assert min(losses[-3:]) < losses[0]

@@ -1,4 +1,5 @@
 """The vectorised losses against a direct per-sample, per-token reading of the formulas."""
+
 import torch
 
 from adamae_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
@@ -13,8 +14,12 @@ def reference_target(video_b, t_idx, h_idx, w_idx):
     mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
     std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
     pixels = video_b * std + mean  # (3, T, H, W) in [0, 1]
-    cube = pixels[:, t_idx * TUBELET:(t_idx + 1) * TUBELET, h_idx * PATCH:(h_idx + 1) * PATCH,
-                  w_idx * PATCH:(w_idx + 1) * PATCH]  # (3, tubelet, p, p)
+    cube = pixels[
+        :,
+        t_idx * TUBELET : (t_idx + 1) * TUBELET,
+        h_idx * PATCH : (h_idx + 1) * PATCH,
+        w_idx * PATCH : (w_idx + 1) * PATCH,
+    ]  # (3, tubelet, p, p)
     per_channel = cube.reshape(3, -1).T  # (pixels, 3), pixels ordered (t, h, w)
     normed = (per_channel - per_channel.mean(0)) / (per_channel.std(0, unbiased=True) + 1e-6)
     return normed.reshape(-1)  # channel innermost
@@ -73,7 +78,7 @@ def test_losses_match_per_sample_formulas_values_and_gradients():
     torch.testing.assert_close(out["loss_rec"], rec, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss_sampling"], sampling, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(out["loss"], total, rtol=1e-5, atol=1e-6)
-    for got, want in zip(grads, grads_ref):
+    for got, want in zip(grads, grads_ref, strict=True):
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-7)
 
 

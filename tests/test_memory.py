@@ -1,4 +1,5 @@
 """adamae-bench memory: the ZeRO memory model, and a measured run next to it."""
+
 import json
 import subprocess
 import sys
@@ -25,26 +26,45 @@ def test_zero_stages_partition_what_they_should():
 
 
 def test_bench_memory_reports_model_and_measured_peak():
-    cmd = [sys.executable, "-m", "adamae_scale.bench", "memory", "model=vit_tiny", "ds=zero2", "world_size=2",
-           "run=true", "steps=2", "model.depth=2", "model.decoder_depth=1", "model.num_frames=4",
-           "model.img_size=[32,32]", "model.patch_size=8", "masking.ratio=0.75"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "adamae_scale.bench",
+        "memory",
+        "model=vit_tiny",
+        "ds=zero2",
+        "world_size=2",
+        "run=true",
+        "steps=2",
+        "model.depth=2",
+        "model.decoder_depth=1",
+        "model.num_frames=4",
+        "model.img_size=[32,32]",
+        "model.patch_size=8",
+        "masking.ratio=0.75",
+    ]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["zero_stage"] == 2 and report["world_size"] == 2
     assert 1_000_000 < report["params"] < 3_000_000
-    assert report["bytes_per_rank"]["total"] == sum(report["bytes_per_rank"][k] for k in ("params", "grads", "optimizer"))
+    assert report["bytes_per_rank"]["total"] == sum(
+        report["bytes_per_rank"][k] for k in ("params", "grads", "optimizer")
+    )
     # A real process holds the interpreter, torch and DeepSpeed besides the model states.
     assert report["measured_peak_bytes_per_rank"] > report["bytes_per_rank"]["total"]
 
 
 def test_host_heap_setting_is_for_cpu_zero3_and_yields_to_the_users_malloc_variables():
-    check = ("from adamae_scale.engine.setup import tune_host_allocator as f; "
-             "print(f({'zero_optimization': {'stage': 3}}), f({'zero_optimization': {'stage': 1}}))")
+    check = (
+        "from adamae_scale.engine.setup import tune_host_allocator as f; "
+        "print(f({'zero_optimization': {'stage': 3}}), f({'zero_optimization': {'stage': 1}}))"
+    )
     env = {k: v for k, v in cli_env().items() if not k.startswith("MALLOC_")}
     ours = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
-    users = subprocess.run([sys.executable, "-c", check], env={**env, "MALLOC_ARENA_MAX": "4"},
-                           capture_output=True, text=True, check=True)
+    users = subprocess.run(
+        [sys.executable, "-c", check], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True, check=True
+    )
     assert (ours.stdout.split(), users.stdout.split()) == (["True", "False"], ["False", "False"])
 
 
@@ -53,10 +73,18 @@ def test_vit_huge_zero3_step_fits_two_cpu_ranks():
     """The issue's full-size check (~2 min, ~18 GB of host memory): a real vit_huge AdaMAE step on
     16x224^2 clips at 95% masking, 2 ranks, ZeRO-3. Before the ZeRO-3 bounds and the heap setting it
     grew past 11 GB per rank and was OOM-killed on a 24 GiB machine."""
-    cmd = [sys.executable, "-m", "adamae_scale.bench", "memory", "model=vit_huge", "ds=zero3", "world_size=2",
-           "run=true", "steps=1"]
-    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True,
-                          timeout=900)
+    cmd = [
+        sys.executable,
+        "-m",
+        "adamae_scale.bench",
+        "memory",
+        "model=vit_huge",
+        "ds=zero3",
+        "world_size=2",
+        "run=true",
+        "steps=1",
+    ]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(OMP_NUM_THREADS="1"), capture_output=True, text=True, timeout=900)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
     assert report["params"] == 667_341_313 and report["zero_stage"] == 3

@@ -1,4 +1,5 @@
 """Model family: sizes, shapes, position tables, decoder ordering."""
+
 import math
 
 import pytest
@@ -21,7 +22,9 @@ REFERENCE_WIDTHS = {
 
 def encoder_params(dim: int, depth: int, hidden: int, pixels_per_token: int = 1536) -> int:
     """Closed-form parameter count of the reference encoder (qkv without bias + q/v biases)."""
-    block = (2 * 2 * dim) + (3 * dim * dim + 2 * dim) + (dim * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+    block = (
+        (2 * 2 * dim) + (3 * dim * dim + 2 * dim) + (dim * dim + dim) + (dim * hidden + hidden) + (hidden * dim + dim)
+    )
     return pixels_per_token * dim + dim + depth * block + 2 * dim
 
 
@@ -36,8 +39,10 @@ def test_every_size_builds_with_reference_widths(name):
     assert model.encoder.blocks[0].mlp.fc1.out_features == hidden
     encoder = sum(p.numel() for p in model.encoder.parameters())
     assert encoder == encoder_params(dim, depth, hidden)
-    print(f"{name}: total {model.num_params():,} params, encoder {encoder:,}, "
-          f"sampler {sum(p.numel() for p in model.sampler.parameters()):,}")
+    print(
+        f"{name}: total {model.num_params():,} params, encoder {encoder:,}, "
+        f"sampler {sum(p.numel() for p in model.sampler.parameters()):,}"
+    )
 
 
 def test_model_names_are_the_six_sizes():
@@ -61,8 +66,9 @@ def test_sincos_table_matches_the_formula():
 
 def test_forward_shapes_non_square_and_given_mask():
     torch.manual_seed(0)
-    cfg = config_for("vit_tiny", num_frames=4, img_size=[32, 48], patch_size=8, depth=2, decoder_depth=1,
-                     mask_ratio=0.75)
+    cfg = config_for(
+        "vit_tiny", num_frames=4, img_size=[32, 48], patch_size=8, depth=2, decoder_depth=1, mask_ratio=0.75
+    )
     assert cfg.layout.grid == (2, 4, 6) and cfg.num_visible == 12
     model = build_model(cfg).eval()
     video = torch.randn(2, 3, 4, 32, 48)
@@ -81,8 +87,16 @@ def test_forward_shapes_non_square_and_given_mask():
 
 def test_prediction_of_a_masked_token_does_not_depend_on_its_own_pixels():
     torch.manual_seed(0)
-    cfg = config_for("vit_tiny", num_frames=2, img_size=[16, 16], patch_size=8, depth=1, decoder_depth=1,
-                     mask_ratio=0.5, masking="random")
+    cfg = config_for(
+        "vit_tiny",
+        num_frames=2,
+        img_size=[16, 16],
+        patch_size=8,
+        depth=1,
+        decoder_depth=1,
+        mask_ratio=0.5,
+        masking="random",
+    )
     model = build_model(cfg).eval()
     mask = torch.tensor([[False, True, False, True]])
     video = torch.randn(1, 3, 2, 16, 16)

@@ -1,11 +1,13 @@
 """The shard pipeline: clips from real shards, exactly-once epochs over 2 ranks x 2 workers, exact resume
 from rank 0's state, corrupt samples counted (and fatal above the limit), and pre-training from shards."""
+
 import io
 import json
 import pickle
 import subprocess
 import sys
 import tarfile
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -77,7 +79,7 @@ def test_labels_follow_the_class_folders(shards):
                 if m.name.endswith(".json"):
                     meta = json.loads(f.extractfile(m).read())
                     by_key[meta["key"]] = manifest["label_map"][meta["source"].split("/")[0]]
-    assert dict(zip(batch["key"], batch["label"].tolist())) == by_key
+    assert dict(zip(batch["key"], batch["label"].tolist(), strict=True)) == by_key
 
 
 def test_urls_as_pattern_list_folder_manifest_and_pipe(shards):
@@ -100,10 +102,19 @@ def test_urls_as_pattern_list_folder_manifest_and_pipe(shards):
 def run_data_ranks(world: int, args: dict) -> list[dict]:
     """``tests/dist_data.py`` as ``world`` real processes on gloo; their JSON results."""
     port = free_port()
-    procs = [subprocess.Popen([sys.executable, "-m", "tests.dist_data", json.dumps(args)], cwd=REPO,
-                              env=cli_env(RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world),
-                                          MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)),
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True) for r in range(world)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-m", "tests.dist_data", json.dumps(args)],
+            cwd=REPO,
+            env=cli_env(
+                RANK=str(r), LOCAL_RANK=str(r), WORLD_SIZE=str(world), MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port)
+            ),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for r in range(world)
+    ]
     for proc in procs:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-4000:]
@@ -142,7 +153,7 @@ def write_corrupt_shard(path: Path, good_jpg_shard: Path, marker: Path) -> list[
     key = sorted(members)[0].split(".")[0]
     meta = json.loads(members[f"{key}.json"])
     blob, offsets = members[f"{key}.mjpeg"], meta["frame_offsets"]
-    frames = {f"{i:06d}.jpg": blob[a:b] for i, (a, b) in enumerate(zip(offsets, offsets[1:]))}
+    frames = {f"{i:06d}.jpg": blob[a:b] for i, (a, b) in enumerate(pairwise(offsets))}
 
     class Trap:  # unpickling this would create ``marker``
         def __reduce__(self):
@@ -180,14 +191,23 @@ def test_corrupt_samples_are_skipped_counted_and_fatal_above_the_limit(shards, t
     stream.close()
     assert not marker.exists()  # nothing was unpickled
     err = capfd.readouterr().err
-    for key, reason in (("bad_bytes", "cannot identify image file"), ("no_json", "no .json member"),
-                        ("bad_count", "num_frames must be a positive integer"),
-                        ("bad_offsets", "frame_offsets do not describe"),
-                        ("lost_frames", "is missing"), ("pickled", "no .json member"), ("bad_mp4", "")):
+    for key, reason in (
+        ("bad_bytes", "cannot identify image file"),
+        ("no_json", "no .json member"),
+        ("bad_count", "num_frames must be a positive integer"),
+        ("bad_offsets", "frame_offsets do not describe"),
+        ("lost_frames", "is missing"),
+        ("pickled", "no .json member"),
+        ("bad_mp4", ""),
+    ):
         assert f"corrupt.tar {key}: " in err and reason in err, key
 
-    strict = ShardClips(ShardDataConfig(urls=urls, workers=0, shuffle_buffer=0, max_corrupt_fraction=0.05,
-                                        corrupt_check_after=10, **CLIP), batch_size=4)
+    strict = ShardClips(
+        ShardDataConfig(
+            urls=urls, workers=0, shuffle_buffer=0, max_corrupt_fraction=0.05, corrupt_check_after=10, **CLIP
+        ),
+        batch_size=4,
+    )
     with pytest.raises(CorruptDataError, match=r"corrupt \(\d+\.\d% > data.max_corrupt_fraction=0.05\)"):
         for _ in range(10):
             next(strict)
@@ -217,17 +237,36 @@ def test_resampled_mode_streams_forever_and_resumes_on_a_fresh_seed(shards):
 def test_build_data_reads_clip_geometry_from_the_model(shards):
     from adamae_scale.models import make_config
 
-    model_cfg = make_config({"name": "vit_tiny", "embed_dim": 192, "depth": 2, "num_heads": 3, "num_frames": 4,
-                             "img_size": [32, 48], "patch_size": 8})
-    data = build_data({"name": "shards", "urls": str(shards["jpg"]), "sampling_rate": 2, "workers": 0},
-                      model_cfg, 2, 0, 1)
+    model_cfg = make_config(
+        {
+            "name": "vit_tiny",
+            "embed_dim": 192,
+            "depth": 2,
+            "num_heads": 3,
+            "num_frames": 4,
+            "img_size": [32, 48],
+            "patch_size": 8,
+        }
+    )
+    data = build_data(
+        {"name": "shards", "urls": str(shards["jpg"]), "sampling_rate": 2, "workers": 0}, model_cfg, 2, 0, 1
+    )
     assert next(data)["video"].shape == (2, 3, 4, 32, 48)
 
 
 def pretrain_overrides(tiny_run, urls) -> list[str]:
     return [o for o in tiny_run if not o.startswith("data=")] + [
-        "data=shards", f"data.urls={urls}", "data.workers=2", "data.sampling_rate=2", "data.shuffle_buffer=8",
-        "data.max_corrupt_fraction=0.5", "precision=fp32", "ds=zero0", "train.steps=6", "eval.focus_batches=0"]
+        "data=shards",
+        f"data.urls={urls}",
+        "data.workers=2",
+        "data.sampling_rate=2",
+        "data.shuffle_buffer=8",
+        "data.max_corrupt_fraction=0.5",
+        "precision=fp32",
+        "ds=zero0",
+        "train.steps=6",
+        "eval.focus_batches=0",
+    ]
 
 
 def test_pretrain_from_shards_logs_corrupt_count_and_resumes_exactly(shards, tmp_path, tiny_run):
@@ -257,16 +296,42 @@ def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
     videos = tmp_path / "videos"
     make_videos(videos, 3)
     copy_real(["carphone_distorted.mp4"], videos)
-    proc = subprocess.run([sys.executable, "tools/bench.py", "data", "--urls", str(shards["jpg"]), "--urls",
-                           str(shards["mp4"]), "--videos", str(videos), "--num-workers", "0", "--clips", "4",
-                           "--warmup", "1", "--num-frames", "4", "--img-size", "32", "--cpu-time"],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=180)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/bench.py",
+            "data",
+            "--urls",
+            str(shards["jpg"]),
+            "--urls",
+            str(shards["mp4"]),
+            "--videos",
+            str(videos),
+            "--num-workers",
+            "0",
+            "--clips",
+            "4",
+            "--warmup",
+            "1",
+            "--num-frames",
+            "4",
+            "--img-size",
+            "32",
+            "--cpu-time",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr
     result = json.loads(proc.stdout)
     assert set(result["clips_per_s_per_worker"]) == set(result["ratio"]) == {"jpg", "mp4"}
     for fmt, rate in result["clips_per_s_per_worker"].items():
-        assert rate > 0 and result["ratio"][fmt] == pytest.approx(rate / result["baseline_clips_per_s_per_worker"],
-                                                                   rel=0.01)
+        assert rate > 0 and result["ratio"][fmt] == pytest.approx(
+            rate / result["baseline_clips_per_s_per_worker"], rel=0.01
+        )
     assert result["videos"] == 4 and result["clip"] == [4, 32, 32]
     assert set(result["cpu_ratio"]) == {"jpg", "mp4"} and result["cpu_baseline_clips_per_s"] > 0
 

@@ -1,5 +1,6 @@
 """``adamae-pretrain`` end to end with a real DeepSpeed engine: metrics, TensorBoard, checkpoints,
 resume, and errors that stop before any process group starts."""
+
 import json
 
 from adamae_scale.metrics import read_metrics
@@ -29,8 +30,9 @@ def test_pretrain_logs_checkpoints_and_resumes(tmp_path, tiny_run):
     config = json.loads((ckpts / "step_00000012" / "config.json").read_text())
     assert config["model"]["embed_dim"] == 192 and config["model"]["depth"] == 2
 
-    proc = run_pretrain(*tiny_run, "precision=bf16", "train.steps=16", "train.ckpt_every=6", "train.resume=auto",
-                        f"run_dir={run_dir}")
+    proc = run_pretrain(
+        *tiny_run, "precision=bf16", "train.steps=16", "train.ckpt_every=6", "train.resume=auto", f"run_dir={run_dir}"
+    )
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == 12 and summary["steps"] == 16
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]

@@ -1,7 +1,8 @@
 """Gumbel-top-k sampling, masking strategies and the sampler's fp32 island."""
+
 import torch
 
-from adamae_scale.models import config_for, build_model
+from adamae_scale.models import build_model, config_for
 from adamae_scale.models.masking import TokenLayout, gumbel_top_k, num_visible_tokens, sample_mask, split_indices
 from adamae_scale.models.sampler import TokenSampler, token_log_probs
 
@@ -23,11 +24,14 @@ def test_gumbel_top_k_matches_multinomial_without_replacement():
     gen = torch.Generator().manual_seed(1)
 
     gumbel = inclusion_frequencies(
-        lambda t: [gumbel_top_k(logits.expand(t, n), k, torch.rand(t, n, generator=gen))], n, trials)
+        lambda t: [gumbel_top_k(logits.expand(t, n), k, torch.rand(t, n, generator=gen))], n, trials
+    )
     multinomial = inclusion_frequencies(
-        lambda t: [torch.multinomial(probs.expand(t, n), k, replacement=False, generator=gen)], n, trials)
+        lambda t: [torch.multinomial(probs.expand(t, n), k, replacement=False, generator=gen)], n, trials
+    )
     with_replacement = inclusion_frequencies(
-        lambda t: [torch.multinomial(probs.expand(t, n), k, replacement=True, generator=gen)], n, trials)
+        lambda t: [torch.multinomial(probs.expand(t, n), k, replacement=True, generator=gen)], n, trials
+    )
 
     # Standard error of a frequency over 40k trials is <= 0.0025; 0.012 is ~5 sigma of the difference.
     assert (gumbel - multinomial).abs().max() < 0.012

@@ -1,6 +1,7 @@
 """Scale-out with real DeepSpeed engines on 2 CPU ranks (gloo): ZeRO 1-3 world-size invariance,
 gradient accumulation, activation checkpointing, CPU offload, elastic resume, pre-emption, a killed
 rank, and a simulated 2-node launch."""
+
 import json
 import os
 import signal
@@ -21,8 +22,14 @@ from .conftest import REPO, TINY_RUN, cli_env, free_port, run_dumping_state, run
 
 # Same global batch of 4 whatever the layout; sampler dropout off so every random draw is keyed by
 # the sample's position in the stream (masks) rather than by the rank that processes it.
-INVARIANT = [*TINY_RUN, "model.sampler_dropout=0.0", "precision=fp32", "eval.focus_batches=0", "train.steps=4",
-             "train.ckpt_every=0"]
+INVARIANT = [
+    *TINY_RUN,
+    "model.sampler_dropout=0.0",
+    "precision=fp32",
+    "eval.focus_batches=0",
+    "train.steps=4",
+    "train.ckpt_every=0",
+]
 MICRO = {1: "train.micro_batch_size=4", 2: "train.micro_batch_size=2"}
 # fp32 sums in another order (per-rank partial means, ZeRO reduce-scatter) differ in the last bits;
 # over a few steps at a high learning rate that stays far below 1e-4 relative.
@@ -47,14 +54,23 @@ def test_one_and_two_ranks_give_the_same_loss_curve(tmp_path, stage):
 
 def test_accumulation_is_the_same_as_a_bigger_micro_batch(tmp_path):
     run_pretrain(*INVARIANT, "ds=zero2", "train.micro_batch_size=4", f"run_dir={tmp_path / 'big'}")
-    run_pretrain(*INVARIANT, "ds=zero2", "train.micro_batch_size=2", "train.accumulation=2",
-                 f"run_dir={tmp_path / 'accum'}")
+    run_pretrain(
+        *INVARIANT, "ds=zero2", "train.micro_batch_size=2", "train.accumulation=2", f"run_dir={tmp_path / 'accum'}"
+    )
     np.testing.assert_allclose(losses(tmp_path / "accum"), losses(tmp_path / "big"), rtol=RTOL)
 
 
 def test_activation_checkpointing_gives_equal_gradients():
-    cfg = config_for("vit_tiny", num_frames=4, img_size=[32, 32], patch_size=8, depth=3, decoder_depth=2,
-                     mask_ratio=0.75, drop_path=0.1)
+    cfg = config_for(
+        "vit_tiny",
+        num_frames=4,
+        img_size=[32, 32],
+        patch_size=8,
+        depth=3,
+        decoder_depth=2,
+        mask_ratio=0.75,
+        drop_path=0.1,
+    )
     video = torch.randn(2, 3, 4, 32, 32)
     noise = torch.rand(2, cfg.num_tokens)
     grads = []
@@ -97,9 +113,19 @@ def test_elastic_resume_across_world_sizes(tmp_path):
         for ranks, state in ((first, saved), (second, loaded)):
             # The first run checkpoints at step 3 and dumps what it saved; the second resumes on the other
             # world size and, with nothing left to train, dumps what it loaded.
-            dumps = {"master": run_dir / f"master{ranks}.safetensors", "optimizer": run_dir / f"adam{ranks}.safetensors"}
-            run_dumping_state(ranks, dumps["master"], *common, MICRO[ranks], "train.stop_after=3",
-                              f"run_dir={run_dir}", optimizer=dumps["optimizer"])
+            dumps = {
+                "master": run_dir / f"master{ranks}.safetensors",
+                "optimizer": run_dir / f"adam{ranks}.safetensors",
+            }
+            run_dumping_state(
+                ranks,
+                dumps["master"],
+                *common,
+                MICRO[ranks],
+                "train.stop_after=3",
+                f"run_dir={run_dir}",
+                optimizer=dumps["optimizer"],
+            )
             state.update(load_file(dumps["master"]), **load_file(dumps["optimizer"]))
         assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 3
         assert (run_dir / "checkpoints" / "step_00000003_universal").is_dir()
@@ -116,8 +142,14 @@ def test_elastic_resume_across_world_sizes(tmp_path):
 def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     run_dir = tmp_path / "run"
     args = [*TINY_RUN, "precision=fp32", "ds=zero1", "train.steps=400", "train.ckpt_every=0", f"run_dir={run_dir}"]
-    proc = subprocess.Popen([sys.executable, "-m", "adamae_scale.pretrain", *args], cwd=REPO, env=cli_env(),
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adamae_scale.pretrain", *args],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     wait_for_step(run_dir, 3, proc)
     proc.send_signal(signal.SIGTERM)
     out, err = proc.communicate(timeout=120)
@@ -134,10 +166,20 @@ def test_killed_rank_fails_the_launch_and_the_rerun_resumes(tmp_path):
     import psutil
 
     run_dir = tmp_path / "run"
-    args = [*TINY_RUN, "precision=fp32", "ds=zero2", MICRO[2], "train.steps=40", "train.ckpt_every=4",
-            "model.depth=1", "eval.focus_batches=0", f"run_dir={run_dir}"]
-    proc = subprocess.Popen(torchrun_cmd(2, *args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    args = [
+        *TINY_RUN,
+        "precision=fp32",
+        "ds=zero2",
+        MICRO[2],
+        "train.steps=40",
+        "train.ckpt_every=4",
+        "model.depth=1",
+        "eval.focus_batches=0",
+        f"run_dir={run_dir}",
+    ]
+    proc = subprocess.Popen(
+        torchrun_cmd(2, *args), cwd=REPO, env=cli_env(), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
     wait_for_step(run_dir, 9, proc)
     rank1 = [p for p in psutil.Process(proc.pid).children(recursive=True) if p.environ().get("RANK") == "1"]
     assert rank1, "rank 1 not found"
@@ -149,8 +191,7 @@ def test_killed_rank_fails_the_launch_and_the_rerun_resumes(tmp_path):
     latest = (run_dir / "checkpoints" / "latest").read_text()
     saved = int(latest.split("_")[1])
     assert saved >= 8
-    rerun = subprocess.run(torchrun_cmd(2, *args), cwd=REPO, env=cli_env(), capture_output=True, text=True,
-                           timeout=300)
+    rerun = subprocess.run(torchrun_cmd(2, *args), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == saved and summary["steps"] == 40
@@ -161,11 +202,24 @@ def test_simulated_two_node_launch_with_the_torchrun_recipe(tmp_path):
     port = str(free_port())
     nodes = []
     for node_rank in ("0", "1"):
-        env = cli_env(NNODES="2", NODE_RANK=node_rank, NPROC_PER_NODE="1", MASTER_ADDR="127.0.0.1",
-                      MASTER_PORT=port, PYTHON=sys.executable)
-        nodes.append(subprocess.Popen(
-            ["bash", "tools/launch/torchrun.sh", *INVARIANT, "ds=zero3", MICRO[2], f"run_dir={run_dir}"],
-            cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+        env = cli_env(
+            NNODES="2",
+            NODE_RANK=node_rank,
+            NPROC_PER_NODE="1",
+            MASTER_ADDR="127.0.0.1",
+            MASTER_PORT=port,
+            PYTHON=sys.executable,
+        )
+        nodes.append(
+            subprocess.Popen(
+                ["bash", "tools/launch/torchrun.sh", *INVARIANT, "ds=zero3", MICRO[2], f"run_dir={run_dir}"],
+                cwd=REPO,
+                env=env,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.PIPE,
+                text=True,
+            )
+        )
     outputs = []
     for node in nodes:
         out, err = node.communicate(timeout=300)

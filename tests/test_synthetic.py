@@ -1,4 +1,5 @@
 """The embedded synthetic clips: deterministic, resumable, with correct motion ground truth."""
+
 from dataclasses import replace
 
 import torch

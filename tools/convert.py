@@ -1,5 +1,6 @@
 #!/usr/bin/env python
 """``adamae-convert`` without installing the console script: ``python tools/convert.py COMMAND ...``."""
+
 import sys
 from pathlib import Path
 

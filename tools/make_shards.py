@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
 """Videos → WebDataset shards: the same program as the ``adamae-shards`` console script."""
+
 import sys
 
 from adamae_scale.data.shards import main

@@ -1,10 +1,12 @@
 """Which network a set of weights belongs to: expected shapes, strict comparison, readable mismatches."""
+
 from __future__ import annotations
 
 import dataclasses
 import re
+from collections.abc import Mapping, Sequence
 from functools import lru_cache
-from typing import Any, Mapping, Sequence
+from typing import Any
 
 import torch
 from omegaconf import OmegaConf
@@ -16,9 +18,11 @@ from .errors import ArchitectureMismatchError, ConvertError
 
 def describe(cfg: AdaMAEConfig) -> str:
     h, w = cfg.img_size
-    return (f"model {cfg.name} (encoder {cfg.embed_dim} wide x {cfg.depth} blocks, decoder {cfg.decoder_embed_dim} x "
-            f"{cfg.decoder_depth}, {cfg.num_frames}x{h}x{w} clips in {cfg.tubelet_size}x{cfg.patch_size}x{cfg.patch_size} "
-            f"tubelets = {cfg.num_tokens} tokens, masking {cfg.masking})")
+    return (
+        f"model {cfg.name} (encoder {cfg.embed_dim} wide x {cfg.depth} blocks, decoder {cfg.decoder_embed_dim} x "
+        f"{cfg.decoder_depth}, {cfg.num_frames}x{h}x{w} clips in {cfg.tubelet_size}x{cfg.patch_size}x{cfg.patch_size} "
+        f"tubelets = {cfg.num_tokens} tokens, masking {cfg.masking})"
+    )
 
 
 @lru_cache(maxsize=16)
@@ -51,8 +55,10 @@ def check_shapes(found: Mapping[str, Sequence[int]], cfg: AdaMAEConfig, source: 
     problems = []
     if wrong:
         first = wrong[0]
-        problems.append(f"{first} is {list(found[first])} there but {list(expected[first])} in the model"
-                        + (f" ({len(wrong) - 1} more shapes differ)" if len(wrong) > 1 else ""))
+        problems.append(
+            f"{first} is {list(found[first])} there but {list(expected[first])} in the model"
+            + (f" ({len(wrong) - 1} more shapes differ)" if len(wrong) > 1 else "")
+        )
     if missing:
         problems.append(f"missing {_listing(missing)}")
     if unexpected:
@@ -81,8 +87,14 @@ def with_overrides(cfg: AdaMAEConfig, **overrides: Any) -> AdaMAEConfig:
 
 
 # -- the architecture, from shapes (and a reference checkpoint's args, and the user's options) --------------------
-_SIZE_WORDS = {"tiny": "vit_tiny", "small": "vit_small", "base": "vit_base", "large": "vit_large",
-               "huge": "vit_huge", "giant": "vit_giant"}
+_SIZE_WORDS = {
+    "tiny": "vit_tiny",
+    "small": "vit_small",
+    "base": "vit_base",
+    "large": "vit_large",
+    "huge": "vit_huge",
+    "giant": "vit_giant",
+}
 
 
 def _block_count(shapes: Mapping[str, torch.Size], prefix: str) -> int:
@@ -146,12 +158,19 @@ def infer_config(
     if decoder_depth:
         decoder_hidden = _shape(shapes, "decoder.blocks.0.mlp.fc1.weight")[0]
         if decoder_hidden * embed_dim != mlp_hidden * decoder_dim:
-            raise ConvertError(f"decoder MLP ratio {decoder_hidden / decoder_dim:g} differs from the encoder's "
-                               f"{mlp_ratio:g}; this model uses one ratio for both")
+            raise ConvertError(
+                f"decoder MLP ratio {decoder_hidden / decoder_dim:g} differs from the encoder's "
+                f"{mlp_ratio:g}; this model uses one ratio for both"
+            )
     for name, value, seen in (("--tubelet-size", tubelet_size, tubelet), ("--patch-size", patch_size, patch_h)):
         if value is not None and value != seen:
             raise ArchitectureMismatchError(f"{name} {value} does not match the checkpoint's patch embedding ({seen})")
-    measured = {"embed_dim": embed_dim, "depth": depth, "decoder_embed_dim": decoder_dim, "decoder_depth": decoder_depth}
+    measured = {
+        "embed_dim": embed_dim,
+        "depth": depth,
+        "decoder_embed_dim": decoder_dim,
+        "decoder_depth": decoder_depth,
+    }
 
     # The size that gives the head counts: --model (checked below), else the size named in args.model, else the
     # first size of the same width; a named size of another width is a wrong guess and is not used.
@@ -159,18 +178,28 @@ def infer_config(
     size = model or next((n for n in candidates if n is not None and config_for(n).embed_dim == embed_dim), None)
     if model is not None:
         base = named_config(model)
-        differ = [f"{k} {v} (--model {model} has {getattr(base, k)})" for k, v in measured.items() if getattr(base, k) != v]
+        differ = [
+            f"{k} {v} (--model {model} has {getattr(base, k)})" for k, v in measured.items() if getattr(base, k) != v
+        ]
         if differ:
-            raise ArchitectureMismatchError(f"checkpoint does not match --model {model}: checkpoint " + ", ".join(differ))
+            raise ArchitectureMismatchError(
+                f"checkpoint does not match --model {model}: checkpoint " + ", ".join(differ)
+            )
     base = config_for(size) if size is not None else AdaMAEConfig()
     if num_heads is None and size is None:
-        raise ConvertError(f"cannot tell the number of attention heads of a {embed_dim}-wide encoder from its shapes; "
-                           "pass --model NAME or --num-heads N")
+        raise ConvertError(
+            f"cannot tell the number of attention heads of a {embed_dim}-wide encoder from its shapes; "
+            "pass --model NAME or --num-heads N"
+        )
     if decoder_num_heads is None and base.decoder_embed_dim != decoder_dim:
-        by_width = [config_for(n).decoder_num_heads for n in model_names() if config_for(n).decoder_embed_dim == decoder_dim]
+        by_width = [
+            config_for(n).decoder_num_heads for n in model_names() if config_for(n).decoder_embed_dim == decoder_dim
+        ]
         if not by_width:
-            raise ConvertError(f"cannot tell the number of attention heads of a {decoder_dim}-wide decoder from its "
-                               "shapes; pass --decoder-num-heads N")
+            raise ConvertError(
+                f"cannot tell the number of attention heads of a {decoder_dim}-wide decoder from its "
+                "shapes; pass --decoder-num-heads N"
+            )
         decoder_num_heads = by_width[0]
 
     input_size = args.get("input_size")
@@ -203,8 +232,10 @@ def infer_config(
         cfg = make_config(values)
     except ValueError as err:
         raise ConvertError(str(err)) from err
-    head_checks = [(cfg.embed_dim, cfg.num_heads, "--num-heads"),
-                   (cfg.decoder_embed_dim, cfg.decoder_num_heads, "--decoder-num-heads")]
+    head_checks = [
+        (cfg.embed_dim, cfg.num_heads, "--num-heads"),
+        (cfg.decoder_embed_dim, cfg.decoder_num_heads, "--decoder-num-heads"),
+    ]
     if cfg.masking == "adaptive":
         head_checks.append((cfg.embed_dim, cfg.sampler_num_heads, "the sampler's head count"))
     for width, heads, what in head_checks:
@@ -212,9 +243,11 @@ def infer_config(
             raise ArchitectureMismatchError(f"{what} {heads} does not divide the width {width}")
     if has_sampler and shapes["sampler.pos_embed_probs"][1] != cfg.num_tokens:
         n = shapes["sampler.pos_embed_probs"][1]
-        raise ArchitectureMismatchError(f"the sampler's pos_embed_probs covers {n} tokens, but {cfg.num_frames} frames of "
-                                        f"{cfg.img_size[0]}x{cfg.img_size[1]} make {cfg.num_tokens}; pass the trained "
-                                        "--num-frames/--img-size")
+        raise ArchitectureMismatchError(
+            f"the sampler's pos_embed_probs covers {n} tokens, but {cfg.num_frames} frames of "
+            f"{cfg.img_size[0]}x{cfg.img_size[1]} make {cfg.num_tokens}; pass the trained "
+            "--num-frames/--img-size"
+        )
     return cfg
 
 

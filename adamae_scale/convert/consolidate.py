@@ -16,6 +16,7 @@ Memory: the checkpoint files are memory-mapped and tensors are written to the ou
 so the process touches each master weight once (about one fp32 copy of the model in resident
 pages) and never holds the Adam moments or a second copy.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -23,9 +24,10 @@ import io
 import json
 import math
 import os
+from collections.abc import Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Iterator, Mapping, Sequence
+from typing import Any
 
 import torch
 
@@ -79,8 +81,13 @@ def locate_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> Checkpoin
                 raise ConvertError(f"{latest} names tag {found!r}, but {root / found} holds no *_model_states.pt")
             return CheckpointLocation(root, found)
     if tag is not None:
-        tags = sorted(p.name for root in (path, path / "checkpoints") if root.is_dir()
-                      for p in root.iterdir() if _has_model_states(p))
+        tags = sorted(
+            p.name
+            for root in (path, path / "checkpoints")
+            if root.is_dir()
+            for p in root.iterdir()
+            if _has_model_states(p)
+        )
         raise ConvertError(f"CKPT_DIR {path} has no checkpoint tag {tag!r} (found: {tags or 'none'})")
     raise ConvertError(f"CKPT_DIR {path} is not a DeepSpeed checkpoint: no *_model_states.pt and no 'latest' file")
 
@@ -89,14 +96,14 @@ def locate_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> Checkpoin
 class _LazyFlatSlice:
     """``flat[start:start+length].view(shape)`` of a ``_LazyConcat``; data gathered on ``contiguous()``."""
 
-    def __init__(self, source: "_LazyConcat", start: int, length: int, shape: torch.Size):
+    def __init__(self, source: _LazyConcat, start: int, length: int, shape: torch.Size):
         self.source, self.start, self.length, self.shape = source, start, length, shape
         self.dtype = source.dtype
 
     def numel(self) -> int:
         return self.length
 
-    def view(self, *shape: Any) -> "_LazyFlatSlice":
+    def view(self, *shape: Any) -> _LazyFlatSlice:
         size = torch.Size(shape[0] if len(shape) == 1 and not isinstance(shape[0], int) else shape)
         if math.prod(size) != self.length:
             raise RuntimeError(f"cannot view {self.length} elements as {list(size)}")
@@ -104,11 +111,11 @@ class _LazyFlatSlice:
 
     def contiguous(self) -> torch.Tensor:
         pieces = []
-        for part, part_start in zip(self.source.parts, self.source.starts):
+        for part, part_start in zip(self.source.parts, self.source.starts, strict=True):
             lo = max(self.start, part_start)
             hi = min(self.start + self.length, part_start + part.numel())
             if lo < hi:
-                pieces.append(part[lo - part_start:hi - part_start])
+                pieces.append(part[lo - part_start : hi - part_start])
         flat = pieces[0] if len(pieces) == 1 else torch.cat(pieces)  # one piece: a view, no copy
         return flat.view(self.shape)
 
@@ -197,8 +204,10 @@ def _deepspeed_parsing(facts: _CheckpointFacts) -> Iterator[Any]:
 
     # Its progress bars and prints would surround our one-line errors; parsing is quick (nothing is copied).
     no_progress_bar = lambda iterable, *args, **kwargs: iterable  # noqa: E731
-    with _swapped_attributes(zero_to_fp32, torch=_TorchForDeepSpeedParsing(facts), tqdm=no_progress_bar), \
-            contextlib.redirect_stdout(io.StringIO()):
+    with (
+        _swapped_attributes(zero_to_fp32, torch=_TorchForDeepSpeedParsing(facts), tqdm=no_progress_bar),
+        contextlib.redirect_stdout(io.StringIO()),
+    ):
         yield zero_to_fp32
 
 
@@ -224,12 +233,18 @@ def _zero0_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _Check
         raise ConvertError(f"{path} has no 'module' weights")
     stage = ((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
     if stage:
-        raise ConvertError(f"checkpoint {loc.path} was saved with ZeRO stage {stage} but has no *_optim_states.pt "
-                           "files (an incomplete copy?)")
-    low_precision = sorted({str(t.dtype) for t in module.values() if t.is_floating_point() and t.dtype != torch.float32})
+        raise ConvertError(
+            f"checkpoint {loc.path} was saved with ZeRO stage {stage} but has no *_optim_states.pt "
+            "files (an incomplete copy?)"
+        )
+    low_precision = sorted(
+        {str(t.dtype) for t in module.values() if t.is_floating_point() and t.dtype != torch.float32}
+    )
     if low_precision:
-        raise ConvertError(f"checkpoint {loc.path} holds {', '.join(low_precision)} module weights and no fp32 master "
-                           "copy; consolidate expects this project's fp32-parameter checkpoints")
+        raise ConvertError(
+            f"checkpoint {loc.path} holds {', '.join(low_precision)} module weights and no fp32 master "
+            "copy; consolidate expects this project's fp32-parameter checkpoints"
+        )
     facts.world_size = state.get("dp_world_size")
     return dict(module), facts
 
@@ -244,8 +259,12 @@ def read_run_config(loc: CheckpointLocation) -> dict[str, Any] | None:
         raise ConvertError(f"{path}: not valid JSON ({err})") from err
 
 
-def resolve_config(run_config: Mapping[str, Any] | None, shapes: Mapping[str, torch.Size], model: str | None,
-                   overrides: Mapping[str, Any]) -> AdaMAEConfig:
+def resolve_config(
+    run_config: Mapping[str, Any] | None,
+    shapes: Mapping[str, torch.Size],
+    model: str | None,
+    overrides: Mapping[str, Any],
+) -> AdaMAEConfig:
     """The architecture to consolidate into: the run's config.json (+ overrides), or, with ``--model`` or without
     a config.json, the one the weights' shapes describe (``infer_config``: widths, depths, patch and tubelet from
     shapes; heads from ``--model`` or the size of the same width; the clip geometry from the overrides)."""

@@ -24,11 +24,13 @@ become one ``attn.qkv.bias`` [3D] = (q_bias, 0, v_bias), and ``pos_embed`` [1, N
 ``norm`` load strictly into timm ``Block(D, heads, mlp_ratio, qkv_bias=True, norm_layer=LayerNorm(eps=1e-6))``;
 the patch embedding stays a Conv3d (timm's image ViTs have a Conv2d there).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -36,7 +38,15 @@ from ..models import AdaMAEConfig
 from ..models.layers import sincos_table_1d
 from .arch import check_shapes, describe
 from .errors import ConvertError
-from .folder import FORMAT_ENCODER, FORMAT_FULL, FORMAT_VERSION, MODEL_FILE, folder_model_config, read_folder_config, write_folder
+from .folder import (
+    FORMAT_ENCODER,
+    FORMAT_FULL,
+    FORMAT_VERSION,
+    MODEL_FILE,
+    folder_model_config,
+    read_folder_config,
+    write_folder,
+)
 from .io import LazyTensor, SafetensorsReader, TensorLike, atomic_output_dir
 
 KEY_LAYOUTS = ("adamae", "timm")
@@ -52,11 +62,13 @@ def _qkv_bias(q_bias: TensorLike, v_bias: TensorLike) -> LazyTensor:
     return LazyTensor((3 * q_bias.shape[0],), q_bias.dtype, build)
 
 
-def encoder_tensors(full: Mapping[str, TensorLike], cfg: AdaMAEConfig, key_layout: str = "adamae") -> dict[str, TensorLike]:
+def encoder_tensors(
+    full: Mapping[str, TensorLike], cfg: AdaMAEConfig, key_layout: str = "adamae"
+) -> dict[str, TensorLike]:
     """The encoder's tensors from a full model's, renamed for ``key_layout`` (see the module docstring)."""
     if key_layout not in KEY_LAYOUTS:
         raise ConvertError(f"--key-layout {key_layout!r}: expected one of {KEY_LAYOUTS}")
-    encoder = {name[len("encoder."):]: value for name, value in full.items() if name.startswith("encoder.")}
+    encoder = {name[len("encoder.") :]: value for name, value in full.items() if name.startswith("encoder.")}
     if key_layout == "adamae":
         return encoder
     out: dict[str, TensorLike] = {"pos_embed": sincos_table_1d(cfg.num_tokens, cfg.embed_dim)}
@@ -92,8 +104,13 @@ def encoder_summary(cfg: AdaMAEConfig, key_layout: str) -> dict[str, Any]:
     }
 
 
-def export_encoder(src: str | Path, out_dir: str | Path, key_layout: str = "adamae", dtype: torch.dtype | None = None,
-                   overwrite: bool = False) -> dict[str, Any]:
+def export_encoder(
+    src: str | Path,
+    out_dir: str | Path,
+    key_layout: str = "adamae",
+    dtype: torch.dtype | None = None,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Write the encoder of the full-model folder ``src`` into ``out_dir``; returns its ``config.json``."""
     source_config = read_folder_config(src, FORMAT_FULL)
     cfg = folder_model_config(source_config)

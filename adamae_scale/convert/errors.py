@@ -1,4 +1,5 @@
 """Errors a user can fix. The CLI prints each as one line, ``adamae-convert: error: ...``, and exits 2."""
+
 from __future__ import annotations
 
 

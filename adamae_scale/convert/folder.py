@@ -7,11 +7,13 @@
 - ``format: "adamae-encoder"``: the encoder only, for fine-tuning (``export-encoder``); its
   ``key_layout`` field says which naming it uses.
 """
+
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -29,8 +31,9 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
 DTYPE_NAMES = {torch.float32: "float32", torch.bfloat16: "bfloat16"}
 
 
-def write_folder(out_dir: Path, tensors: Mapping[str, TensorLike], config: Mapping[str, Any],
-                 dtype: torch.dtype) -> dict[str, Any]:
+def write_folder(
+    out_dir: Path, tensors: Mapping[str, TensorLike], config: Mapping[str, Any], dtype: torch.dtype
+) -> dict[str, Any]:
     """Write ``model.safetensors`` (floating tensors cast to ``dtype``) and ``config.json`` (``config`` plus
     its ``dtype`` field) into ``out_dir``; returns the written config."""
     written = {**config, "dtype": DTYPE_NAMES[dtype]}
@@ -49,22 +52,29 @@ def read_folder_config(src: str | Path, expected_format: str | None = None) -> d
     if not src.exists():
         raise ConvertError(f"SRC {src}: no such folder")
     if not src.is_dir():
-        raise ConvertError(f"SRC {src} is a file; expected a folder written by 'adamae-convert consolidate' or 'import'")
+        raise ConvertError(
+            f"SRC {src} is a file; expected a folder written by 'adamae-convert consolidate' or 'import'"
+        )
     config_path = src / CONFIG_FILE
     if not (src / MODEL_FILE).is_file() or not config_path.is_file():
         if _looks_like_deepspeed(src):
-            raise ConvertError(f"SRC {src} is a DeepSpeed checkpoint; run 'adamae-convert consolidate {src} OUT_DIR' first "
-                               "and pass OUT_DIR")
-        raise ConvertError(f"SRC {src} has no {MODEL_FILE} + {CONFIG_FILE}; expected a folder written by "
-                           "'adamae-convert consolidate' or 'import'")
+            raise ConvertError(
+                f"SRC {src} is a DeepSpeed checkpoint; run 'adamae-convert consolidate {src} OUT_DIR' first "
+                "and pass OUT_DIR"
+            )
+        raise ConvertError(
+            f"SRC {src} has no {MODEL_FILE} + {CONFIG_FILE}; expected a folder written by "
+            "'adamae-convert consolidate' or 'import'"
+        )
     try:
         config = json.loads(config_path.read_text())
     except json.JSONDecodeError as err:
         raise ConvertError(f"{config_path}: not valid JSON ({err})") from err
     fmt = config.get("format") if isinstance(config, dict) else None
     if fmt not in (FORMAT_FULL, FORMAT_ENCODER) or "model" not in config:
-        raise ConvertError(f"{config_path} is not an adamae-convert config (format {fmt!r}); it may be a Hugging Face "
-                           "or other folder")
+        raise ConvertError(
+            f"{config_path} is not an adamae-convert config (format {fmt!r}); it may be a Hugging Face or other folder"
+        )
     if expected_format is not None and fmt != expected_format:
         what = {FORMAT_FULL: "a full model (consolidate/import output)", FORMAT_ENCODER: "an encoder-only export"}
         raise ConvertError(f"SRC {src} holds {what[fmt]}, but this command needs {what[expected_format]}")

@@ -27,11 +27,13 @@ One known difference: HF builds the decoder's final LayerNorm with PyTorch's def
 config says; the reference and this project use 1e-6. The effect on outputs is far below 1e-4 for trained
 or reference-initialised weights (the parity test measures it).
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -107,7 +109,9 @@ def hf_state(full: Mapping[str, TensorLike]) -> dict[str, TensorLike]:
             if part == "attn.qkv.weight":
                 width = value.shape[1]
                 for row, projection in enumerate(("query", "key", "value")):
-                    out[f"{prefix}.attention.attention.{projection}.weight"] = _rows(value, row * width, (row + 1) * width)
+                    out[f"{prefix}.attention.attention.{projection}.weight"] = _rows(
+                        value, row * width, (row + 1) * width
+                    )
                 continue
             module, _, leaf = part.rpartition(".") if part.endswith((".weight", ".bias")) else (part, "", "")
             target = _BLOCK_PARTS[module] + (f".{leaf}" if leaf else "")
@@ -118,8 +122,13 @@ def hf_state(full: Mapping[str, TensorLike]) -> dict[str, TensorLike]:
     return out
 
 
-def export_hf(src: str | Path, out_dir: str | Path, norm_pix_loss: bool = True, dtype: torch.dtype = torch.float32,
-              overwrite: bool = False) -> dict[str, Any]:
+def export_hf(
+    src: str | Path,
+    out_dir: str | Path,
+    norm_pix_loss: bool = True,
+    dtype: torch.dtype = torch.float32,
+    overwrite: bool = False,
+) -> dict[str, Any]:
     """Write ``config.json`` + ``model.safetensors`` for ``VideoMAEForPreTraining.from_pretrained(out_dir)``."""
     source_config = read_folder_config(src, FORMAT_FULL)
     cfg = folder_model_config(source_config)

@@ -9,6 +9,7 @@
 - ``atomic_output_dir``: everything is written into a hidden temporary folder beside the target, which
   is renamed into place only once complete; a failure leaves no partial output behind.
 """
+
 from __future__ import annotations
 
 import importlib
@@ -21,9 +22,10 @@ import shutil
 import struct
 import tempfile
 import zipfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterator, Mapping, Protocol, Sequence
+from typing import Any, Protocol
 
 import torch
 from safetensors import SafetensorError, safe_open
@@ -137,25 +139,40 @@ class LazyTensor:
     def contiguous(self) -> torch.Tensor:
         tensor = self._load()
         if tuple(tensor.shape) != tuple(self.shape) or tensor.dtype != self.dtype:
-            raise AssertionError(f"lazy tensor promised {list(self.shape)} {self.dtype}, got "
-                                 f"{list(tensor.shape)} {tensor.dtype}")
+            raise AssertionError(
+                f"lazy tensor promised {list(self.shape)} {self.dtype}, got {list(tensor.shape)} {tensor.dtype}"
+            )
         return tensor.contiguous()
 
     def __repr__(self) -> str:
         return f"LazyTensor({list(self.shape)}, {self.dtype})"
 
 
-def lazy_map(source: TensorLike, fn: Callable[[torch.Tensor], torch.Tensor], shape: Sequence[int] | None = None,
-             dtype: torch.dtype | None = None) -> LazyTensor:
+def lazy_map(
+    source: TensorLike,
+    fn: Callable[[torch.Tensor], torch.Tensor],
+    shape: Sequence[int] | None = None,
+    dtype: torch.dtype | None = None,
+) -> LazyTensor:
     """``fn(source)`` computed when written; ``shape``/``dtype`` default to the source's."""
-    return LazyTensor(source.shape if shape is None else shape, source.dtype if dtype is None else dtype,
-                      lambda: fn(source.contiguous()))
+    return LazyTensor(
+        source.shape if shape is None else shape,
+        source.dtype if dtype is None else dtype,
+        lambda: fn(source.contiguous()),
+    )
 
 
 # -- safetensors --------------------------------------------------------------------------------------
 _SAFETENSORS_DTYPES = {
-    torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16",
-    torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
+    torch.float64: "F64",
+    torch.float32: "F32",
+    torch.float16: "F16",
+    torch.bfloat16: "BF16",
+    torch.int64: "I64",
+    torch.int32: "I32",
+    torch.int16: "I16",
+    torch.int8: "I8",
+    torch.uint8: "U8",
     torch.bool: "BOOL",
 }
 _TORCH_DTYPES = {code: dtype for dtype, code in _SAFETENSORS_DTYPES.items()}
@@ -165,8 +182,12 @@ def _output_dtype(value: TensorLike, dtype: torch.dtype | None) -> torch.dtype:
     return dtype if dtype is not None and value.dtype.is_floating_point else value.dtype
 
 
-def write_safetensors(path: str | Path, tensors: Mapping[str, TensorLike], metadata: Mapping[str, str] | None = None,
-                      dtype: torch.dtype | None = None) -> None:
+def write_safetensors(
+    path: str | Path,
+    tensors: Mapping[str, TensorLike],
+    metadata: Mapping[str, str] | None = None,
+    dtype: torch.dtype | None = None,
+) -> None:
     """Write ``tensors`` (in their order) as a safetensors file, one tensor in memory at a time.
 
     ``dtype`` casts floating-point tensors on the way out (e.g. ``torch.bfloat16``). The layout is the
@@ -182,8 +203,11 @@ def write_safetensors(path: str | Path, tensors: Mapping[str, TensorLike], metad
         if out_dtype not in _SAFETENSORS_DTYPES:
             raise ConvertError(f"{name}: dtype {out_dtype} cannot be written to safetensors")
         nbytes = math.prod(value.shape) * torch.empty((), dtype=out_dtype).element_size()
-        header[name] = {"dtype": _SAFETENSORS_DTYPES[out_dtype], "shape": [int(s) for s in value.shape],
-                        "data_offsets": [offset, offset + nbytes]}
+        header[name] = {
+            "dtype": _SAFETENSORS_DTYPES[out_dtype],
+            "shape": [int(s) for s in value.shape],
+            "data_offsets": [offset, offset + nbytes],
+        }
         offset += nbytes
     if metadata:
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
@@ -218,7 +242,9 @@ class SafetensorsReader:
             self._file = self._handle.__enter__()
             self._keys = list(self._file.offset_keys())  # the order they were written in
         except (SafetensorError, OSError) as err:
-            raise ConvertError(f"{self.path}: not a readable safetensors file ({_first_informative_line(err)})") from err
+            raise ConvertError(
+                f"{self.path}: not a readable safetensors file ({_first_informative_line(err)})"
+            ) from err
 
     def keys(self) -> list[str]:
         return list(self._keys)
@@ -230,7 +256,9 @@ class SafetensorsReader:
         piece = self._file.get_slice(name)
         dtype = _TORCH_DTYPES.get(piece.get_dtype())
         if dtype is None:
-            raise ConvertError(f"{self.path}: tensor {name} has dtype {piece.get_dtype()}, which this tool does not handle")
+            raise ConvertError(
+                f"{self.path}: tensor {name} has dtype {piece.get_dtype()}, which this tool does not handle"
+            )
         return LazyTensor(piece.get_shape(), dtype, lambda: self._file.get_tensor(name))
 
     def lazy_dict(self) -> dict[str, LazyTensor]:
@@ -239,7 +267,7 @@ class SafetensorsReader:
     def close(self) -> None:
         self._handle.__exit__(None, None, None)
 
-    def __enter__(self) -> "SafetensorsReader":
+    def __enter__(self) -> SafetensorsReader:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -248,7 +276,9 @@ class SafetensorsReader:
 
 # -- atomic output folders -------------------------------------------------------------------------------
 @contextmanager
-def atomic_output_dir(out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()) -> Iterator[Path]:
+def atomic_output_dir(
+    out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()
+) -> Iterator[Path]:
     """Yield a fresh temporary folder beside ``out_dir``; on success it becomes ``out_dir``.
 
     ``out_dir`` must not exist unless ``overwrite``; then the old folder is moved aside, the new one

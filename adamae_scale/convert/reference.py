@@ -29,12 +29,14 @@ read for the clip geometry (``num_frames``, ``input_size``), ``mask_type``/``mas
 size name. Shapes give everything else; the number of attention heads cannot be seen in shapes, so it
 comes from ``--model``/``--num-heads``, the size in ``args.model``, or the size of matching width.
 """
+
 from __future__ import annotations
 
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Mapping
+from typing import Any
 
 import torch
 
@@ -57,8 +59,13 @@ OTHER_ENTRIES = {
     "model_ema": "an EMA copy: only the main weights are imported",
 }
 
-_BLOCK = r"(?:norm1|norm2)\.(?:weight|bias)|attn\.(?:qkv\.weight|q_bias|v_bias|proj\.weight|proj\.bias)|mlp\.fc[12]\.(?:weight|bias)"
-_SAMPLER_BLOCK = r"(?:norm1|norm2)\.(?:weight|bias)|attn\.(?:qkv\.weight|proj\.weight|proj\.bias)|mlp\.fc[12]\.(?:weight|bias)"
+_BLOCK = (
+    r"(?:norm1|norm2)\.(?:weight|bias)|attn\.(?:qkv\.weight|q_bias|v_bias|proj\.weight|proj\.bias)"
+    r"|mlp\.fc[12]\.(?:weight|bias)"
+)
+_SAMPLER_BLOCK = (
+    r"(?:norm1|norm2)\.(?:weight|bias)|attn\.(?:qkv\.weight|proj\.weight|proj\.bias)|mlp\.fc[12]\.(?:weight|bias)"
+)
 # (reference pattern, our name as a re.sub template); the same name where the template is None.
 _RENAMES: list[tuple[re.Pattern[str], str | None]] = [
     (re.compile(r"encoder\.pos_embed_probs"), "sampler.pos_embed_probs"),
@@ -72,8 +79,10 @@ _RENAMES: list[tuple[re.Pattern[str], str | None]] = [
 # Fixed sin-cos tables some releases keep as tensors: (key, which width they are built for).
 _FIXED_TABLES = {"encoder.pos_embed": "encoder", "pos_embed": "decoder", "decoder.pos_embed": "decoder"}
 _REFUSED: list[tuple[re.Pattern[str], str]] = [
-    (re.compile(r"encoder\.head\.(?:weight|bias)"),
-     "is a classifier on the encoder: this looks like a fine-tuned checkpoint, and import takes pre-training ones"),
+    (
+        re.compile(r"encoder\.head\.(?:weight|bias)"),
+        "is a classifier on the encoder: this looks like a fine-tuned checkpoint, and import takes pre-training ones",
+    ),
     (re.compile(r".*\.gamma_[12]"), "is a layer-scale weight (init_values > 0), which this model does not have"),
     (re.compile(r".*cls_token"), "is a class token, which this model does not have"),
     (re.compile(r".*attn\.qkv\.bias"), "is a full qkv bias (with a key bias); this model has q_bias/v_bias only"),
@@ -94,17 +103,28 @@ class ImportReport:
     notes: list[str] = field(default_factory=list)
 
     def to_dict(self) -> dict[str, Any]:
-        return {"source_kind": self.source_kind, "weights_entry": self.weights_entry, "kept": len(self.kept),
-                "renamed": self.renamed, "dropped": self.dropped, "initialised": self.initialised,
-                "other_entries": self.other_entries, "notes": self.notes}
+        return {
+            "source_kind": self.source_kind,
+            "weights_entry": self.weights_entry,
+            "kept": len(self.kept),
+            "renamed": self.renamed,
+            "dropped": self.dropped,
+            "initialised": self.initialised,
+            "other_entries": self.other_entries,
+            "notes": self.notes,
+        }
 
     def summary(self) -> str:
-        parts = [f"{len(self.kept) + len(self.renamed)} tensors imported from '{self.weights_entry}' "
-                 f"({len(self.kept)} same name, {len(self.renamed)} renamed)"]
+        parts = [
+            f"{len(self.kept) + len(self.renamed)} tensors imported from '{self.weights_entry}' "
+            f"({len(self.kept)} same name, {len(self.renamed)} renamed)"
+        ]
         if self.dropped:
             parts.append(f"dropped {len(self.dropped)}: " + "; ".join(f"{k} ({v})" for k, v in self.dropped.items()))
         if self.initialised:
-            parts.append(f"initialised {len(self.initialised)} sampler tensors ({next(iter(self.initialised.values()))})")
+            parts.append(
+                f"initialised {len(self.initialised)} sampler tensors ({next(iter(self.initialised.values()))})"
+            )
         parts.extend(self.notes)
         return "; ".join(parts)
 
@@ -119,21 +139,26 @@ def extract_weights(checkpoint: Any, source: str) -> tuple[dict[str, torch.Tenso
         if checkpoint and all(torch.is_tensor(v) for v in checkpoint.values()):
             return dict(checkpoint), "(top level)", {}
         keys = sorted(map(str, checkpoint))[:8]
-        raise ConvertError(f"{source} has no weights under {', '.join(map(repr, WEIGHT_ENTRIES))} (its entries: {keys})")
+        raise ConvertError(
+            f"{source} has no weights under {', '.join(map(repr, WEIGHT_ENTRIES))} (its entries: {keys})"
+        )
     raise ConvertError(f"{source} holds a {type(checkpoint).__name__}, not a checkpoint dictionary")
 
 
-def rename_reference_keys(state: Mapping[str, torch.Tensor], source: str = "checkpoint"
-                          ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], ImportReport]:
+def rename_reference_keys(
+    state: Mapping[str, torch.Tensor], source: str = "checkpoint"
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor], ImportReport]:
     """Pure key map: ``(tensors under our names, fixed tables set aside, report)``; refuses what it cannot place."""
     names = list(state)
     if names and all(n.startswith("module.") for n in names):  # saved from a DistributedDataParallel wrapper
-        state = {n[len("module."):]: t for n, t in state.items()}
+        state = {n[len("module.") :]: t for n, t in state.items()}
     report = ImportReport()
     if not any(n.startswith("encoder.") for n in state):
         example = next(iter(state), "nothing")
-        raise ConvertError(f"{source} has no 'encoder.*' keys (first key: {example}); import takes AdaMAE/VideoMAE "
-                           "pre-training checkpoints, not fine-tuned or encoder-only ones")
+        raise ConvertError(
+            f"{source} has no 'encoder.*' keys (first key: {example}); import takes AdaMAE/VideoMAE "
+            "pre-training checkpoints, not fine-tuned or encoder-only ones"
+        )
     renamed: dict[str, torch.Tensor] = {}
     tables: dict[str, torch.Tensor] = {}
     unknown = []
@@ -169,12 +194,16 @@ def _check_fixed_table(name: str, table: torch.Tensor, cfg: AdaMAEConfig) -> Non
     dim = cfg.embed_dim if _FIXED_TABLES[name] == "encoder" else cfg.decoder_embed_dim
     expected = sincos_table_1d(cfg.num_tokens, dim)
     if tuple(table.shape) != tuple(expected.shape):
-        raise ArchitectureMismatchError(f"{name} is {list(table.shape)}, but the position table of {describe(cfg)} is "
-                                        f"{list(expected.shape)} (a class token, or another clip geometry?)")
+        raise ArchitectureMismatchError(
+            f"{name} is {list(table.shape)}, but the position table of {describe(cfg)} is "
+            f"{list(expected.shape)} (a class token, or another clip geometry?)"
+        )
     gap = float((table.float() - expected).abs().max())
     if gap > 1e-4:
-        raise ConvertError(f"{name} differs from the fixed 1-D sin-cos table by up to {gap:.3g}: a learned position "
-                           "embedding, which this model does not support")
+        raise ConvertError(
+            f"{name} differs from the fixed 1-D sin-cos table by up to {gap:.3g}: a learned position "
+            "embedding, which this model does not support"
+        )
 
 
 def fresh_sampler_state(cfg: AdaMAEConfig, seed: int) -> dict[str, torch.Tensor]:
@@ -185,8 +214,13 @@ def fresh_sampler_state(cfg: AdaMAEConfig, seed: int) -> dict[str, torch.Tensor]
     return {f"sampler.{name}": t.detach() for name, t in sampler.state_dict().items()}
 
 
-def fit_to_config(renamed: Mapping[str, torch.Tensor], tables: Mapping[str, torch.Tensor], cfg: AdaMAEConfig,
-                  report: ImportReport, seed: int = 0) -> dict[str, torch.Tensor]:
+def fit_to_config(
+    renamed: Mapping[str, torch.Tensor],
+    tables: Mapping[str, torch.Tensor],
+    cfg: AdaMAEConfig,
+    report: ImportReport,
+    seed: int = 0,
+) -> dict[str, torch.Tensor]:
     """Check the fixed tables, drop or initialise the sampler for ``cfg.masking``, cast to fp32, check shapes."""
     for name, table in tables.items():
         _check_fixed_table(name, table, cfg)
@@ -235,8 +269,12 @@ def import_reference(
         "format": FORMAT_FULL,
         "format_version": FORMAT_VERSION,
         "model": cfg.to_dict(),
-        "source": {"kind": report.source_kind, "file": str(src.absolute()), "weights_entry": entry,
-                   "epoch": epoch if isinstance(epoch, (int, float, str)) else None},
+        "source": {
+            "kind": report.source_kind,
+            "file": str(src.absolute()),
+            "weights_entry": entry,
+            "epoch": epoch if isinstance(epoch, (int, float, str)) else None,
+        },
         "import_report": report.to_dict(),
         "description": describe(cfg),
     }

@@ -1,8 +1,10 @@
 """Data sources: each yields dicts of tensors ``{"video": [B, 3, T, H, W], ...}`` and has a state."""
+
 from __future__ import annotations
 
 import os
-from typing import Any, Mapping
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 
@@ -26,10 +28,24 @@ def shard_config(data: Mapping[str, Any], model_cfg):
     """``configs/data/shards.yaml`` + the model's clip geometry → ``ShardDataConfig``."""
     from .pipeline import ShardDataConfig
 
-    keys = ("urls", "sampling_rate", "crop_scales", "max_distort", "flip", "shuffle_buffer", "shuffle_initial",
-            "workers", "prefetch", "resampled", "max_corrupt_fraction", "corrupt_check_after", "seed")
-    return ShardDataConfig(num_frames=model_cfg.num_frames, img_size=model_cfg.img_size,
-                           **{k: data[k] for k in keys if k in data})
+    keys = (
+        "urls",
+        "sampling_rate",
+        "crop_scales",
+        "max_distort",
+        "flip",
+        "shuffle_buffer",
+        "shuffle_initial",
+        "workers",
+        "prefetch",
+        "resampled",
+        "max_corrupt_fraction",
+        "corrupt_check_after",
+        "seed",
+    )
+    return ShardDataConfig(
+        num_frames=model_cfg.num_frames, img_size=model_cfg.img_size, **{k: data[k] for k in keys if k in data}
+    )
 
 
 def validate_data(data: Mapping[str, Any], model_cfg) -> None:

@@ -13,13 +13,14 @@ Formats (``--format``, or ``auto`` by extension and header):
 Labels become integers: integer labels stay as they are, names are numbered in sorted order (or by a
 ``--label-map`` JSON ``{name: index}``). A video without a label gets -1.
 """
+
 from __future__ import annotations
 
 import csv
 import json
+from collections.abc import Iterable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable
 
 from .video import VIDEO_EXTENSIONS
 
@@ -96,8 +97,7 @@ def _read_list(path: Path) -> list[Record]:
         elif len(parts) == 3 and parts[1].lstrip("-").isdigit():
             records.append(Record(parts[0], _label(parts[2]), number))
         else:
-            raise AnnotationError(
-                f"{path}:{number}: expected 'path label' (or 'path num_frames label'), got {line!r}")
+            raise AnnotationError(f"{path}:{number}: expected 'path label' (or 'path num_frames label'), got {line!r}")
     return records
 
 
@@ -123,20 +123,26 @@ def _read_kinetics(path: Path) -> list[Record]:
         header = [c.strip().lower() for c in next(reader, [])]
         missing = [c for c in KINETICS_COLUMNS if c not in header]
         if missing:
-            raise AnnotationError(f"{path}:1: Kinetics header lacks {missing}: expected "
-                                  f"'label,youtube_id,time_start,time_end,split', got {','.join(header)!r}")
+            raise AnnotationError(
+                f"{path}:1: Kinetics header lacks {missing}: expected "
+                f"'label,youtube_id,time_start,time_end,split', got {','.join(header)!r}"
+            )
         col = {name: header.index(name) for name in KINETICS_COLUMNS}
         for number, row in enumerate(reader, start=2):
             if not any(c.strip() for c in row):
                 continue
             if len(row) < len(header):
-                raise AnnotationError(f"{path}:{number}: expected {len(header)} columns "
-                                      f"({','.join(header)}), got {len(row)}: {','.join(row)!r}")
+                raise AnnotationError(
+                    f"{path}:{number}: expected {len(header)} columns "
+                    f"({','.join(header)}), got {len(row)}: {','.join(row)!r}"
+                )
             try:
                 start, end = int(float(row[col["time_start"]])), int(float(row[col["time_end"]]))
             except ValueError:
-                raise AnnotationError(f"{path}:{number}: time_start/time_end must be numbers, got "
-                                      f"{row[col['time_start']]!r}, {row[col['time_end']]!r}") from None
+                raise AnnotationError(
+                    f"{path}:{number}: time_start/time_end must be numbers, got "
+                    f"{row[col['time_start']]!r}, {row[col['time_end']]!r}"
+                ) from None
             youtube_id = row[col["youtube_id"]].strip()
             if not youtube_id:
                 raise AnnotationError(f"{path}:{number}: empty youtube_id")

@@ -29,6 +29,7 @@ workers or batch size, a resume starts the epoch after the furthest one begun (n
 epoch repeats). A resampled stream has no order to replay: it resumes on a fresh seed drawn from the
 number of batches consumed.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,10 +38,11 @@ import re
 import sys
 import warnings
 import zlib
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
-from itertools import islice
+from itertools import islice, pairwise
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator, Mapping, Sequence
+from typing import Any
 
 import braceexpand
 import numpy as np
@@ -96,6 +98,7 @@ class ShardDataConfig:
 
 # -- where the shards are ------------------------------------------------------------------------------------
 
+
 def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
@@ -105,8 +108,10 @@ def shard_urls(urls: str | Sequence[str]) -> list[str]:
     (its ``manifest.json`` order, else its ``*.tar`` sorted) or a ``manifest.json``; local paths and
     ``pipe:`` commands. Local shards must exist."""
     if urls is None or urls == "" or urls == []:
-        raise ValueError("data.urls is required for data=shards: a brace pattern, a list, a folder of shards "
-                         "or a manifest.json (made by adamae-shards)")
+        raise ValueError(
+            "data.urls is required for data=shards: a brace pattern, a list, a folder of shards "
+            "or a manifest.json (made by adamae-shards)"
+        )
     if isinstance(urls, (list, tuple)):
         expanded = [u for item in urls for u in shard_urls(item)]
     else:
@@ -128,7 +133,9 @@ def shard_urls(urls: str | Sequence[str]) -> list[str]:
             except (json.JSONDecodeError, KeyError, TypeError) as err:
                 raise ValueError(f"data.urls={text}: not an adamae-shards manifest ({err})") from None
             if not manifest.get("complete", False):
-                warnings.warn(f"{text}: the shard job is not complete (adamae-shards --resume finishes it)")
+                warnings.warn(
+                    f"{text}: the shard job is not complete (adamae-shards --resume finishes it)", stacklevel=2
+                )
             if not names:
                 raise ValueError(f"data.urls={text}: the manifest lists no shards")
             expanded = [str(path.parent / name) for name in names]
@@ -141,6 +148,7 @@ def shard_urls(urls: str | Sequence[str]) -> list[str]:
 
 
 # -- stages (each maps an iterator to an iterator) -------------------------------------------------------------
+
 
 def _seed(*parts: int | str) -> list[int]:
     """A numpy SeedSequence entropy list from ints and strings (strings by CRC32: stable across processes)."""
@@ -159,8 +167,9 @@ def take_every(src: Iterable, index: int, count: int) -> Iterator:
     return islice(src, index, None, count)
 
 
-def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate: int,
-                  rng_for: RngFor) -> Iterator[dict[str, Any]]:
+def choose_window(
+    src: Iterable[dict[str, Any]], num_frames: int, sampling_rate: int, rng_for: RngFor
+) -> Iterator[dict[str, Any]]:
     """Raw tar sample → ``{key, url, label, mp4 | jpgs, indices}`` or ``{key, url, error}``.
 
     Only the JSON is parsed here (never a pickle); for JPEG samples the frames outside the window are
@@ -186,8 +195,10 @@ def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate:
             else:  # one member per frame, the usual WebDataset layout of other tools
                 frames = {int(m.group(1)): v for k, v in sample.items() if (m := FRAME_NAME.match(k))}
                 if not frames:
-                    raise VideoError(f"no .mp4, .mjpeg or NNNNNN.jpg members (members: "
-                                     f"{sorted(k for k in sample if not k.startswith('__'))})")
+                    raise VideoError(
+                        f"no .mp4, .mjpeg or NNNNNN.jpg members (members: "
+                        f"{sorted(k for k in sample if not k.startswith('__'))})"
+                    )
                 lacking = sorted({int(i) for i in indices} - frames.keys())
                 if lacking:
                     raise VideoError(f"frame {lacking[0]:06d}.jpg is missing")
@@ -199,10 +210,15 @@ def choose_window(src: Iterable[dict[str, Any]], num_frames: int, sampling_rate:
 
 def _mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) -> list[bytes]:
     """The JPEG images ``indices`` of a back-to-back MJPEG member, located by the JSON's offsets."""
-    if (not isinstance(offsets, list) or len(offsets) != count + 1 or offsets[0] != 0 or offsets[-1] != len(blob)
-            or any(b <= a for a, b in zip(offsets, offsets[1:]))):
+    if (
+        not isinstance(offsets, list)
+        or len(offsets) != count + 1
+        or offsets[0] != 0
+        or offsets[-1] != len(blob)
+        or any(b <= a for a, b in pairwise(offsets))
+    ):
         raise VideoError(f".json frame_offsets do not describe the {len(blob)}-byte .mjpeg member of {count} frames")
-    return [blob[offsets[i]:offsets[i + 1]] for i in indices]
+    return [blob[offsets[i] : offsets[i + 1]] for i in indices]
 
 
 def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: RngFor) -> Iterator[dict[str, Any]]:
@@ -217,14 +233,16 @@ def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: Rn
                     frames = reader.read_indices(item["indices"], skip_disposable=True)
             else:
                 frames = np.stack([decode_jpeg(data) for data in item["jpgs"]])
-            video = crop_resize(frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip,
-                                rng_for(item["key"], "augment"))  # uint8; normalised into the batch
+            video = crop_resize(
+                frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip, rng_for(item["key"], "augment")
+            )  # uint8; normalised into the batch
             yield {"key": item["key"], "label": item["label"], "video": video}
         except Exception as err:  # bad bytes: counted, never fatal on their own
             yield {"key": item["key"], "url": item["url"], "error": f"{type(err).__name__}: {err}"[:300]}
 
 
 # -- one epoch of one rank, as seen by a DataLoader worker ---------------------------------------------------------
+
 
 @dataclass
 class ResumePoint:
@@ -235,7 +253,7 @@ class ResumePoint:
     offset: int = 0  # clips of that batch already handed out
 
     @classmethod
-    def start(cls, workers: int) -> "ResumePoint":
+    def start(cls, workers: int) -> ResumePoint:
         return cls([0] * workers)
 
 
@@ -243,8 +261,16 @@ class EpochClips(IterableDataset):
     """One rank's epoch (or, resampled, its endless stream) of worker batches:
     ``{"worker", "slots", "corrupt", "video" [b, 3, T, H, W], "label", "key"}`` or a marker ``{"worker"}``."""
 
-    def __init__(self, cfg: ShardDataConfig, urls: list[str], batch_size: int, rank: int, world_size: int,
-                 epoch: int, resume: ResumePoint | None):
+    def __init__(
+        self,
+        cfg: ShardDataConfig,
+        urls: list[str],
+        batch_size: int,
+        rank: int,
+        world_size: int,
+        epoch: int,
+        resume: ResumePoint | None,
+    ):
         super().__init__()
         self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
         self.rank, self.world_size, self.epoch, self.resume = rank, world_size, epoch, resume
@@ -256,7 +282,8 @@ class EpochClips(IterableDataset):
             # A resampled stream can hold a sample twice: seed by its position in this worker's stream.
             counter = iter(range(sys.maxsize))
             return lambda key, purpose: np.random.default_rng(
-                _seed(cfg.seed, epoch, self.rank, worker, next(counter), purpose))
+                _seed(cfg.seed, epoch, self.rank, worker, next(counter), purpose)
+            )
         # Exactly-once epochs: the clip of a sample depends on (seed, epoch, key) only, never on the
         # rank or worker that reads it or on skipping.
         return lambda key, purpose: np.random.default_rng(_seed(cfg.seed, epoch, key, purpose))
@@ -268,8 +295,14 @@ class EpochClips(IterableDataset):
     def stages(self, worker: int, workers: int) -> list:
         cfg = self.cfg
         if cfg.resampled:
-            source = [wds.ResampledShards(self.urls, seed=cfg.seed * 1_000_003 + self.epoch, deterministic=True,
-                                          worker_seed=lambda: self.rank * 10_007 + worker)]
+            source = [
+                wds.ResampledShards(
+                    self.urls,
+                    seed=cfg.seed * 1_000_003 + self.epoch,
+                    deterministic=True,
+                    worker_seed=lambda: self.rank * 10_007 + worker,
+                )
+            ]
             # an endless stream of shard urls drawn with replacement, its own for each (rank, worker)
         else:
             source = [
@@ -308,11 +341,18 @@ class EpochClips(IterableDataset):
             bad = [f"{s.get('url', '?')} {s['key']}: {s['error']}" for s in slots if "error" in s] + errors
             for line in bad:
                 if printed < MAX_PRINTED_ERRORS:
-                    print(f"[adamae data] rank {self.rank} worker {worker}: skipped corrupt sample {line}",
-                          file=sys.stderr, flush=True)
+                    print(
+                        f"[adamae data] rank {self.rank} worker {worker}: skipped corrupt sample {line}",
+                        file=sys.stderr,
+                        flush=True,
+                    )
                 printed += 1
-            batch: dict[str, Any] = {"worker": worker, "slots": len(slots), "corrupt": len(bad),
-                                     "tar_errors": len(errors)}
+            batch: dict[str, Any] = {
+                "worker": worker,
+                "slots": len(slots),
+                "corrupt": len(bad),
+                "tar_errors": len(errors),
+            }
             if good:
                 batch["video"] = _normalized_batch([s["video"] for s in good])
                 batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
@@ -329,12 +369,13 @@ def _normalized_batch(clips: list[torch.Tensor]) -> torch.Tensor:
         video = torch.empty(0, dtype=torch.float32).new(storage).view(shape)
     else:
         video = torch.empty(shape, dtype=torch.float32)
-    for slot, clip in zip(video, clips):
+    for slot, clip in zip(video, clips, strict=True):
         normalized(clip, out=slot)
     return video
 
 
 # -- the rank's infinite iterator: re-chunking, epochs, state ------------------------------------------------------
+
 
 @dataclass
 class _Current:
@@ -357,9 +398,11 @@ class ShardClips:
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.urls = shard_urls(cfg.urls)
         if not cfg.resampled and len(self.urls) < world_size:
-            raise ValueError(f"data.urls: {len(self.urls)} shards for {world_size} ranks; every rank needs at least "
-                             "one shard per epoch: make more, smaller shards (adamae-shards --samples-per-shard) "
-                             "or set data.resampled=true")
+            raise ValueError(
+                f"data.urls: {len(self.urls)} shards for {world_size} ranks; every rank needs at least "
+                "one shard per epoch: make more, smaller shards (adamae-shards --samples-per-shard) "
+                "or set data.resampled=true"
+            )
         self.workers = max(1, cfg.workers)  # the in-process loader (workers=0) is one worker
         self.epoch = 0
         self.point = ResumePoint.start(self.workers)
@@ -372,13 +415,15 @@ class ShardClips:
         self._epoch_slots = 0
 
     # -- iteration ---------------------------------------------------------------------------------------------
-    def __iter__(self) -> "ShardClips":
+    def __iter__(self) -> ShardClips:
         return self
 
     def _start_epoch(self, resume: ResumePoint | None) -> None:
         dataset = EpochClips(self.cfg, self.urls, self.batch_size, self.rank, self.world_size, self.epoch, resume)
         loader = DataLoader(
-            dataset, batch_size=None, num_workers=self.cfg.workers,
+            dataset,
+            batch_size=None,
+            num_workers=self.cfg.workers,
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.cfg.seed),  # leaves the global torch RNG alone
@@ -397,8 +442,10 @@ class ShardClips:
                 if self._epoch_slots == 0:
                     empty_epochs += 1
                     if empty_epochs >= 2:
-                        raise RuntimeError(f"data: rank {self.rank} read no samples in two epochs from "
-                                           f"{len(self.urls)} shards ({self.urls[0]}, ...)") from None
+                        raise RuntimeError(
+                            f"data: rank {self.rank} read no samples in two epochs from "
+                            f"{len(self.urls)} shards ({self.urls[0]}, ...)"
+                        ) from None
                 self.epoch += 1
                 self.point = ResumePoint.start(self.workers)
                 self._drop = 0
@@ -423,7 +470,8 @@ class ShardClips:
             raise CorruptDataError(
                 f"data: {self.corrupt} of {self.seen} samples read on rank {self.rank} were corrupt "
                 f"({self.corrupt / self.seen:.1%} > data.max_corrupt_fraction={limit}); the reasons are on stderr. "
-                f"Re-make the shards (adamae-shards --resume re-checks their sha256) or raise the limit")
+                f"Re-make the shards (adamae-shards --resume re-checks their sha256) or raise the limit"
+            )
 
     def _finish(self, current: _Current) -> None:
         worker = current.batch["worker"]
@@ -465,11 +513,21 @@ class ShardClips:
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state holding every rank's position. Collective when distributed: call it on every rank."""
         rows = _all_gather_ints(self._local_position(), self.world_size)
-        ranks = [{"epoch": r[0], "next_worker": r[1], "offset": r[2], "seen": r[3], "corrupt": r[4],
-                  "consumed": r[5:]} for r in rows]
-        return {"version": STATE_VERSION, "batches": self.batches, "epoch": self.epoch,
-                "world_size": self.world_size, "workers": self.workers, "batch_size": self.batch_size,
-                "resampled": self.cfg.resampled, "seed": self.cfg.seed, "ranks": ranks}
+        ranks = [
+            {"epoch": r[0], "next_worker": r[1], "offset": r[2], "seen": r[3], "corrupt": r[4], "consumed": r[5:]}
+            for r in rows
+        ]
+        return {
+            "version": STATE_VERSION,
+            "batches": self.batches,
+            "epoch": self.epoch,
+            "world_size": self.world_size,
+            "workers": self.workers,
+            "batch_size": self.batch_size,
+            "resampled": self.cfg.resampled,
+            "seed": self.cfg.seed,
+            "ranks": ranks,
+        }
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue where ``state`` (saved by any rank, e.g. rank 0) left this rank."""
@@ -478,9 +536,13 @@ class ShardClips:
         self.close()
         self._current = None
         self.batches = int(state["batches"])
-        same_layout = (state["world_size"] == self.world_size and state["workers"] == self.workers
-                       and state["batch_size"] == self.batch_size and state["resampled"] == self.cfg.resampled
-                       and len(state["ranks"]) == self.world_size)
+        same_layout = (
+            state["world_size"] == self.world_size
+            and state["workers"] == self.workers
+            and state["batch_size"] == self.batch_size
+            and state["resampled"] == self.cfg.resampled
+            and len(state["ranks"]) == self.world_size
+        )
         if self.cfg.resampled:
             # An endless draw with replacement: a fresh stream seeded by the resume point, not a replay.
             own = state["ranks"][self.rank] if same_layout else state["ranks"][0]
@@ -494,9 +556,12 @@ class ShardClips:
             # epoch after the furthest one any rank had begun, so no clip of a finished epoch repeats.
             self.epoch = max(int(r["epoch"]) for r in state["ranks"]) + 1
             self.point, self._drop = ResumePoint.start(self.workers), 0
-            warnings.warn(f"data: resuming with another layout (world {state['world_size']}->{self.world_size}, "
-                          f"workers {state['workers']}->{self.workers}, batch {state['batch_size']}->"
-                          f"{self.batch_size}): starting epoch {self.epoch} from its beginning")
+            warnings.warn(
+                f"data: resuming with another layout (world {state['world_size']}->{self.world_size}, "
+                f"workers {state['workers']}->{self.workers}, batch {state['batch_size']}->"
+                f"{self.batch_size}): starting epoch {self.epoch} from its beginning",
+                stacklevel=2,
+            )
             return
         own = state["ranks"][self.rank]
         self.epoch = int(own["epoch"])
@@ -513,6 +578,7 @@ class ShardClips:
 
 
 # -- collectives without pickles ----------------------------------------------------------------------------------
+
 
 def _dist_ready(world_size: int) -> bool:
     return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()

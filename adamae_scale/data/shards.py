@@ -13,6 +13,7 @@ in one shard. Shards are written under a temporary name, fsynced and renamed. ``
 rewritten (atomically) after every shard, so ``--resume`` keeps the shards it can verify (size and
 sha256), re-makes the others from the same videos, and goes on from there.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,18 +27,28 @@ import sys
 import tarfile
 import time
 from collections import deque
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Any
 
 import av
 from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
-from .annotations import (FORMATS, AnnotationError, Record, build_label_map, index_stems, label_index,
-                          read_annotations, resolve, scan_folder)
+from .annotations import (
+    FORMATS,
+    AnnotationError,
+    Record,
+    build_label_map,
+    index_stems,
+    label_index,
+    read_annotations,
+    resolve,
+    scan_folder,
+)
 from .video import VIDEO_EXTENSIONS, Mp4Encoder, VideoError, VideoReader, encode_jpeg, short_side_size
 
 MANIFEST = "manifest.json"
@@ -90,6 +101,7 @@ class ShardOptions:
 
 # -- one video → samples (runs in worker processes) ------------------------------------------------------
 
+
 @dataclass
 class Sample:
     key: str
@@ -141,8 +153,9 @@ class _ClipSink:
         if self.mp4 is not None:
             self.mp4.add(frame)
         else:
-            rgb = self.reformatter.reformat(frame, width=self.width, height=self.height, format="rgb24",
-                                            interpolation="AREA")
+            rgb = self.reformatter.reformat(
+                frame, width=self.width, height=self.height, format="rgb24", interpolation="AREA"
+            )
             self.jpegs.append(encode_jpeg(rgb.to_ndarray(), self.opts.jpeg_quality))
         self.count += 1
 
@@ -168,7 +181,7 @@ def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, A
         clip_frames = max(1, round(opts.clip_duration * fps)) if opts.clip_duration else None
         clips: list[tuple[int, _ClipSink]] = []
         sink, total, source_decoded, stopped_early = None, 0, 0, False
-        for frame, source_decoded in _resampled(reader, opts.fps):
+        for frame, source_decoded in _resampled(reader, opts.fps):  # noqa: B007 (its last value is read below)
             if max_frames is not None and total >= max_frames:
                 stopped_early = True
                 break
@@ -191,10 +204,19 @@ def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, A
             key = f"{key_prefix}_{index:03d}"
             files, described = clip.files()
             clip_meta = {
-                "key": key, **meta, "clip": index, "start": round(first / fps, 6), "fps": round(fps, 6),
-                "num_frames": clip.count, "duration": round(clip.count / fps, 6), "width": out_w,
-                "height": out_h, "format": opts.store, "source_fps": round(info.fps, 6),
-                "source_size": [info.width, info.height], **described,
+                "key": key,
+                **meta,
+                "clip": index,
+                "start": round(first / fps, 6),
+                "fps": round(fps, 6),
+                "num_frames": clip.count,
+                "duration": round(clip.count / fps, 6),
+                "width": out_w,
+                "height": out_h,
+                "format": opts.store,
+                "source_fps": round(info.fps, 6),
+                "source_size": [info.width, info.height],
+                **described,
             }
             samples.append(Sample(key, clip_meta, [("json", json.dumps(clip_meta).encode())] + files))
         return samples
@@ -213,6 +235,7 @@ def process_video(job: tuple[int, int, str, dict[str, Any], dict[str, Any]]) -> 
 
 
 # -- ordered parallel map that survives a crashing decoder ---------------------------------------------------
+
 
 def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None = None) -> Iterator:
     """``fn(job)`` for every job, results in job order, at most ``window`` jobs in flight.
@@ -262,6 +285,7 @@ def _run_alone(fn: Callable, job):
 
 # -- atomic tar shards ---------------------------------------------------------------------------------------
 
+
 def _fsync_dir(folder: Path) -> None:
     fd = os.open(folder, os.O_RDONLY)
     try:
@@ -307,8 +331,13 @@ class ShardSink:
         self.file.flush()
         os.fsync(self.file.fileno())
         self.file.close()
-        entry = {"name": self.name, "samples": self.samples, "bytes": self.tmp.stat().st_size,
-                 "sha256": sha256_file(self.tmp), "records": [self.first_position, end_position]}
+        entry = {
+            "name": self.name,
+            "samples": self.samples,
+            "bytes": self.tmp.stat().st_size,
+            "sha256": sha256_file(self.tmp),
+            "records": [self.first_position, end_position],
+        }
         os.replace(self.tmp, self.folder / self.name)
         _fsync_dir(self.folder)
         return entry
@@ -336,6 +365,7 @@ def verify_shard(folder: Path, entry: dict[str, Any]) -> bool:
 
 # -- the whole job -------------------------------------------------------------------------------------------
 
+
 def load_records(src: Path, root: Path | None, fmt: str) -> tuple[list[Record], Path, dict[str, Path] | None]:
     """Records, the root their paths are relative to, and a stem index when the format names videos by id."""
     if not src.exists():
@@ -353,9 +383,19 @@ def load_records(src: Path, root: Path | None, fmt: str) -> tuple[list[Record], 
     return records, base, index_stems(base) if needs_index else None
 
 
-def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | None = None, fmt: str = "auto",
-                 label_map: dict[str, int] | None = None, workers: int = 1, resume: bool = False,
-                 progress: bool = True, log: Callable[[str], None] | None = None) -> dict[str, Any]:
+def build_shards(
+    src: Path,
+    out_dir: Path,
+    opts: ShardOptions,
+    *,
+    root: Path | None = None,
+    fmt: str = "auto",
+    label_map: dict[str, int] | None = None,
+    workers: int = 1,
+    resume: bool = False,
+    progress: bool = True,
+    log: Callable[[str], None] | None = None,
+) -> dict[str, Any]:
     """Run the whole job; returns the final manifest. Bad videos are reported, never fatal."""
     log = log or (lambda line: tqdm.write(line, file=sys.stderr))
     records, base, stems = load_records(src, root, fmt)
@@ -365,8 +405,13 @@ def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | N
     order = list(range(len(records)))
     if opts.shuffle:
         random.Random(opts.seed).shuffle(order)
-    identity = {"source": str(src.resolve()), "root": str(base.resolve()), "format": fmt,
-                "num_videos": len(records), "options": asdict(opts)}
+    identity = {
+        "source": str(src.resolve()),
+        "root": str(base.resolve()),
+        "format": fmt,
+        "num_videos": len(records),
+        "options": asdict(opts),
+    }
     manifest, redo = _start_manifest(out_dir, identity, labels, resume, log)
     for stale in out_dir.glob(f".{opts.prefix}-*.tar.tmp-*"):  # left by a killed run: never a finished shard
         stale.unlink()
@@ -380,9 +425,11 @@ def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | N
         index = order[position]
         record = records[index]
         path = resolve(record, base, stems)
-        meta = {"label": label_index(record.label, labels),
-                "label_name": record.label if isinstance(record.label, str) else None,
-                "source": record.path}
+        meta = {
+            "label": label_index(record.label, labels),
+            "label_name": record.label if isinstance(record.label, str) else None,
+            "source": record.path,
+        }
         return position, index, str(path) if path is not None else "", meta, asdict(opts)
 
     def fail(position: int, reason: str) -> dict[str, Any]:
@@ -392,8 +439,14 @@ def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | N
         return {"path": record.path, "line": record.line, "reason": reason, "position": position}
 
     positions = [p for entry in redo for p in range(*entry["records"])] + list(range(next_position, len(order)))
-    bar = tqdm(total=len(order), initial=done_positions, unit="video", desc="adamae-shards",
-               disable=not progress, file=sys.stderr)
+    bar = tqdm(
+        total=len(order),
+        initial=done_positions,
+        unit="video",
+        desc="adamae-shards",
+        disable=not progress,
+        file=sys.stderr,
+    )
     results = ordered_map(process_video, (job(p) for p in positions), workers)
 
     def take(position: int) -> list[Sample] | dict[str, Any]:
@@ -447,8 +500,12 @@ def build_shards(src: Path, out_dir: Path, opts: ShardOptions, *, root: Path | N
         bar.close()
     failures.extend(pending_failures)
     failures.sort(key=lambda f: f["position"])
-    manifest.update(complete=True, num_samples=sum(s["samples"] for s in shards),
-                    num_failures=len(failures), finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"))
+    manifest.update(
+        complete=True,
+        num_samples=sum(s["samples"] for s in shards),
+        num_failures=len(failures),
+        finished=time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+    )
     write_manifest(out_dir, manifest)
     return manifest
 
@@ -458,22 +515,32 @@ def _range_start(shards: list[dict[str, Any]]) -> int:
 
 
 def _full(sink: ShardSink, opts: ShardOptions) -> bool:
-    return ((opts.samples_per_shard is not None and sink.samples >= opts.samples_per_shard)
-            or (opts.bytes_per_shard is not None and sink.nbytes >= opts.bytes_per_shard))
+    return (opts.samples_per_shard is not None and sink.samples >= opts.samples_per_shard) or (
+        opts.bytes_per_shard is not None and sink.nbytes >= opts.bytes_per_shard
+    )
 
 
-def _start_manifest(out_dir: Path, identity: dict[str, Any], labels: dict[str, int], resume: bool,
-                    log: Callable[[str], None]) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def _start_manifest(
+    out_dir: Path, identity: dict[str, Any], labels: dict[str, int], resume: bool, log: Callable[[str], None]
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """A fresh manifest, or (``--resume``) the previous one with the shards that need re-making."""
     path = out_dir / MANIFEST
     if not path.exists():
         existing = sorted(p.name for p in out_dir.glob("*.tar"))
         if existing:
-            raise FileExistsError(f"{out_dir} holds tar files ({existing[0]}, ...) but no {MANIFEST}: "
-                                  "use an empty OUT_DIR")
-        manifest = {"tool": "adamae-shards", "version": tool_version(),
-                    "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"), **identity, "label_map": labels,
-                    "complete": False, "shards": [], "failures": []}
+            raise FileExistsError(
+                f"{out_dir} holds tar files ({existing[0]}, ...) but no {MANIFEST}: use an empty OUT_DIR"
+            )
+        manifest = {
+            "tool": "adamae-shards",
+            "version": tool_version(),
+            "created": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            **identity,
+            "label_map": labels,
+            "complete": False,
+            "shards": [],
+            "failures": [],
+        }
         write_manifest(out_dir, manifest)
         return manifest, []
     if not resume:
@@ -499,6 +566,7 @@ def _start_manifest(out_dir: Path, identity: dict[str, Any], labels: dict[str, i
 
 # -- command line ----------------------------------------------------------------------------------------------
 
+
 def parse_size(text: str) -> int:
     """``500MB``, ``1GiB``, ``2e9`` → bytes."""
     match = re.fullmatch(r"\s*([0-9.]+(?:[eE][0-9]+)?)\s*([kKmMgGtT]?)(i?)[bB]?\s*", text)
@@ -522,61 +590,108 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="adamae-shards",
         description="Turn a folder of videos or an annotation file into WebDataset tar shards "
-                    "(PREFIX-000000.tar, ...) plus manifest.json, for `adamae-pretrain data=shards`. "
-                    "A sample is KEY.json (label, source path, fps, frame count, duration, size) plus KEY.mp4 or "
-                    "KEY.mjpeg. manifest.json lists each shard (samples, bytes, sha256), the label map, the options, "
-                    "the tool version and every skipped video with the reason. Shards are written under a temporary "
-                    "name and renamed when complete.",
+        "(PREFIX-000000.tar, ...) plus manifest.json, for `adamae-pretrain data=shards`. "
+        "A sample is KEY.json (label, source path, fps, frame count, duration, size) plus KEY.mp4 or "
+        "KEY.mjpeg. manifest.json lists each shard (samples, bytes, sha256), the label map, the options, "
+        "the tool version and every skipped video with the reason. Shards are written under a temporary "
+        "name and renamed when complete.",
         epilog="example: adamae-shards k400/train.csv shards/k400 --root k400/videos --workers 16",
         formatter_class=_HelpFormatter,
     )
-    parser.add_argument("src", metavar="SRC", type=Path,
-                        help="a folder of videos (searched recursively; sub-folder names become labels) or an "
-                             "annotation file: 'path label' list, CSV 'path,label', Kinetics CSV or SSv2 JSON")
+    parser.add_argument(
+        "src",
+        metavar="SRC",
+        type=Path,
+        help="a folder of videos (searched recursively; sub-folder names become labels) or an "
+        "annotation file: 'path label' list, CSV 'path,label', Kinetics CSV or SSv2 JSON",
+    )
     parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where the shards and manifest.json go")
     src = parser.add_argument_group("input")
-    src.add_argument("--root", type=Path, default=None,
-                     help="folder that relative paths in the annotation file start from "
-                          "(default: the annotation file's folder)")
-    src.add_argument("--format", dest="fmt", choices=FORMATS, default="auto",
-                     help="annotation format; auto: .json is SSv2, .csv with a youtube_id column is Kinetics, "
-                          "other .csv is 'path,label', anything else is a space-separated list")
-    src.add_argument("--label-map", type=Path, default=None,
-                     help="JSON file {label name: index} to number named labels (default: sorted names)")
+    src.add_argument(
+        "--root",
+        type=Path,
+        default=None,
+        help="folder that relative paths in the annotation file start from (default: the annotation file's folder)",
+    )
+    src.add_argument(
+        "--format",
+        dest="fmt",
+        choices=FORMATS,
+        default="auto",
+        help="annotation format; auto: .json is SSv2, .csv with a youtube_id column is Kinetics, "
+        "other .csv is 'path,label', anything else is a space-separated list",
+    )
+    src.add_argument(
+        "--label-map",
+        type=Path,
+        default=None,
+        help="JSON file {label name: index} to number named labels (default: sorted names)",
+    )
     video = parser.add_argument_group("preprocessing")
-    video.add_argument("--short-side", type=int, default=256,
-                       help="resize so the short side is this many pixels, keeping the aspect (0: keep the size)")
+    video.add_argument(
+        "--short-side",
+        type=int,
+        default=256,
+        help="resize so the short side is this many pixels, keeping the aspect (0: keep the size)",
+    )
     video.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: keep)")
-    video.add_argument("--max-duration", type=float, default=None,
-                       help="keep at most this many seconds from the start of each video")
-    video.add_argument("--clip-duration", type=float, default=None,
-                       help="split each video into consecutive clips of this many seconds (one sample each; "
-                            "a tail shorter than --min-frames is dropped)")
-    video.add_argument("--min-frames", type=int, default=16,
-                       help="videos with fewer frames (after --fps/--max-duration) are reported as too short")
+    video.add_argument(
+        "--max-duration", type=float, default=None, help="keep at most this many seconds from the start of each video"
+    )
+    video.add_argument(
+        "--clip-duration",
+        type=float,
+        default=None,
+        help="split each video into consecutive clips of this many seconds (one sample each; "
+        "a tail shorter than --min-frames is dropped)",
+    )
+    video.add_argument(
+        "--min-frames",
+        type=int,
+        default=16,
+        help="videos with fewer frames (after --fps/--max-duration) are reported as too short",
+    )
     store = parser.add_argument_group("storage")
-    store.add_argument("--store", choices=STORES, default="mp4",
-                       help="per sample: mp4 = the clip re-encoded as H.264; jpg = every frame as a JPEG, "
-                            "back to back in one .mjpeg member (about 10x larger, decodes faster)")
+    store.add_argument(
+        "--store",
+        choices=STORES,
+        default="mp4",
+        help="per sample: mp4 = the clip re-encoded as H.264; jpg = every frame as a JPEG, "
+        "back to back in one .mjpeg member (about 10x larger, decodes faster)",
+    )
     store.add_argument("--crf", type=int, default=23, help="H.264 quality (lower = better, larger)")
     store.add_argument("--preset", default="veryfast", help="x264 speed preset")
-    store.add_argument("--gop", type=int, default=16,
-                       help="H.264 key-frame interval in frames: smaller = faster random windows, larger files")
+    store.add_argument(
+        "--gop",
+        type=int,
+        default=16,
+        help="H.264 key-frame interval in frames: smaller = faster random windows, larger files",
+    )
     store.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-95 for --store jpg")
     out = parser.add_argument_group("shards")
-    out.add_argument("--samples-per-shard", type=int, default=1000,
-                     help="close a shard once it holds this many samples (0: no sample limit)")
-    out.add_argument("--bytes-per-shard", type=parse_size, default=None,
-                     help="close a shard once it reaches this size, e.g. 1GB (with --samples-per-shard, "
-                          "whichever comes first)")
+    out.add_argument(
+        "--samples-per-shard",
+        type=int,
+        default=1000,
+        help="close a shard once it holds this many samples (0: no sample limit)",
+    )
+    out.add_argument(
+        "--bytes-per-shard",
+        type=parse_size,
+        default=None,
+        help="close a shard once it reaches this size, e.g. 1GB (with --samples-per-shard, whichever comes first)",
+    )
     out.add_argument("--prefix", default="shard", help="shard names are PREFIX-000000.tar, ...")
     out.add_argument("--seed", type=int, default=0, help="seed of the shuffle of videos across shards")
     out.add_argument("--no-shuffle", action="store_true", help="keep the input order instead of shuffling")
     run = parser.add_argument_group("running")
     run.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding/encoding processes")
-    run.add_argument("--resume", action="store_true",
-                     help="continue the job in OUT_DIR: keep shards that match manifest.json (size and sha256), "
-                          "re-make the others, process the remaining videos")
+    run.add_argument(
+        "--resume",
+        action="store_true",
+        help="continue the job in OUT_DIR: keep shards that match manifest.json (size and sha256), "
+        "re-make the others, process the remaining videos",
+    )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
     return parser
 
@@ -585,24 +700,49 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         opts = ShardOptions(
-            store=args.store, short_side=args.short_side, fps=args.fps, max_duration=args.max_duration,
-            clip_duration=args.clip_duration, min_frames=args.min_frames, crf=args.crf, preset=args.preset,
-            gop=args.gop, jpeg_quality=args.jpeg_quality, samples_per_shard=args.samples_per_shard or None,
-            bytes_per_shard=args.bytes_per_shard, prefix=args.prefix, seed=args.seed, shuffle=not args.no_shuffle,
+            store=args.store,
+            short_side=args.short_side,
+            fps=args.fps,
+            max_duration=args.max_duration,
+            clip_duration=args.clip_duration,
+            min_frames=args.min_frames,
+            crf=args.crf,
+            preset=args.preset,
+            gop=args.gop,
+            jpeg_quality=args.jpeg_quality,
+            samples_per_shard=args.samples_per_shard or None,
+            bytes_per_shard=args.bytes_per_shard,
+            prefix=args.prefix,
+            seed=args.seed,
+            shuffle=not args.no_shuffle,
         )
         label_map = None
         if args.label_map is not None:
             try:
                 label_map = {str(k): int(v) for k, v in json.loads(args.label_map.read_text()).items()}
             except (OSError, ValueError, AttributeError) as err:
-                raise ValueError(f"--label-map {args.label_map}: expected a JSON object {{name: index}} ({err})") from None
-        manifest = build_shards(args.src, args.out_dir, opts, root=args.root, fmt=args.fmt, label_map=label_map,
-                                workers=max(1, args.workers), resume=args.resume, progress=not args.no_progress)
+                raise ValueError(
+                    f"--label-map {args.label_map}: expected a JSON object {{name: index}} ({err})"
+                ) from None
+        manifest = build_shards(
+            args.src,
+            args.out_dir,
+            opts,
+            root=args.root,
+            fmt=args.fmt,
+            label_map=label_map,
+            workers=max(1, args.workers),
+            resume=args.resume,
+            progress=not args.no_progress,
+        )
     except (AnnotationError, FileNotFoundError, FileExistsError, ValueError) as err:
         print(f"adamae-shards: error: {err}", file=sys.stderr)
         return 2
-    print(f"adamae-shards: {manifest['num_samples']} samples in {len(manifest['shards'])} shards in {args.out_dir}"
-          f" ({manifest['num_failures']} videos skipped, reasons in {args.out_dir / MANIFEST})", file=sys.stderr)
+    print(
+        f"adamae-shards: {manifest['num_samples']} samples in {len(manifest['shards'])} shards in {args.out_dir}"
+        f" ({manifest['num_failures']} videos skipped, reasons in {args.out_dir / MANIFEST})",
+        file=sys.stderr,
+    )
     return 0
 
 

@@ -6,14 +6,15 @@ goes to the metrics only: nothing in the model or the losses sees it.
 
 Clip ``i`` is a pure function of ``(seed, i)``, so a stream resumes exactly from a sample index.
 """
+
 from __future__ import annotations
 
 import functools
 import os
 from collections import deque
+from collections.abc import Iterator
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
-from typing import Iterator
 
 import torch
 import torch.nn.functional as F
@@ -140,8 +141,15 @@ class SyntheticClips:
     ~0.4 s, slower than one H200 trains ViT-B on it).
     """
 
-    def __init__(self, cfg: SyntheticConfig, batch_size: int, rank: int = 0, world_size: int = 1, prefetch: int = 2,
-                 threads: int = 1):
+    def __init__(
+        self,
+        cfg: SyntheticConfig,
+        batch_size: int,
+        rank: int = 0,
+        world_size: int = 1,
+        prefetch: int = 2,
+        threads: int = 1,
+    ):
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.next_batch = 0
         self.prefetch = prefetch

@@ -1,5 +1,6 @@
 """Clip-level pixel transforms: pure functions on ``[..., C, T, H, W]`` tensors (and, for augmentation,
 ``[T, H, W, 3]`` uint8 frames). Randomness comes in as an explicit ``numpy`` generator."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -35,8 +36,14 @@ def denormalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> to
 REFERENCE_CROP_SCALES = (1.0, 0.875, 0.75, 0.66)
 
 
-def multi_scale_crop_box(height: int, width: int, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
-                         max_distort: int = 1, rng: np.random.Generator | None = None) -> tuple[int, int, int, int]:
+def multi_scale_crop_box(
+    height: int,
+    width: int,
+    out_size: tuple[int, int],
+    scales=REFERENCE_CROP_SCALES,
+    max_distort: int = 1,
+    rng: np.random.Generator | None = None,
+) -> tuple[int, int, int, int]:
     """``(top, left, crop_h, crop_w)`` of one multi-scale crop, as VideoMAE's GroupMultiScaleCrop picks it.
 
     Crop sides are ``scale × short side`` for each scale (snapped to the output side when within 3 px),
@@ -55,15 +62,33 @@ def multi_scale_crop_box(height: int, width: int, out_size: tuple[int, int], sca
     crop_h, crop_w = pairs[int(rng.integers(len(pairs)))]
     crop_h, crop_w = min(crop_h, height), min(crop_w, width)
     h_step, w_step = (height - crop_h) // 4, (width - crop_w) // 4
-    grid = [(0, 0), (0, 4), (4, 0), (4, 4), (2, 2),  # corners and centre
-            (2, 0), (2, 4), (4, 2), (0, 2),  # edge midpoints
-            (1, 1), (1, 3), (3, 1), (3, 3)]  # quarter points
+    grid = [
+        (0, 0),
+        (0, 4),
+        (4, 0),
+        (4, 4),
+        (2, 2),  # corners and centre
+        (2, 0),
+        (2, 4),
+        (4, 2),
+        (0, 2),  # edge midpoints
+        (1, 1),
+        (1, 3),
+        (3, 1),
+        (3, 3),
+    ]  # quarter points
     gy, gx = grid[int(rng.integers(len(grid)))]
     return gy * h_step, gx * w_step, crop_h, crop_w
 
 
-def crop_resize(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
-                max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+def crop_resize(
+    frames: np.ndarray,
+    out_size: tuple[int, int],
+    scales=REFERENCE_CROP_SCALES,
+    max_distort: int = 1,
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
     """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` uint8 clip (a view): multi-scale crop, resize, flip.
 
     One crop box (and one flip decision) for the whole clip, so motion stays coherent. The resize runs
@@ -72,7 +97,7 @@ def crop_resize(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_
     _, height, width, _ = frames.shape
     out_size = tuple(out_size)
     top, left, crop_h, crop_w = multi_scale_crop_box(height, width, out_size, scales, max_distort, rng)
-    crop = torch.from_numpy(np.ascontiguousarray(frames[:, top:top + crop_h, left:left + crop_w]))
+    crop = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + crop_h, left : left + crop_w]))
     clip = crop.permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last in memory
     if (crop_h, crop_w) != out_size:
         clip = F.interpolate(clip, size=out_size, mode="bilinear", align_corners=False, antialias=True)
@@ -92,7 +117,13 @@ def normalized(clip: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
     return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # = normalize(clip / 255)
 
 
-def augment_clip(frames: np.ndarray, out_size: tuple[int, int], scales=REFERENCE_CROP_SCALES,
-                 max_distort: int = 1, flip: bool = False, rng: np.random.Generator | None = None) -> torch.Tensor:
+def augment_clip(
+    frames: np.ndarray,
+    out_size: tuple[int, int],
+    scales=REFERENCE_CROP_SCALES,
+    max_distort: int = 1,
+    flip: bool = False,
+    rng: np.random.Generator | None = None,
+) -> torch.Tensor:
     """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` float ImageNet-normalised training clip."""
     return normalized(crop_resize(frames, out_size, scales, max_distort, flip, rng))

@@ -3,13 +3,14 @@
 No torch and no torch.distributed here: the shard writer, the loader workers and the benchmark all
 call these functions. Frames are ``uint8`` arrays ``[T, H, W, 3]`` (RGB).
 """
+
 from __future__ import annotations
 
 import io
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import av
 import numpy as np
@@ -21,7 +22,6 @@ VIDEO_EXTENSIONS = (".mp4", ".webm", ".mkv", ".avi", ".mov", ".m4v", ".mpg", ".m
 
 class VideoError(Exception):
     """A video that cannot be used; ``str(err)`` is the reason shown to the user."""
-
 
 
 def _open(source: str | Path | bytes) -> av.container.InputContainer:
@@ -73,15 +73,20 @@ class VideoReader:
             duration = float(self.stream.duration * self.stream.time_base)
         elif self.container.duration is not None:
             duration = self.container.duration / av.time_base
-        self.info = VideoInfo(self.stream.codec_context.width, self.stream.codec_context.height, float(self.rate),
-                              int(self.stream.frames or 0), duration)
+        self.info = VideoInfo(
+            self.stream.codec_context.width,
+            self.stream.codec_context.height,
+            float(self.rate),
+            int(self.stream.frames or 0),
+            duration,
+        )
         start = self.stream.start_time
         self._start = float(start * self.stream.time_base) if start is not None else 0.0
         # One scaler for the whole stream: a new one per frame re-plans the conversion every time, which
         # cost more than decoding the frame.
         self._reformatter = VideoReformatter()
 
-    def __enter__(self) -> "VideoReader":
+    def __enter__(self) -> VideoReader:
         return self
 
     def __exit__(self, *exc) -> None:
@@ -128,7 +133,7 @@ class VideoReader:
                 return False
             data, offset = bytes(packet), 0
             while offset + 5 <= len(data):
-                length = int.from_bytes(data[offset:offset + 4], "big")
+                length = int.from_bytes(data[offset : offset + 4], "big")
                 header = data[offset + 4]
                 if header & 0x1F in (1, 5):  # the first coded slice decides
                     return header & 0x60 == 0
@@ -137,8 +142,9 @@ class VideoReader:
 
         return skip
 
-    def read_indices(self, indices: Sequence[int], size: tuple[int, int] | None = None,
-                     skip_disposable: bool = False) -> np.ndarray:
+    def read_indices(
+        self, indices: Sequence[int], size: tuple[int, int] | None = None, skip_disposable: bool = False
+    ) -> np.ndarray:
         """Frames at ``indices`` (any order, repeats allowed) as ``[len(indices), H, W, 3]`` uint8.
 
         Seeks to the key frame before the first wanted frame and decodes forward to the last one; a
@@ -183,8 +189,9 @@ class VideoReader:
 
     def _to_rgb(self, frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
         height, width = size if size is not None else (frame.height, frame.width)
-        return self._reformatter.reformat(frame, width=width, height=height, format="rgb24",
-                                          interpolation="BILINEAR").to_ndarray()
+        return self._reformatter.reformat(
+            frame, width=width, height=height, format="rgb24", interpolation="BILINEAR"
+        ).to_ndarray()
 
     def _read_from_start(self, wanted: list[int], indices: Sequence[int], size) -> np.ndarray:
         got: dict[int, np.ndarray] = {}
@@ -207,8 +214,9 @@ def _short(err: BaseException) -> str:
     return text.splitlines()[0][:200]
 
 
-def window_indices(num_available: int, num_frames: int, sampling_rate: int,
-                   rng: np.random.Generator | None) -> np.ndarray:
+def window_indices(
+    num_available: int, num_frames: int, sampling_rate: int, rng: np.random.Generator | None
+) -> np.ndarray:
     """Frame indices of one clip: ``num_frames`` frames ``sampling_rate`` apart.
 
     Training (``rng`` given) takes one random window; ``rng=None`` takes the centred window. A video
@@ -242,8 +250,16 @@ class Mp4Encoder:
     The bytes are not guaranteed identical from run to run: libx264 here occasionally varies its output
     for identical input frames, so shards are checked against their recorded sha256, never re-derived."""
 
-    def __init__(self, width: int, height: int, fps: float | Fraction, crf: int = 23, preset: str = "veryfast",
-                 gop: int = 16, tune: str | None = "fastdecode"):
+    def __init__(
+        self,
+        width: int,
+        height: int,
+        fps: float | Fraction,
+        crf: int = 23,
+        preset: str = "veryfast",
+        gop: int = 16,
+        tune: str | None = "fastdecode",
+    ):
         self.width, self.height = width, height
         self.buffer = io.BytesIO()
         self.container = av.open(self.buffer, mode="w", format="mp4")
@@ -264,8 +280,9 @@ class Mp4Encoder:
         """An RGB ``[H, W, 3]`` array or a decoded frame of any size (scaled here)."""
         if isinstance(frame, np.ndarray):
             frame = av.VideoFrame.from_ndarray(frame, format="rgb24")
-        scaled = self._reformatter.reformat(frame, width=self.width, height=self.height, format="yuv420p",
-                                            interpolation="AREA")
+        scaled = self._reformatter.reformat(
+            frame, width=self.width, height=self.height, format="yuv420p", interpolation="AREA"
+        )
         # A fresh frame: a decoded frame carries its picture type, which would force the source's key
         # frames on x264; only ``gop`` decides key frames here.
         frame = av.VideoFrame.from_ndarray(scaled.to_ndarray(), format="yuv420p")
@@ -295,8 +312,13 @@ def decode_jpeg(data: bytes) -> np.ndarray:
         return np.asarray(image.convert("RGB"))
 
 
-def read_window(source: str | Path | bytes, num_frames: int, sampling_rate: int,
-                rng: np.random.Generator | None, frame_count: int | None = None) -> np.ndarray:
+def read_window(
+    source: str | Path | bytes,
+    num_frames: int,
+    sampling_rate: int,
+    rng: np.random.Generator | None,
+    frame_count: int | None = None,
+) -> np.ndarray:
     """One clip from a video file or mp4 bytes: the frames of ``window_indices``.
 
     ``frame_count`` (e.g. from a shard's JSON) avoids trusting the container's declared count.

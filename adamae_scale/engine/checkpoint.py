@@ -4,6 +4,7 @@ A checkpoint is ``RUN_DIR/checkpoints/step_00000030/`` (DeepSpeed's tag folder) 
 file that DeepSpeed writes after every rank has saved. Training state (the step, the data cursor)
 travels in DeepSpeed's ``client_state`` as plain ints and dicts.
 """
+
 from __future__ import annotations
 
 import json
@@ -145,9 +146,20 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
         shutil.rmtree(tmp, ignore_errors=True)
         # A separate process: the converter forks worker pools, which must not inherit this
         # process's communication threads.
-        cmd = [sys.executable, "-m", "deepspeed.checkpoint.ds_to_universal", "--input_folder", str(ref.path),
-               "--output_folder", str(tmp), "--num_extract_workers", "1", "--num_merge_workers", "1",
-               "--inject_missing_state"]
+        cmd = [
+            sys.executable,
+            "-m",
+            "deepspeed.checkpoint.ds_to_universal",
+            "--input_folder",
+            str(ref.path),
+            "--output_folder",
+            str(tmp),
+            "--num_extract_workers",
+            "1",
+            "--num_merge_workers",
+            "1",
+            "--inject_missing_state",
+        ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {ref.path} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")

@@ -14,6 +14,7 @@ them), hence the master term. Offload moves parameters and/or optimizer states t
 Activations are not modelled: they depend on batch, tokens and checkpointing; ``run=true`` measures
 the whole peak.
 """
+
 from __future__ import annotations
 
 import subprocess
@@ -33,14 +34,19 @@ def zero_stage_and_offload(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:
     return int(zero.get("stage", 0)), offload_opt, offload_param
 
 
-def model_state_bytes(num_params: int, world_size: int, stage: int, offload_optimizer: bool = False,
-                      offload_param: bool = False) -> dict[str, dict[str, int]]:
+def model_state_bytes(
+    num_params: int, world_size: int, stage: int, offload_optimizer: bool = False, offload_param: bool = False
+) -> dict[str, dict[str, int]]:
     """Bytes per rank of parameters, gradients and optimizer states, on the device and on the host."""
     n = max(world_size, 1)
     params = 4 * num_params // (n if stage >= 3 else 1)
     grads = 4 * num_params // (n if stage >= 2 else 1)
     optimizer = (12 if stage >= 1 else 8) * num_params // (n if stage >= 1 else 1)
-    device = {"params": 0 if offload_param else params, "grads": grads, "optimizer": 0 if offload_optimizer else optimizer}
+    device = {
+        "params": 0 if offload_param else params,
+        "grads": grads,
+        "optimizer": 0 if offload_optimizer else optimizer,
+    }
     host = {"params": params if offload_param else 0, "grads": 0, "optimizer": optimizer if offload_optimizer else 0}
     device["total"] = sum(device.values())
     host["total"] = sum(host.values())
@@ -72,16 +78,38 @@ def estimate(model: str, ds: str, world_size: int, overrides: dict[str, Any] | N
 def measure(model: str, ds: str, world_size: int, overrides: list[str], steps: int = 2) -> dict[str, Any]:
     """Peak memory per rank of ``steps`` real pre-training steps (resident set size on CPU)."""
     with tempfile.TemporaryDirectory(prefix="adamae-mem-") as run_dir:
-        args = [f"model={model}", f"ds={ds}", f"train.steps={steps}", "train.micro_batch_size=1", "train.ckpt_every=0",
-                "train.log_every=1", "eval.focus_batches=0", "train.resume=none", "data=synthetic",
-                f"run_dir={run_dir}", *overrides]
+        args = [
+            f"model={model}",
+            f"ds={ds}",
+            f"train.steps={steps}",
+            "train.micro_batch_size=1",
+            "train.ckpt_every=0",
+            "train.log_every=1",
+            "eval.focus_batches=0",
+            "train.resume=none",
+            "data=synthetic",
+            f"run_dir={run_dir}",
+            *overrides,
+        ]
         # Checkpoint writing would dominate the peak for large models; this measures training steps.
         args.append("train.stop_after=" + str(steps))
         if world_size == 1:
             cmd = [sys.executable, "-m", "adamae_scale.pretrain", *args]
         else:
-            cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(world_size),
-                   "--master_addr", "127.0.0.1", "--master_port", str(_free_port()), "-m", "adamae_scale.pretrain", *args]
+            cmd = [
+                sys.executable,
+                "-m",
+                "torch.distributed.run",
+                "--nproc_per_node",
+                str(world_size),
+                "--master_addr",
+                "127.0.0.1",
+                "--master_port",
+                str(_free_port()),
+                "-m",
+                "adamae_scale.pretrain",
+                *args,
+            ]
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"memory run failed ({proc.returncode}): {proc.stderr[-2000:]}")
@@ -100,12 +128,14 @@ DEFAULTS = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "fals
 def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     """The model's figures for ``options`` (see ``DEFAULTS``), and the measured peak when ``run`` is true;
     ``overrides`` go to adamae-pretrain (``model.*`` ones also shape the model)."""
-    model_overrides = {k.split(".", 1)[1]: _literal(v) for k, _, v in (o.partition("=") for o in overrides)
-                       if k.startswith("model.")}
+    model_overrides = {
+        k.split(".", 1)[1]: _literal(v) for k, _, v in (o.partition("=") for o in overrides) if k.startswith("model.")
+    }
     report = estimate(options["model"], options["ds"], int(options["world_size"]), model_overrides)
     if options["run"].lower() in ("1", "true", "yes"):
-        report.update(measure(options["model"], options["ds"], int(options["world_size"]), overrides,
-                              int(options["steps"])))
+        report.update(
+            measure(options["model"], options["ds"], int(options["world_size"]), overrides, int(options["steps"]))
+        )
     return report
 
 

@@ -1,9 +1,10 @@
 """The reference optimisation recipe: AdamW with weight-decay groups, lr scaled by batch, per-step
 linear warm-up then cosine decay."""
+
 from __future__ import annotations
 
 import math
-from typing import Iterable
+from collections.abc import Iterable
 
 import torch
 from timm.optim import param_groups_weight_decay

@@ -4,6 +4,7 @@ The model knows nothing of this module; everything DeepSpeed-specific happens he
 environment → config (ZeRO JSON + batch, clipping and precision fields) → activation checkpointing →
 ``deepspeed.initialize``.
 """
+
 from __future__ import annotations
 
 import copy
@@ -12,10 +13,11 @@ import functools
 import json
 import os
 import sys
+from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any, Callable, Iterable
+from typing import Any
 
 import torch
 import torch.utils.checkpoint
@@ -103,7 +105,9 @@ def load_ds_config(name_or_path: str) -> dict[str, Any]:
     else:
         shipped = resources.files("adamae_scale.ds_configs").joinpath(f"{name_or_path}.json")
         if not shipped.is_file():
-            names = sorted(p.name[:-5] for p in resources.files("adamae_scale.ds_configs").iterdir() if p.name.endswith(".json"))
+            names = sorted(
+                p.name[:-5] for p in resources.files("adamae_scale.ds_configs").iterdir() if p.name.endswith(".json")
+            )
             raise ValueError(f"ds={name_or_path!r}: expected one of {names} or a path to a .json file")
         text = shipped.read_text()
     try:

@@ -3,12 +3,14 @@
 One ``step`` is one optimizer step = ``accumulation`` micro-batches on every rank, i.e.
 ``global_batch = micro_batch_size × accumulation × world_size`` samples.
 """
+
 from __future__ import annotations
 
 import resource
 import signal
 import time
-from typing import Any, Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from typing import Any
 
 import torch
 from tqdm import tqdm
@@ -105,7 +107,7 @@ class Trainer:
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
         sums = self._all_ranks([values[k] for k in keys], "sum")
-        return {k: v / self.world_size for k, v in zip(keys, sums)}
+        return {k: v / self.world_size for k, v in zip(keys, sums, strict=True)}
 
     def _all_ranks_max(self, values: list[float]) -> list[float]:
         return self._all_ranks(values, "max")

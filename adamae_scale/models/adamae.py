@@ -4,6 +4,7 @@ A clip flows: pixels → tubelet tokens → (sampler logits → visible set) →
 tokens → decoder over visible + mask tokens → pixels of the masked tokens. The model returns
 tensors only; losses live in ``adamae_scale.losses`` and nothing here knows about DeepSpeed.
 """
+
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
@@ -53,7 +54,7 @@ class AdaMAEConfig:
             raise ValueError(f"masking.strategy must be one of {STRATEGIES}, got {self.masking!r}")
         if self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
-        for axis, size in zip(("height", "width"), self.img_size):
+        for axis, size in zip(("height", "width"), self.img_size, strict=True):
             if size % self.patch_size:
                 raise ValueError(f"image {axis} {size} is not a multiple of patch_size={self.patch_size}")
 

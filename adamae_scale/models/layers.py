@@ -3,6 +3,7 @@
 Parameter names follow the reference VideoMAE/AdaMAE release (``attn.qkv``, ``attn.q_bias``,
 ``attn.v_bias``, ``mlp.fc1`` ...) so that its checkpoints load without renaming inside a block.
 """
+
 from __future__ import annotations
 
 import torch

@@ -10,6 +10,7 @@ the scores come from:
   draw of k tokens *without replacement* from ``softmax(logits)`` (Gumbel-top-k), vectorised over
   the batch, where the reference calls ``torch.multinomial`` per row.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass

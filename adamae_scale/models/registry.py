@@ -1,9 +1,11 @@
 """Model sizes: the Hydra files under ``configs/model/`` are the single source of the size table."""
+
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import fields
 from importlib import resources
-from typing import Any, Mapping
+from typing import Any
 
 from omegaconf import OmegaConf
 
@@ -18,8 +20,11 @@ def config_dir():
 
 
 def model_names() -> list[str]:
-    return sorted(p.name[: -len(".yaml")] for p in config_dir().joinpath("model").iterdir()
-                  if p.name.endswith(".yaml") and not p.name.startswith("_"))
+    return sorted(
+        p.name[: -len(".yaml")]
+        for p in config_dir().joinpath("model").iterdir()
+        if p.name.endswith(".yaml") and not p.name.startswith("_")
+    )
 
 
 def _load_model_yaml(name: str) -> dict[str, Any]:

@@ -4,6 +4,7 @@ Everything here runs in fp32 even inside a bf16 autocast region: the softmax ove
 the Gumbel noise and the log-probabilities that carry the sampling loss are where bf16's 8-bit
 mantissa would hurt (a logit gap of 1e-2 is invisible to bf16 at magnitude 4).
 """
+
 from __future__ import annotations
 
 import torch
