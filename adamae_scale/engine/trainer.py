@@ -9,7 +9,7 @@ from __future__ import annotations
 import resource
 import signal
 import time
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from typing import Any
 
 import torch
@@ -19,6 +19,9 @@ from .checkpoint import Checkpointer
 from .optim import set_lr
 
 LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str, Any]]
+# Called on every rank after each optimizer step (after logging, before checkpointing) with the trainer and
+# whether this is the last step of fit(): periodic evaluation, TensorBoard images. Collective calls are allowed.
+StepHook = Callable[["Trainer", bool], None]
 
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
@@ -40,11 +43,13 @@ class Trainer:
         seed: int = 0,
         log_every: int = 1,
         progress: bool = True,
+        hooks: Sequence[StepHook] = (),
     ):
         self.engine, self.loss_fn, self.data = engine, loss_fn, data
         self.checkpointer, self.logger = checkpointer, logger
         self.lr_schedule, self.steps, self.global_batch = lr_schedule, steps, global_batch
         self.seed, self.log_every = seed, log_every
+        self.hooks = list(hooks)
         self.rank = engine.global_rank
         self.world_size = engine.world_size
         self.accumulation = engine.gradient_accumulation_steps()
@@ -157,6 +162,8 @@ class Trainer:
                     last = values
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
                     window_start, window_steps = time.perf_counter(), 0
+                for hook in self.hooks:
+                    hook(self, last_step)
                 if self.checkpointer.should_save(self.step, last_step):
                     self.checkpointer.save(self.engine, self.step, self.state_dict())
                 bar.update(1)
