@@ -13,12 +13,13 @@ Add a benchmark as another subcommand: a ``register_*`` function that adds its p
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import os
 import sys
 import tarfile
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -60,6 +61,10 @@ class VideoFileClips(Dataset):
         return augment_clip(frames, self.img_size, REFERENCE_CROP_SCALES, 1, False, rng)
 
 
+def _next_video(stream: Iterator[dict[str, torch.Tensor]]) -> torch.Tensor:
+    return next(stream)["video"]
+
+
 def _clips_per_second(
     next_clips: Callable[[], torch.Tensor], clips: int, warmup: int, clock: Callable[[], float] = time.perf_counter
 ) -> float:
@@ -90,7 +95,9 @@ def _measure(
             seed=args.seed,
         )
         stream = ShardClips(cfg, args.batch_size)
-        shards[fmt] = _clips_per_second(lambda s=stream: next(s)["video"], args.clips, args.warmup, clock) / per_worker
+        shards[fmt] = (
+            _clips_per_second(functools.partial(_next_video, stream), args.clips, args.warmup, clock) / per_worker
+        )
         stream.close()
     dataset = VideoFileClips(files, args.num_frames, args.sampling_rate, size, args.seed)
     loader = DataLoader(
@@ -209,7 +216,9 @@ def bench_step(args: argparse.Namespace) -> dict | None:
     return speed.run(*split_settings("step", args.settings, speed.DEFAULTS))
 
 
-def _register_settings_benchmark(sub: argparse._SubParsersAction, name: str, func, help: str, description: str) -> None:
+def _register_settings_benchmark(
+    sub: argparse._SubParsersAction, name: str, func: Callable[[argparse.Namespace], Any], help: str, description: str
+) -> None:
     parser = sub.add_parser(name, help=help, description=description)
     parser.add_argument("settings", nargs="*", help="key=value settings (see above)")
     parser.set_defaults(func=func)

@@ -29,8 +29,8 @@ def reconstruction_target(
     tubelet: int,
     patch: int,
     target: str = "norm_pix",
-    mean=IMAGENET_MEAN,
-    std=IMAGENET_STD,
+    mean: tuple[float, ...] = IMAGENET_MEAN,
+    std: tuple[float, ...] = IMAGENET_STD,
 ) -> torch.Tensor:
     """Per-token targets ``[B, N, tubelet*patch*patch*C]`` (channel innermost) from normalised video."""
     video = video.float()

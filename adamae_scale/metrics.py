@@ -39,7 +39,7 @@ class MetricsLogger:
             self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
-        if not self.enabled:
+        if self.writer is None:
             return
         record = {"step": step, **{k: _plain(v) for k, v in values.items()}}
         with self.path.open("a") as f:

@@ -48,7 +48,10 @@ class AdaMAEObjective:
 
 @torch.no_grad()
 def evaluate_focus(
-    model: Callable[..., Any], model_cfg: AdaMAEConfig, batches: Iterable[Mapping[str, torch.Tensor]], device
+    model: Callable[..., Any],
+    model_cfg: AdaMAEConfig,
+    batches: Iterable[Mapping[str, torch.Tensor]],
+    device: torch.device,
 ) -> dict[str, float]:
     """Focus of the trained sampler on held-out clips, three ways, over the same clips:
 

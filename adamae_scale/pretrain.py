@@ -10,7 +10,7 @@ import os
 import signal
 import sys
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import hydra
 import torch
@@ -21,11 +21,11 @@ from .engine import optim, setup
 from .engine.checkpoint import Checkpointer, to_universal
 from .engine.trainer import Trainer
 from .metrics import MetricsLogger
-from .models import build_model, make_config
+from .models import AdaMAE, AdaMAEConfig, build_model, make_config
 from .objective import AdaMAEObjective, evaluate_focus
 
 
-def validate(cfg: dict[str, Any]):
+def validate(cfg: dict[str, Any]) -> AdaMAEConfig:
     """Every check that can fail before a process group or a model exists."""
     model_cfg = make_config(cfg["model"], cfg["masking"])
     validate_data(cfg["data"], model_cfg)
@@ -113,12 +113,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def build_engine(cfg: dict[str, Any], model_cfg, ds_config: dict[str, Any], peak_lr: float):
+def build_engine(cfg: dict[str, Any], model_cfg: AdaMAEConfig, ds_config: dict[str, Any], peak_lr: float) -> Any:
     """Model (sharded at birth under ZeRO-3) → AdamW groups → activation checkpointing → DeepSpeed engine."""
     train = cfg["train"]
     setup.tune_host_allocator(ds_config)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = setup.build_module(lambda: build_model(model_cfg), ds_config)
+    model = cast(AdaMAE, setup.build_module(lambda: build_model(model_cfg), ds_config))
     optimizer = optim.build_adamw(
         model,
         peak_lr,
@@ -132,7 +132,7 @@ def build_engine(cfg: dict[str, Any], model_cfg, ds_config: dict[str, Any], peak
     return setup.initialize(model, optimizer, ds_config)
 
 
-def focus_report(engine, cfg: dict[str, Any], model_cfg, env) -> dict[str, float]:
+def focus_report(engine: Any, cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv) -> dict[str, float]:
     """Focus of the sampler on held-out synthetic clips (the same clips every time it is called)."""
     held_out = build_data(
         {**cfg["data"], "seed": cfg["data"]["eval_seed"]},
@@ -180,7 +180,7 @@ def report(summary: dict[str, Any]) -> str:
 
 @hydra.main(version_base="1.3", config_path="pkg://adamae_scale.configs", config_name="config")
 def _hydra_main(cfg: DictConfig) -> None:
-    resolved = OmegaConf.to_container(cfg, resolve=True)
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     try:
         validate(resolved)
     except (ValueError, FileNotFoundError) as err:

@@ -9,7 +9,7 @@ DeepSpeed engine (ZeRO communication, optimizer, clipping) without the data pipe
 from __future__ import annotations
 
 import time
-from typing import Any
+from typing import Any, cast
 
 import torch
 from omegaconf import OmegaConf
@@ -34,7 +34,7 @@ def compose(overrides: list[str]) -> dict[str, Any]:
     try:
         with initialize_config_module("adamae_scale.configs", version_base="1.3"):
             cfg = hydra_compose("config", overrides=["run_dir=unused", *overrides])
-        return OmegaConf.to_container(cfg, resolve=True)
+        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(f"step: {str(err).splitlines()[0]}") from err
 
@@ -74,8 +74,8 @@ def measure_steps(overrides: list[str], steps: int, warmup: int) -> dict[str, An
         torch.cuda.reset_peak_memory_stats(engine.device)
     start = time.perf_counter()
     for _ in range(steps):
-        last_loss = train_step()
-    last_loss = float(last_loss)  # waits for the device
+        last = train_step()
+    last_loss = float(last)  # waits for the device
     _synchronize(engine.device)
     elapsed = time.perf_counter() - start
     peak = peak_memory_bytes(engine.device)

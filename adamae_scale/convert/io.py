@@ -71,7 +71,7 @@ def _globals_in_pickles(path: Path, max_pickles: int = 8) -> set[str]:
     return found
 
 
-def safe_torch_load(path: str | Path, allowed_globals: Sequence[str] = (), mmap: bool = True) -> Any:
+def safe_torch_load(path: str | os.PathLike[str], allowed_globals: Sequence[str] = (), mmap: bool = True) -> Any:
     """Load a PyTorch checkpoint with ``weights_only=True`` plus exactly ``allowed_globals``.
 
     ``allowed_globals`` are fully qualified class names (``"argparse.Namespace"``). For zip-format
@@ -122,8 +122,11 @@ def _allowed_by_default(name: str) -> bool:
 class TensorLike(Protocol):
     """A tensor, or a stand-in that knows its shape and dtype and produces its data on ``contiguous()``."""
 
-    shape: Sequence[int]
-    dtype: torch.dtype
+    @property
+    def shape(self) -> Sequence[int]: ...
+
+    @property
+    def dtype(self) -> torch.dtype: ...
 
     def contiguous(self) -> torch.Tensor: ...
 
@@ -224,7 +227,7 @@ def write_safetensors(
             if data.dtype != out_dtype:
                 data = data.to(out_dtype)
             # A uint8 view of the (contiguous, CPU) data: written straight from its memory, no copy.
-            f.write(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy())
+            f.write(data.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)
             del data
         f.flush()
         os.fsync(f.fileno())

@@ -4,27 +4,32 @@ from __future__ import annotations
 
 import os
 from collections.abc import Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
 from .synthetic import SyntheticClips, SyntheticConfig, render_threads
 
+if TYPE_CHECKING:
+    from ..models import AdaMAEConfig
+    from .pipeline import ShardClips, ShardDataConfig
+
 SOURCES = ("synthetic", "shards")
 
 
-def synthetic_config(data: Mapping[str, Any], model_cfg) -> SyntheticConfig:
+def synthetic_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> SyntheticConfig:
     keys = ("num_objects", "object_size", "speed", "background", "object_texture", "motion_threshold", "seed")
+    options: dict[str, Any] = {k: tuple(data[k]) if isinstance(data[k], (list, tuple)) else data[k] for k in keys}
     return SyntheticConfig(
         num_frames=model_cfg.num_frames,
         img_size=model_cfg.img_size,
         patch_size=model_cfg.patch_size,
         tubelet_size=model_cfg.tubelet_size,
-        **{k: tuple(data[k]) if isinstance(data[k], (list, tuple)) else data[k] for k in keys},
+        **options,
     )
 
 
-def shard_config(data: Mapping[str, Any], model_cfg):
+def shard_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> ShardDataConfig:
     """``configs/data/shards.yaml`` + the model's clip geometry → ``ShardDataConfig``."""
     from .pipeline import ShardDataConfig
 
@@ -48,7 +53,7 @@ def shard_config(data: Mapping[str, Any], model_cfg):
     )
 
 
-def validate_data(data: Mapping[str, Any], model_cfg) -> None:
+def validate_data(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> None:
     """The data checks that can fail before any process group exists: a one-line ``ValueError``."""
     if data["name"] not in SOURCES:
         raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")
@@ -58,7 +63,9 @@ def validate_data(data: Mapping[str, Any], model_cfg) -> None:
         shard_urls(shard_config(data, model_cfg).urls)
 
 
-def build_data(data: Mapping[str, Any], model_cfg, batch_size: int, rank: int, world_size: int):
+def build_data(
+    data: Mapping[str, Any], model_cfg: AdaMAEConfig, batch_size: int, rank: int, world_size: int
+) -> SyntheticClips | ShardClips:
     """The training stream named by ``data.name`` for this rank."""
     if data["name"] == "synthetic":
         # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE.

@@ -86,7 +86,7 @@ class ShardDataConfig:
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
         self.crop_scales = tuple(float(s) for s in self.crop_scales)
         if self.sampling_rate < 1:
             raise ValueError(f"data.sampling_rate must be >= 1, got {self.sampling_rate}")
@@ -434,6 +434,7 @@ class ShardClips:
     def _next_worker_batch(self) -> _Current:
         if self._loader is None:
             self._start_epoch(None)
+        assert self._loader is not None
         empty_epochs = 0
         while True:
             try:

@@ -275,7 +275,7 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
         pool.shutdown(wait=True, cancel_futures=True)
 
 
-def _run_alone(fn: Callable, job):
+def _run_alone(fn: Callable[[Any], Any], job: Any) -> Any:
     with ProcessPoolExecutor(max_workers=1) as alone:
         try:
             return alone.submit(fn, job).result()
@@ -421,7 +421,7 @@ def build_shards(
     failures[:] = [f for f in failures if f["position"] < next_position]  # the rest is done again
     done_positions = next_position - sum(s["records"][1] - s["records"][0] for s in redo)
 
-    def job(position: int):
+    def job(position: int) -> tuple[Any, ...]:
         index = order[position]
         record = records[index]
         path = resolve(record, base, stems)
@@ -458,6 +458,7 @@ def build_shards(
         return outcome
 
     # 1. shards of a previous run that failed verification: the same videos again, into the same name.
+    sink: ShardSink | None
     for entry in redo:
         start, end = entry["records"]
         failures[:] = [f for f in failures if not start <= f["position"] < end]
@@ -473,7 +474,8 @@ def build_shards(
         write_manifest(out_dir, manifest)
 
     # 2. the rest, filling shards up to their targets.
-    sink, pending_failures = None, []
+    sink = None
+    pending_failures: list[dict[str, Any]] = []
     try:
         for position in range(next_position, len(order)):
             outcome = take(position)
@@ -583,7 +585,7 @@ class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     def _get_help_string(self, action: argparse.Action) -> str:
         if action.default in (None, False):
             return action.help or ""
-        return super()._get_help_string(action)
+        return super()._get_help_string(action) or ""
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -39,7 +39,7 @@ class SyntheticConfig:
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
         if self.background not in BACKGROUNDS:
             raise ValueError(f"data.background must be one of {tuple(BACKGROUNDS)}, got {self.background!r}")
 

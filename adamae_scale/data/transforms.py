@@ -16,17 +16,23 @@ def _channel_view(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor
     return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1, 1)
 
 
-def normalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize(
+    video: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
     """``[0, 1]`` pixels → ImageNet-standardised pixels."""
     return (video - _channel_view(mean, video)) / _channel_view(std, video)
 
 
-def normalize_(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def normalize_(
+    video: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
     """``normalize`` in place, the same values without two more copies of the batch."""
     return video.sub_(_channel_view(mean, video)).div_(_channel_view(std, video))
 
 
-def denormalize(video: torch.Tensor, mean=IMAGENET_MEAN, std=IMAGENET_STD) -> torch.Tensor:
+def denormalize(
+    video: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
+) -> torch.Tensor:
     """ImageNet-standardised pixels → ``[0, 1]`` pixels."""
     return video * _channel_view(std, video) + _channel_view(mean, video)
 
@@ -40,7 +46,7 @@ def multi_scale_crop_box(
     height: int,
     width: int,
     out_size: tuple[int, int],
-    scales=REFERENCE_CROP_SCALES,
+    scales: tuple[float, ...] = REFERENCE_CROP_SCALES,
     max_distort: int = 1,
     rng: np.random.Generator | None = None,
 ) -> tuple[int, int, int, int]:
@@ -84,7 +90,7 @@ def multi_scale_crop_box(
 def crop_resize(
     frames: np.ndarray,
     out_size: tuple[int, int],
-    scales=REFERENCE_CROP_SCALES,
+    scales: tuple[float, ...] = REFERENCE_CROP_SCALES,
     max_distort: int = 1,
     flip: bool = False,
     rng: np.random.Generator | None = None,
@@ -95,7 +101,7 @@ def crop_resize(
     on uint8 channels-last frames (bilinear with antialiasing, like PIL's), the fast path on CPU.
     """
     _, height, width, _ = frames.shape
-    out_size = tuple(out_size)
+    out_size = (int(out_size[0]), int(out_size[1]))
     top, left, crop_h, crop_w = multi_scale_crop_box(height, width, out_size, scales, max_distort, rng)
     crop = torch.from_numpy(np.ascontiguousarray(frames[:, top : top + crop_h, left : left + crop_w]))
     clip = crop.permute(0, 3, 1, 2)  # (T, 3, h, w), channels-last in memory
@@ -120,7 +126,7 @@ def normalized(clip: torch.Tensor, out: torch.Tensor | None = None) -> torch.Ten
 def augment_clip(
     frames: np.ndarray,
     out_size: tuple[int, int],
-    scales=REFERENCE_CROP_SCALES,
+    scales: tuple[float, ...] = REFERENCE_CROP_SCALES,
     max_distort: int = 1,
     flip: bool = False,
     rng: np.random.Generator | None = None,

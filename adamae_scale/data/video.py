@@ -81,7 +81,8 @@ class VideoReader:
             duration,
         )
         start = self.stream.start_time
-        self._start = float(start * self.stream.time_base) if start is not None else 0.0
+        time_base = self.stream.time_base
+        self._start = float(start * time_base) if start is not None and time_base is not None else 0.0
         # One scaler for the whole stream: a new one per frame re-plans the conversion every time, which
         # cost more than decoding the frame.
         self._reformatter = VideoReformatter()
@@ -89,7 +90,7 @@ class VideoReader:
     def __enter__(self) -> VideoReader:
         return self
 
-    def __exit__(self, *exc) -> None:
+    def __exit__(self, *exc: object) -> None:
         self.close()
 
     def close(self) -> None:
@@ -163,7 +164,7 @@ class VideoReader:
                 self.container.seek(target, stream=self.stream, backward=True, any_frame=False)
             except av.FFmpegError:
                 self.container.seek(0)
-        latest = None
+        latest: tuple[int, av.VideoFrame] | None = None
         decoded_any = False
         pending = set(wanted)
         for frame in self.frames(self._disposable_filter(pending) if skip_disposable else None):
@@ -181,7 +182,7 @@ class VideoReader:
                 break
         if not decoded_any:
             raise VideoError("no decodable frames")
-        if pending:  # past the end: repeat the last frame
+        if pending and latest is not None:  # past the end: repeat the last frame
             fill = self._to_rgb(latest[1], size)
             for index in pending:
                 got[index] = got.get(latest[0], fill) if index < latest[0] else fill
@@ -193,7 +194,7 @@ class VideoReader:
             frame, width=width, height=height, format="rgb24", interpolation="BILINEAR"
         ).to_ndarray()
 
-    def _read_from_start(self, wanted: list[int], indices: Sequence[int], size) -> np.ndarray:
+    def _read_from_start(self, wanted: list[int], indices: Sequence[int], size: tuple[int, int] | None) -> np.ndarray:
         got: dict[int, np.ndarray] = {}
         last = None
         for position, frame in enumerate(self.frames()):
@@ -268,10 +269,16 @@ class Mp4Encoder:
         self.tick = 1 / rate
         self.stream.width, self.stream.height, self.stream.pix_fmt = width, height, "yuv420p"
         # No B-pyramid: every B-frame is a non-reference picture, which a reader may leave undecoded.
-        options = {"crf": str(crf), "preset": preset, "g": str(gop), "threads": "1", "b-pyramid": "none"}
+        options: dict[str, str] = {
+            "crf": str(crf),
+            "preset": preset,
+            "g": str(gop),
+            "threads": "1",
+            "b-pyramid": "none",
+        }
         if tune:
             options["tune"] = tune
-        self.stream.options = options
+        self.stream.options = options  # type: ignore[assignment]  # av's stub says dict[str, object]
         self.stream.codec_context.thread_count = 1
         self.count = 0
         self._reformatter = VideoReformatter()
@@ -328,4 +335,4 @@ def read_window(
         if not available:
             available = max(1, int(reader.info.duration * reader.info.fps))
         indices = window_indices(available, num_frames, sampling_rate, rng)
-        return reader.read_indices(indices)
+        return reader.read_indices(indices.tolist())

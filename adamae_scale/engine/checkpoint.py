@@ -51,7 +51,7 @@ class Checkpointer:
     def should_save(self, step: int, last_step: bool) -> bool:
         return last_step or (self.interval > 0 and step % self.interval == 0)
 
-    def save(self, engine, step: int, state: dict[str, Any]) -> Path:
+    def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
         """Save after ``step`` optimizer steps; every rank must call this."""
         import deepspeed.comm as dist
 
@@ -104,7 +104,7 @@ class Checkpointer:
         world_size = json.loads(config.read_text()).get("world_size") if config.is_file() else None
         return CheckpointRef(path.parent, path.name, world_size)
 
-    def load(self, engine, ref: CheckpointRef) -> dict[str, Any]:
+    def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
         """Load ``ref`` into the engine (model, optimizer, scheduler); returns the saved client state."""
         load_path, client_state = engine.load_checkpoint(str(ref.folder), tag=ref.tag)
         if load_path is None:

@@ -4,7 +4,8 @@ linear warm-up then cosine decay."""
 from __future__ import annotations
 
 import math
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
+from typing import cast
 
 import torch
 from timm.optim import param_groups_weight_decay
@@ -44,6 +45,8 @@ def build_adamw(
     With ZeRO optimizer offload the update runs on the CPU, where DeepSpeed's vectorised CPU Adam
     (compiled once on first use) is the implementation it expects.
     """
+    beta1, beta2 = betas
+    beta_pair = (float(beta1), float(beta2))
     prefixes = tuple(constant_lr_prefixes)
     subsets = [("cosine", _ParamSubset(model, lambda name: not name.startswith(prefixes)))]
     if prefixes:
@@ -51,20 +54,23 @@ def build_adamw(
     groups = [
         {**group, "schedule": schedule}
         for schedule, subset in subsets
-        for group in param_groups_weight_decay(subset, weight_decay=weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY)
+        # timm reads only named_parameters(), which the subset provides.
+        for group in param_groups_weight_decay(
+            cast(nn.Module, subset), weight_decay=weight_decay, no_weight_decay_list=NO_WEIGHT_DECAY
+        )
         if group["params"]
     ]
     if cpu_offload:
         from deepspeed.ops.adam import DeepSpeedCPUAdam
 
-        return DeepSpeedCPUAdam(groups, lr=lr, betas=tuple(betas), eps=eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(betas), eps=eps)
+        return DeepSpeedCPUAdam(groups, lr=lr, betas=beta_pair, eps=eps, adamw_mode=True)
+    return torch.optim.AdamW(groups, lr=lr, betas=beta_pair, eps=eps)
 
 
 class _ParamSubset:
     """The ``named_parameters`` of a module, filtered by name (what timm's grouping helper reads)."""
 
-    def __init__(self, module: nn.Module, keep):
+    def __init__(self, module: nn.Module, keep: Callable[[str], bool]):
         self.module, self.keep = module, keep
 
     def named_parameters(self):

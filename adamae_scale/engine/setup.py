@@ -183,7 +183,7 @@ def build_module(builder: Callable[[], nn.Module], ds_config: dict[str, Any]) ->
         return builder()
 
 
-def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]):
+def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
     """``deepspeed.initialize`` with the client optimizer; returns the engine."""
     select_accelerator()
     import deepspeed

@@ -10,12 +10,14 @@ import resource
 import signal
 import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from types import FrameType
 from typing import Any
 
 import torch
 from tqdm import tqdm
 
-from .checkpoint import Checkpointer
+from ..metrics import MetricsLogger
+from .checkpoint import Checkpointer, CheckpointRef
 from .optim import set_lr
 
 LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str, Any]]
@@ -32,11 +34,11 @@ def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
 class Trainer:
     def __init__(
         self,
-        engine,
+        engine: Any,
         loss_fn: LossFn,
         data: Iterator[dict[str, torch.Tensor]],
         checkpointer: Checkpointer,
-        logger,
+        logger: MetricsLogger,
         lr_schedule: Callable[[int], dict[str, float]],
         steps: int,
         global_batch: int,
@@ -70,7 +72,7 @@ class Trainer:
         if "data" in state and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
 
-    def resume(self, ref) -> None:
+    def resume(self, ref: CheckpointRef | None) -> None:
         """Continue from checkpoint ``ref`` (a ``CheckpointRef``; ``None`` starts fresh)."""
         if ref is not None:
             self.load_state_dict(self.checkpointer.load(self.engine, ref))
@@ -127,7 +129,7 @@ class Trainer:
         dist.all_reduce(packed, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
         return packed.tolist()
 
-    def _on_signal(self, signum, frame) -> None:
+    def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._pending_signal = signum
 
     def _signal_received(self) -> int:

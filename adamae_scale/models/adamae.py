@@ -49,7 +49,7 @@ class AdaMAEConfig:
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
-        self.img_size = tuple(int(s) for s in self.img_size)
+        self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
         if self.masking not in STRATEGIES:
             raise ValueError(f"masking.strategy must be one of {STRATEGIES}, got {self.masking!r}")
         if self.num_frames % self.tubelet_size:
@@ -105,6 +105,7 @@ class Encoder(nn.Module):
     def __init__(self, cfg: AdaMAEConfig):
         super().__init__()
         self.patch_embed = TubeletEmbed(cfg.in_chans, cfg.embed_dim, cfg.tubelet_size, cfg.patch_size)
+        self.pos_embed: torch.Tensor
         self.register_buffer("pos_embed", _position_table(cfg, cfg.embed_dim), persistent=False)
         drop_path = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList(
@@ -157,6 +158,7 @@ class AdaMAE(nn.Module):
         )
         self.encoder_to_decoder = Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(trunc_normal((1, 1, cfg.decoder_embed_dim), std=0.02))
+        self.decoder_pos_embed: torch.Tensor
         self.register_buffer("decoder_pos_embed", _position_table(cfg, cfg.decoder_embed_dim), persistent=False)
         self.decoder = Decoder(cfg)
 

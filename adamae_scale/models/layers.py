@@ -100,6 +100,8 @@ class Attention(nn.Module):
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
         self.num_heads = num_heads
         self.qkv = Linear(dim, dim * 3, bias=False)
+        self.q_bias: nn.Parameter | None
+        self.v_bias: nn.Parameter | None
         if qkv_bias:
             self.q_bias = nn.Parameter(torch.zeros(dim))
             self.v_bias = nn.Parameter(torch.zeros(dim))
@@ -112,7 +114,7 @@ class Attention(nn.Module):
         batch, tokens, dim = x.shape
         # Call the qkv module (not F.linear on its weight) so ZeRO-3 gathers the weight for us.
         qkv = self.qkv(x)  # (B, N, 3D)
-        if self.q_bias is not None:
+        if self.q_bias is not None and self.v_bias is not None:
             qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias]).to(qkv.dtype)
         qkv = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)

@@ -5,9 +5,9 @@ from __future__ import annotations
 from collections.abc import Mapping
 from dataclasses import fields
 from importlib import resources
-from typing import Any
+from typing import Any, cast
 
-from omegaconf import OmegaConf
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from .adamae import AdaMAE, AdaMAEConfig
 
@@ -33,10 +33,10 @@ def _load_model_yaml(name: str) -> dict[str, Any]:
     if not path.is_file():
         raise ValueError(f"unknown model {name!r}: expected one of {model_names()}")
     node = OmegaConf.create(path.read_text())
-    merged = OmegaConf.create()
+    merged: DictConfig | ListConfig = OmegaConf.create()
     for parent in node.pop("defaults", []):
         merged = OmegaConf.merge(merged, OmegaConf.create(folder.joinpath(f"{parent}.yaml").read_text()))
-    return OmegaConf.to_container(OmegaConf.merge(merged, node), resolve=True)
+    return cast(dict[str, Any], OmegaConf.to_container(OmegaConf.merge(merged, node), resolve=True))
 
 
 def make_config(model: Mapping[str, Any], masking: Mapping[str, Any] | None = None) -> AdaMAEConfig:
