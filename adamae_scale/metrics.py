@@ -6,6 +6,8 @@ Only rank 0 writes. ``focus_ratio`` measures whether visible tokens sit on movin
 from __future__ import annotations
 
 import json
+import math
+import os
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -28,7 +30,12 @@ def focus_ratio(mask: torch.Tensor, motion: torch.Tensor) -> float:
 
 
 class MetricsLogger:
-    def __init__(self, run_dir: str | Path, enabled: bool = True):
+    """``metrics.jsonl`` + TensorBoard scalars (rank 0). ``resume_step``: the step the run continues after;
+    rows logged after it by the interrupted run are dropped (the file is rewritten atomically, TensorBoard
+    purges them), so every step appears once, in order. A fresh start (``0``) in a folder with an older
+    ``metrics.jsonl`` moves that file to ``metrics.previous.jsonl`` first."""
+
+    def __init__(self, run_dir: str | Path, enabled: bool = True, resume_step: int = 0):
         self.enabled = enabled
         self.path = Path(run_dir) / "metrics.jsonl"
         self.writer = None
@@ -36,7 +43,26 @@ class MetricsLogger:
             from torch.utils.tensorboard import SummaryWriter
 
             self.path.parent.mkdir(parents=True, exist_ok=True)
-            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"))
+            self._truncate_after(resume_step)
+            self.writer = SummaryWriter(log_dir=str(Path(run_dir) / "tb"), purge_step=resume_step + 1)
+
+    def _truncate_after(self, step: int) -> None:
+        if not self.path.is_file():
+            return
+        if step == 0:
+            os.replace(self.path, self.path.with_name("metrics.previous.jsonl"))
+            return
+        kept = []
+        for line in self.path.read_text().splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:  # a line cut short by a crash
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
+                kept.append(json.dumps(record))
+        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
+        tmp.write_text("".join(line + "\n" for line in kept))
+        os.replace(tmp, self.path)
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         if self.writer is None:
@@ -59,6 +85,9 @@ def read_metrics(path: str | Path) -> list[dict[str, Any]]:
 
 
 def _plain(value: Any) -> Any:
+    """A JSON value: tensors as numbers, NaN/inf as null (JSON has no such numbers)."""
     if isinstance(value, torch.Tensor):
-        return value.item()
+        value = value.item()
+    if isinstance(value, float) and not math.isfinite(value):
+        return None
     return value

@@ -16,25 +16,24 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .data import build_data, validate_data
+from . import schema
+from .data import build_data
 from .engine import optim, setup
-from .engine.checkpoint import Checkpointer, to_universal
-from .engine.trainer import Trainer
+from .engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint, to_universal
+from .engine.disk import InsufficientSpaceError, check_free_space
+from .engine.trainer import Trainer, TrainingDiverged
 from .metrics import MetricsLogger
-from .models import AdaMAE, AdaMAEConfig, build_model, make_config
+from .models import AdaMAE, AdaMAEConfig, build_model
 from .objective import AdaMAEObjective, evaluate_focus
+
+# Bytes a DeepSpeed checkpoint holds per parameter (fp32 weights + fp32 master + two AdamW moments):
+# the free-space estimate before the first checkpoint exists.
+CHECKPOINT_BYTES_PER_PARAM = 16
 
 
 def validate(cfg: dict[str, Any]) -> AdaMAEConfig:
-    """Every check that can fail before a process group or a model exists."""
-    model_cfg = make_config(cfg["model"], cfg["masking"])
-    validate_data(cfg["data"], model_cfg)
-    setup.build_ds_config(setup.load_ds_config(cfg["ds"]), 1, 1, 1, cfg["precision"], 0.0)
-    train = cfg["train"]
-    for key in ("steps", "micro_batch_size", "accumulation"):
-        if int(train[key]) < 1:
-            raise ValueError(f"train.{key} must be >= 1, got {train[key]}")
-    return model_cfg
+    """Every check that can fail before a process group or a model exists (``schema.validate``)."""
+    return schema.validate(cfg)
 
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
@@ -48,10 +47,19 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     warmup_steps = round(train["warmup_fraction"] * train["steps"])
     run_dir = Path(cfg["run_dir"])
 
+    with torch.device("meta"):
+        num_params = build_model(model_cfg).num_params()
+    checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAM * num_params
+    # Before anything is built: a full disk is one line now rather than a traceback at the first save.
+    check_free_space(run_dir, checkpoint_bytes, "the first checkpoint")
+
     setup.init_distributed()
     metadata = {"model": model_cfg.to_dict(), "precision": cfg["precision"], "ds": cfg["ds"]}
-    checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
+    checkpointer = Checkpointer(
+        run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"], checkpoint_bytes
+    )
     resume_from = checkpointer.find(train["resume"])
+    resume_step = resume_from.step if resume_from is not None else 0
     ds_config = setup.build_ds_config(
         setup.load_ds_config(cfg["ds"]),
         train["micro_batch_size"],
@@ -65,8 +73,6 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
         ds_config["checkpoint"] = {"load_universal": True}
 
-    with torch.device("meta"):
-        num_params = build_model(model_cfg).num_params()
     engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
     if env.rank == 0:
         print(
@@ -84,7 +90,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         objective,
         data,
         checkpointer,
-        MetricsLogger(run_dir, enabled=env.rank == 0),
+        MetricsLogger(run_dir, enabled=env.rank == 0, resume_step=resume_step),
         lambda step: {
             "cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"]),
             "constant": optim.lr_at(step, peak_lr, peak_lr, warmup_steps, train["steps"]),
@@ -93,6 +99,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         global_batch,
         cfg["seed"],
         train["log_every"],
+        max_skipped_in_a_row=train["max_skipped_in_a_row"],
+        loss_spike_factor=train["loss_spike_factor"],
     )
     trainer.resume(resume_from)
     start = trainer.step
@@ -187,7 +195,18 @@ def _hydra_main(cfg: DictConfig) -> None:
         # A configuration mistake: one line naming the field, before any process group exists.
         print(f"adamae-pretrain: error: {err}", file=sys.stderr)
         sys.exit(2)
-    summary = run(resolved)
+    from .data.pipeline import CorruptDataError
+
+    try:
+        summary = run(resolved)
+    except (InsufficientSpaceError, CheckpointWriteError, NoUsableCheckpoint, TrainingDiverged) as err:
+        # A run that cannot go on (full disk, divergence, no usable checkpoint): one line, nothing half-written.
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"adamae-pretrain: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2 if isinstance(err, (InsufficientSpaceError, NoUsableCheckpoint)) else 1)
+    except CorruptDataError as err:  # raised by the rank that counted too many corrupt samples (named in it)
+        print(f"adamae-pretrain: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
     if int(os.environ.get("RANK", "0")) == 0:
         print(report(summary), flush=True)
     if "stopped_by_signal" in summary:
@@ -198,6 +217,14 @@ def main() -> None:
     # The deepspeed launcher appends --local_rank=N (also exported as LOCAL_RANK), which Hydra
     # would read as an override: drop it.
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    overrides = sys.argv[1:]
+    if not any(a.startswith("-") for a in overrides):  # plain overrides (Hydra's own flags go straight to it)
+        # Checked before Hydra creates run_dir and its log there: a bad value leaves nothing behind.
+        try:
+            validate(schema.compose(overrides))
+        except (ValueError, FileNotFoundError) as err:
+            print(f"adamae-pretrain: error: {err}", file=sys.stderr)
+            sys.exit(2)
     _hydra_main()
 
 

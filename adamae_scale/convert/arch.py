@@ -11,6 +11,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
+from .. import schema
 from ..models import AdaMAE, AdaMAEConfig, config_for, make_config, model_names
 from ..models.registry import config_dir
 from .errors import ArchitectureMismatchError, ConvertError
@@ -71,7 +72,7 @@ def named_config(name: str, **overrides: Any) -> AdaMAEConfig:
     if name not in model_names():
         raise ConvertError(f"--model {name!r}: expected one of {model_names()}")
     try:
-        return config_for(name, **overrides)
+        return schema.model_config(config_for(name, **overrides).to_dict())
     except ValueError as err:
         raise ConvertError(str(err)) from err
 
@@ -81,7 +82,7 @@ def with_overrides(cfg: AdaMAEConfig, **overrides: Any) -> AdaMAEConfig:
     values = cfg.to_dict()
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return make_config(values)
+        return schema.model_config(values)
     except ValueError as err:
         raise ConvertError(str(err)) from err
 
@@ -241,6 +242,10 @@ def infer_config(
     for width, heads, what in head_checks:
         if width % heads:
             raise ArchitectureMismatchError(f"{what} {heads} does not divide the width {width}")
+    try:
+        cfg = schema.model_config(values)  # the ranges every model config is held to
+    except ValueError as err:
+        raise ConvertError(str(err)) from err
     if has_sampler and shapes["sampler.pos_embed_probs"][1] != cfg.num_tokens:
         n = shapes["sampler.pos_embed_probs"][1]
         raise ArchitectureMismatchError(

@@ -143,6 +143,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     consolidate.add_argument("out_dir", metavar="OUT_DIR", help="folder to create")
     consolidate.add_argument("--tag", help="checkpoint tag to use instead of 'latest' (e.g. step_00000030)")
+    consolidate.add_argument(
+        "--allow-nonfinite",
+        action="store_true",
+        help="write weights holding NaN/inf instead of refusing (the checkpoint's manifest is still verified)",
+    )
     _add_output_options(
         consolidate, "fp32", "dtype of the written weights (default fp32, bit-identical to the masters)"
     )
@@ -264,6 +269,7 @@ def run(args: argparse.Namespace) -> str:
             model=args.model,
             overrides=overrides,
             overwrite=args.overwrite,
+            allow_nonfinite=args.allow_nonfinite,
         )
         source = config["source"]
         return (

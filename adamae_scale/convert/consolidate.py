@@ -20,6 +20,7 @@ pages) and never holds the Adam moments or a second copy.
 from __future__ import annotations
 
 import contextlib
+import functools
 import io
 import json
 import math
@@ -31,11 +32,13 @@ from typing import Any
 
 import torch
 
+from ..engine.checkpoint import MANIFEST
+from ..engine.checkpoint import verify as verify_checkpoint
 from ..models import AdaMAEConfig
 from .arch import check_shapes, describe, expected_shapes, infer_config, with_overrides
 from .errors import ConvertError
 from .folder import FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
-from .io import TensorLike, atomic_output_dir, safe_torch_load
+from .io import TensorLike, atomic_output_dir, lazy_map, safe_torch_load
 
 # Every class a DeepSpeed 0.19 checkpoint of this project pickles besides tensors and containers
 # (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints).
@@ -281,16 +284,25 @@ def consolidate(
     model: str | None = None,
     overrides: Mapping[str, Any] | None = None,
     overwrite: bool = False,
+    allow_nonfinite: bool = False,
 ) -> dict[str, Any]:
-    """Consolidate a DeepSpeed checkpoint into ``out_dir``; returns the written ``config.json``."""
+    """Consolidate a DeepSpeed checkpoint into ``out_dir``; returns the written ``config.json``.
+
+    The checkpoint is verified against its ``manifest.json`` (sizes and sha256) first, and a weight holding
+    NaN/inf stops the write (nothing is left behind) unless ``allow_nonfinite``."""
     loc = locate_checkpoint(ckpt_dir, tag)
+    problem = verify_checkpoint(loc.path) if (loc.path / MANIFEST).is_file() else None
+    if problem is not None:
+        raise ConvertError(f"checkpoint {loc.path} is damaged: {problem}")
     run_config = read_run_config(loc)
     partitioned = any(loc.path.glob("*_optim_states.pt"))
     state, facts = _zero_partitioned_state(loc) if partitioned else _zero0_state(loc)
     shapes = {name: torch.Size(value.shape) for name, value in state.items()}
     cfg = resolve_config(run_config, shapes, model, overrides or {})
     check_shapes(shapes, cfg, f"checkpoint {loc.path}")
-    ordered = {name: state[name] for name in expected_shapes(cfg)}
+    ordered: dict[str, TensorLike] = {name: state[name] for name in expected_shapes(cfg)}
+    if not allow_nonfinite:
+        ordered = {name: lazy_map(value, functools.partial(_finite, name, loc.path)) for name, value in ordered.items()}
 
     config = {
         "format": FORMAT_FULL,
@@ -312,6 +324,16 @@ def consolidate(
     with atomic_output_dir(out_dir, overwrite, inputs=[loc.path]) as tmp:
         written = write_folder(tmp, ordered, config, dtype)
     return written
+
+
+def _finite(name: str, checkpoint: Path, tensor: torch.Tensor) -> torch.Tensor:
+    if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+        bad = int((~torch.isfinite(tensor)).sum())
+        raise ConvertError(
+            f"checkpoint {checkpoint}: weight {name} holds {bad} NaN/inf values (a diverged run?); nothing written "
+            "(pass --allow-nonfinite to write it anyway)"
+        )
+    return tensor
 
 
 __all__ = ["DEEPSPEED_GLOBALS", "CheckpointLocation", "consolidate", "locate_checkpoint"]

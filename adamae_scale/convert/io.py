@@ -84,6 +84,13 @@ def safe_torch_load(path: str | os.PathLike[str], allowed_globals: Sequence[str]
     if not path.is_file():
         raise ConvertError(f"{path}: no such file")
     is_zip = zipfile.is_zipfile(path)
+    if not is_zip:
+        with open(path, "rb") as f:
+            head = f.read(2)
+        if not head.startswith(b"\x80"):  # every pickle of protocol 2+ (torch's legacy format) starts so
+            raise ConvertError(
+                f"{path}: not a PyTorch checkpoint (neither a zip archive written by torch.save nor a pickle)"
+            )
     allowed = set(allowed_globals)
     if is_zip:
         try:
@@ -107,7 +114,7 @@ def safe_torch_load(path: str | os.PathLike[str], allowed_globals: Sequence[str]
         if "GLOBAL" in line or "global" in line:
             raise UnsafeCheckpointError(f"refusing to load {path}: {line}") from err
         raise ConvertError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({line})") from err
-    except (RuntimeError, EOFError, ValueError, OSError, zipfile.BadZipFile) as err:
+    except Exception as err:  # noqa: BLE001 - a damaged file fails anywhere in the un-pickler (KeyError, …)
         raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_informative_line(err)})") from err
 
 

@@ -2,9 +2,9 @@
 
 Inside each DataLoader worker, one epoch is a WebDataset stage list (see ``EpochClips.stages``):
 
-    shard urls → seeded shuffle (seed, epoch) → split by rank → split by worker → tar samples
-    → choose the frame window → sample shuffle buffer → [skip what a resumed run consumed]
-    → decode + augment + normalise → batches of ``B`` slots
+    shard urls → seeded shuffle (seed, epoch) → split by rank → split by worker → [drop shards known to
+    hold no usable sample] → tar samples → choose the frame window → sample shuffle buffer
+    → [skip what a resumed run consumed] → decode + augment + normalise → batches of ``B`` slots
 
 Non-resampled mode reads every shard of the epoch on exactly one (rank, worker) and every sample of a
 shard once: each sample is delivered exactly once per epoch across all ranks and workers. There is no
@@ -21,6 +21,15 @@ skips each worker's consumed slots (after the shuffle buffer, reading but not de
 workers that had already delivered in the current round emit an empty marker first: the resumed stream
 is the uninterrupted one, clip for clip.
 
+Unreadable shards. A shard that is not a tar archive, or whose tar stream breaks off (truncated, damaged),
+is a shard-level failure, not a corrupt sample: its worker sends ``(url, reason, usable)`` with the
+batch, where ``usable`` counts the complete samples before the damage. The rank remembers it for the
+rest of the run, prints it once and counts it as one corrupt sample; later epochs (and resampled draws)
+read only its ``usable`` samples and stop there, so it is never re-opened (``usable == 0``) or read up
+to the damage again. The samples delivered from a shard are the same whether its damage is known yet
+or not, so this knowledge never changes the stream; it is saved with the position all the same, so a
+resumed run neither reports nor counts a shard twice.
+
 DeepSpeed saves the client state of rank 0 only, so ``state_dict()`` gathers every rank's position
 (a collective: every rank must call it, as the trainer does at each checkpoint) and each rank picks its
 own on ``load_state_dict``. Per-rank positions, not one rank-independent batch count, because ranks
@@ -32,13 +41,15 @@ number of batches consumed.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import random
 import re
 import sys
+import tarfile
 import warnings
 import zlib
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from itertools import islice, pairwise
 from pathlib import Path
@@ -49,6 +60,7 @@ import numpy as np
 import torch
 import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .shards import MANIFEST
 from .transforms import REFERENCE_CROP_SCALES, crop_resize, normalized
@@ -167,6 +179,79 @@ def take_every(src: Iterable, index: int, count: int) -> Iterator:
     return islice(src, index, None, count)
 
 
+def usable_shards(
+    src: Iterable[dict[str, Any]], known: Mapping[str, int], shard_count: int
+) -> Iterator[dict[str, Any]]:
+    """Drops the shards known to hold no usable sample; ends an endless (resampled) draw once every one of
+    the ``shard_count`` shards is known to be unusable, instead of drawing forever."""
+    for source in src:
+        if known.get(source["url"]) != 0:
+            yield source
+        elif sum(1 for usable in known.values() if usable == 0) >= shard_count:
+            return
+
+
+def shard_samples(
+    src: Iterable[dict[str, Any]],
+    known: dict[str, int],
+    on_unreadable: Callable[[str, str, int], None],
+    on_member_error: Callable[[Exception], bool],
+) -> Iterator[dict[str, Any]]:
+    """``{url}`` → the shard's raw samples ``{__key__, __url__, json, mp4 | mjpeg | ...}``.
+
+    A shard whose tar stream cannot be read to its end yields the complete samples before the damage, sets
+    ``known[url]`` to their number and calls ``on_unreadable(url, reason, usable)``, once. A shard already
+    in ``known`` is read for that many samples only, never up to the damage again.
+    """
+    for source in src:
+        url = source["url"]
+        damage: list[tuple[Exception, int]] = []
+        files = _tar_files(url, damage)
+        samples: Iterator[dict[str, Any]] = group_by_keys(files, handler=on_member_error)
+        if url in known:
+            samples = islice(samples, known[url])
+        usable = 0
+        try:
+            for sample in samples:
+                if damage:  # the sample being read when the damage came: incomplete
+                    break
+                usable += 1
+                yield sample
+        finally:
+            files.close()
+        if damage:
+            err, files_read = damage[0]
+            known[url] = usable
+            on_unreadable(url, _damage_reason(err, files_read), usable)
+
+
+def _tar_files(url: str, damage: list[tuple[Exception, int]]) -> Generator[dict[str, Any], None, None]:
+    """The shard's files ``{fname, data, __url__}``. An error that breaks the tar stream ends them and goes
+    into ``damage`` with the number of files read before it, instead of being retried member by member."""
+    files, stream = 0, None
+    try:
+        stream = wds.gopen(url)
+        for member in tar_file_iterator(stream):  # re-raises: the stream cannot be trusted past an error
+            member["__url__"] = url
+            files += 1
+            yield member
+    except Exception as err:
+        damage.append((err, files))
+    finally:
+        if stream is not None:
+            with contextlib.suppress(Exception):  # a pipe: closed before its command wrote all, it exits non-zero
+                stream.close()
+
+
+def _damage_reason(err: Exception, files: int) -> str:
+    message = " ".join(str(err).split(" @ <")[0].split())[:200]  # webdataset appends " @ <stream>"
+    if files == 0:
+        if isinstance(err, tarfile.ReadError):
+            return f"not a tar archive ({message})"
+        return f"cannot be read ({type(err).__name__}: {message})"
+    return f"truncated or damaged after {files} files ({message})"
+
+
 def choose_window(
     src: Iterable[dict[str, Any]], num_frames: int, sampling_rate: int, rng_for: RngFor
 ) -> Iterator[dict[str, Any]]:
@@ -270,11 +355,14 @@ class EpochClips(IterableDataset):
         world_size: int,
         epoch: int,
         resume: ResumePoint | None,
+        unreadable: Mapping[str, int] | None = None,
     ):
         super().__init__()
         self.cfg, self.urls, self.batch_size = cfg, urls, batch_size
         self.rank, self.world_size, self.epoch, self.resume = rank, world_size, epoch, resume
+        self.known = dict(unreadable or {})  # unreadable shard → its usable samples, as this worker knows
         self.tar_errors: list[str] = []
+        self.found: list[tuple[str, str, int]] = []  # shards found unreadable since the last batch
 
     def _rng_for(self, worker: int) -> RngFor:
         cfg, epoch = self.cfg, self.epoch
@@ -291,6 +379,9 @@ class EpochClips(IterableDataset):
     def _on_tar_error(self, exn: Exception) -> bool:
         self.tar_errors.append(f"{type(exn).__name__}: {exn}"[:300])
         return True  # go on with the next sample / shard
+
+    def _on_unreadable(self, url: str, reason: str, usable: int) -> None:
+        self.found.append((url, reason, usable))
 
     def stages(self, worker: int, workers: int) -> list:
         cfg = self.cfg
@@ -312,8 +403,11 @@ class EpochClips(IterableDataset):
             ]
         window_rng = self._rng_for(worker)
         augment_rng = self._rng_for(worker)
+        shard_count = len(set(self.urls))
         stages = source + [
-            wds.tarfile_to_samples(handler=self._on_tar_error),  # raw samples {__key__, json, mp4 | mjpeg}
+            lambda src: usable_shards(src, self.known, shard_count),
+            # raw samples {__key__, json, mp4 | mjpeg}; a broken tar stream ends its shard, reported once
+            lambda src: shard_samples(src, self.known, self._on_unreadable, self._on_tar_error),
             lambda src: choose_window(src, cfg.num_frames, cfg.sampling_rate, window_rng),  # compact windows
         ]
         if cfg.shuffle_buffer > 1:
@@ -335,7 +429,8 @@ class EpochClips(IterableDataset):
         while True:
             slots = list(islice(samples, self.batch_size))
             errors, self.tar_errors = self.tar_errors, []
-            if not slots and not errors:
+            unreadable, self.found = self.found, []
+            if not slots and not errors and not unreadable:
                 return
             good = [s for s in slots if "video" in s]
             bad = [f"{s.get('url', '?')} {s['key']}: {s['error']}" for s in slots if "error" in s] + errors
@@ -352,6 +447,7 @@ class EpochClips(IterableDataset):
                 "slots": len(slots),
                 "corrupt": len(bad),
                 "tar_errors": len(errors),
+                "unreadable": unreadable,  # counted and printed once per rank by the main process
             }
             if good:
                 batch["video"] = _normalized_batch([s["video"] for s in good])
@@ -409,6 +505,8 @@ class ShardClips:
         self.batches = 0  # handed to the trainer: the same count on every rank
         self.seen = 0  # slots read, on this rank
         self.corrupt = 0
+        self.unreadable: dict[str, int] = {}  # shards found unreadable on this rank → their usable samples
+        self._reasons: dict[str, str] = {}
         self._loader: Iterator | None = None
         self._current: _Current | None = None
         self._drop = 0  # clips of the first batch from point.next_worker already used before a resume
@@ -419,7 +517,14 @@ class ShardClips:
         return self
 
     def _start_epoch(self, resume: ResumePoint | None) -> None:
-        dataset = EpochClips(self.cfg, self.urls, self.batch_size, self.rank, self.world_size, self.epoch, resume)
+        if all(self.unreadable.get(url) == 0 for url in self.urls):
+            raise CorruptDataError(
+                f"data: none of the {len(self.urls)} shards can be read (e.g. {self._describe(self.urls[0])}); "
+                "re-make them with adamae-shards"
+            )
+        dataset = EpochClips(
+            self.cfg, self.urls, self.batch_size, self.rank, self.world_size, self.epoch, resume, self.unreadable
+        )
         loader = DataLoader(
             dataset,
             batch_size=None,
@@ -464,15 +569,28 @@ class ShardClips:
             return current
 
     def _count(self, batch: Mapping[str, Any]) -> None:
-        self.seen += batch["slots"] + batch["tar_errors"]
-        self.corrupt += batch["corrupt"]
+        # An unreadable shard counts as one corrupt sample, once per rank: another worker, a later epoch or a
+        # resumed run that meets it again does not count it again.
+        new = [(url, reason, usable) for url, reason, usable in batch["unreadable"] if url not in self.unreadable]
+        for url, reason, usable in new:
+            self.unreadable[url], self._reasons[url] = int(usable), reason
+        self.seen += batch["slots"] + batch["tar_errors"] + len(new)
+        self.corrupt += batch["corrupt"] + len(new)
         limit = self.cfg.max_corrupt_fraction
         if self.seen >= self.cfg.corrupt_check_after and self.corrupt > limit * self.seen:
+            named = [url for url, _, _ in new] or list(self.unreadable)[:3]
+            shards = "".join(f", including the unreadable shard {self._describe(url)}" for url in named)
             raise CorruptDataError(
                 f"data: {self.corrupt} of {self.seen} samples read on rank {self.rank} were corrupt "
-                f"({self.corrupt / self.seen:.1%} > data.max_corrupt_fraction={limit}); the reasons are on stderr. "
-                f"Re-make the shards (adamae-shards --resume re-checks their sha256) or raise the limit"
+                f"({self.corrupt / self.seen:.1%} > data.max_corrupt_fraction={limit}){shards}; the reasons are "
+                f"on stderr. Re-make the shards (adamae-shards --resume re-checks their sha256) or raise the limit"
             )
+        for url, reason, usable in new:
+            kept = f"; its first {usable} samples, complete before that, are used" if usable else ""
+            print(f"[adamae] data: skipping unreadable shard {url}: {reason}{kept}", file=sys.stderr, flush=True)
+
+    def _describe(self, url: str) -> str:
+        return f"{url} ({self._reasons[url]})" if url in self._reasons else url
 
     def _finish(self, current: _Current) -> None:
         worker = current.batch["worker"]
@@ -509,14 +627,34 @@ class ShardClips:
 
     # -- state -------------------------------------------------------------------------------------------------
     def _local_position(self) -> list[int]:
-        return [self.epoch, self.point.next_worker, self.point.offset, self.seen, self.corrupt, *self.point.consumed]
+        p = self.point
+        return [self.epoch, p.next_worker, p.offset, self.seen, self.corrupt, len(self.unreadable), *p.consumed]
+
+    def _gathered_unreadable(self, counts: list[int]) -> list[dict[str, int]]:
+        """Every rank's unreadable shards ``{url: usable samples}`` (``counts`` of them), sent as (url index,
+        usable) pairs."""
+        longest = max(counts)
+        if longest == 0:
+            return [{} for _ in counts]
+        pairs = [v for url, usable in self.unreadable.items() for v in (self.urls.index(url), usable)]
+        rows = _all_gather_ints(pairs + [-1] * (2 * longest - len(pairs)), self.world_size)
+        return [{self.urls[i]: usable for i, usable in zip(row[::2], row[1::2], strict=True) if i >= 0} for row in rows]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state holding every rank's position. Collective when distributed: call it on every rank."""
         rows = _all_gather_ints(self._local_position(), self.world_size)
+        unreadable = self._gathered_unreadable([r[5] for r in rows])
         ranks = [
-            {"epoch": r[0], "next_worker": r[1], "offset": r[2], "seen": r[3], "corrupt": r[4], "consumed": r[5:]}
-            for r in rows
+            {
+                "epoch": r[0],
+                "next_worker": r[1],
+                "offset": r[2],
+                "seen": r[3],
+                "corrupt": r[4],
+                "consumed": r[6:],
+                "unreadable": shards,
+            }
+            for r, shards in zip(rows, unreadable, strict=True)
         ]
         return {
             "version": STATE_VERSION,
@@ -544,6 +682,12 @@ class ShardClips:
             and state["resampled"] == self.cfg.resampled
             and len(state["ranks"]) == self.world_size
         )
+        # The shards found unreadable so far (older states have none): this rank's own, or with another
+        # layout every rank's. They change no stream, only what is reported and counted again.
+        found = [state["ranks"][self.rank]] if same_layout else state["ranks"]
+        self.unreadable = {
+            url: int(usable) for rank in found for url, usable in rank.get("unreadable", {}).items() if url in self.urls
+        }
         if self.cfg.resampled:
             # An endless draw with replacement: a fresh stream seeded by the resume point, not a replay.
             own = state["ranks"][self.rank] if same_layout else state["ranks"][0]

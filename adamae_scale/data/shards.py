@@ -1,9 +1,11 @@
 """``adamae-shards``: videos (a folder or an annotation file) → WebDataset tar shards + ``manifest.json``.
 
-Each input video is decoded with PyAV, optionally resampled in time, cut to a maximum duration or
-split into clips, resized to a short side, and stored per sample as either an H.264 mp4 or JPEG frames:
+Each input video is decoded with PyAV, turned upright and stretched to square pixels as a player shows
+it, optionally resampled in time, cut to a maximum duration or split into clips, resized to a short
+side, and stored per sample as either an H.264 mp4 or JPEG frames:
 
-    {key}.json           label, source path, fps, frame count, duration, size, storage format
+    {key}.json           label, source path, fps, frame count, duration, size, storage format, and the
+                         source's size, frame rate, sample aspect ratio and display rotation/mirroring
     {key}.mp4            (--store mp4) the re-encoded clip
     {key}.000000.jpg …   (--store jpg) one JPEG per frame
 
@@ -35,7 +37,6 @@ from pathlib import Path
 from typing import Any
 
 import av
-from av.video.reformatter import VideoReformatter
 from tqdm import tqdm
 
 from .annotations import (
@@ -49,7 +50,7 @@ from .annotations import (
     resolve,
     scan_folder,
 )
-from .video import VIDEO_EXTENSIONS, Mp4Encoder, VideoError, VideoReader, encode_jpeg, short_side_size
+from .video import VIDEO_EXTENSIONS, Geometry, Mp4Encoder, VideoError, VideoReader, encode_jpeg, short_side_size
 
 MANIFEST = "manifest.json"
 STORES = ("mp4", "jpg")
@@ -147,16 +148,14 @@ class _ClipSink:
         self.count = 0
         self.jpegs: list[bytes] = []
         self.mp4 = Mp4Encoder(width, height, fps, opts.crf, opts.preset, opts.gop) if opts.store == "mp4" else None
-        self.reformatter = VideoReformatter()
+        self.pixel_format = "yuv420p" if self.mp4 is not None else "rgb24"  # what ``add`` takes without converting
 
     def add(self, frame: av.VideoFrame) -> None:
+        """A frame already upright at ``width × height``."""
         if self.mp4 is not None:
             self.mp4.add(frame)
         else:
-            rgb = self.reformatter.reformat(
-                frame, width=self.width, height=self.height, format="rgb24", interpolation="AREA"
-            )
-            self.jpegs.append(encode_jpeg(rgb.to_ndarray(), self.opts.jpeg_quality))
+            self.jpegs.append(encode_jpeg(frame.to_ndarray(format="rgb24"), self.opts.jpeg_quality))
         self.count += 1
 
     def files(self) -> tuple[list[tuple[str, bytes]], dict[str, Any]]:
@@ -175,20 +174,24 @@ def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, A
         info = reader.info
         if info.width <= 0 or info.height <= 0:
             raise VideoError(f"video stream has no picture size ({info.width}x{info.height})")
-        out_h, out_w = short_side_size(info.width, info.height, opts.short_side)
         fps = opts.fps or info.fps
         max_frames = round(opts.max_duration * fps) if opts.max_duration else None
         clip_frames = max(1, round(opts.clip_duration * fps)) if opts.clip_duration else None
         clips: list[tuple[int, _ClipSink]] = []
         sink, total, source_decoded, stopped_early = None, 0, 0, False
+        geometry: Geometry | None = None  # from the first frame, which carries the display matrix
+        out_h = out_w = 0
         for frame, source_decoded in _resampled(reader, opts.fps):  # noqa: B007 (its last value is read below)
             if max_frames is not None and total >= max_frames:
                 stopped_early = True
                 break
+            if geometry is None:
+                geometry = reader.geometry(frame)
+                out_h, out_w = short_side_size(*geometry.display_size(frame.width, frame.height), opts.short_side)
             if sink is None:
                 sink = _ClipSink(opts, out_w, out_h, fps)
                 clips.append((total, sink))
-            sink.add(frame)
+            sink.add(reader.display_frame(frame, (out_h, out_w), sink.pixel_format, "AREA"))
             total += 1
             if clip_frames is not None and sink.count == clip_frames:
                 sink = None
@@ -197,6 +200,7 @@ def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, A
             raise VideoError(f"truncated: decoded {source_decoded} of the {declared} frames the container declares")
         if total < opts.min_frames:
             raise VideoError(f"too short: {total} frames at {fps:.4g} fps, --min-frames is {opts.min_frames}")
+        assert geometry is not None  # at least --min-frames frames were decoded
         samples = []
         for index, (first, clip) in enumerate(clips):
             if clip.count < opts.min_frames:  # the tail of a split video
@@ -216,6 +220,7 @@ def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, A
                 "format": opts.store,
                 "source_fps": round(info.fps, 6),
                 "source_size": [info.width, info.height],
+                **geometry.describe(),
                 **described,
             }
             samples.append(Sample(key, clip_meta, [("json", json.dumps(clip_meta).encode())] + files))
@@ -634,7 +639,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--short-side",
         type=int,
         default=256,
-        help="resize so the short side is this many pixels, keeping the aspect (0: keep the size)",
+        help="resize so the short side is this many pixels, keeping the aspect of the picture as a player shows "
+        "it (upright, square pixels) (0: keep the size)",
     )
     video.add_argument("--fps", type=float, default=None, help="resample to this frame rate (default: keep)")
     video.add_argument(

@@ -1,5 +1,8 @@
 """Video bytes and files → frames with PyAV; temporal window sampling; H.264 / JPEG encoding.
 
+Decoded frames come out as a player shows them (``Geometry``): non-square pixels stretched to the display
+aspect, and the display matrix (rotation, mirroring) applied the way ffmpeg's autorotate does.
+
 No torch and no torch.distributed here: the shard writer, the loader workers and the benchmark all
 call these functions. Frames are ``uint8`` arrays ``[T, H, W, 3]`` (RGB).
 """
@@ -7,6 +10,7 @@ call these functions. Frames are ``uint8`` arrays ``[T, H, W, 3]`` (RGB).
 from __future__ import annotations
 
 import io
+import math
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from fractions import Fraction
@@ -44,6 +48,89 @@ class VideoInfo:
     fps: float
     num_frames: int  # as declared by the container (0 when it does not say)
     duration: float  # seconds (0.0 when unknown)
+
+
+@dataclass(frozen=True)
+class Geometry:
+    """How a player shows a decoded picture, as ffmpeg's autorotate does: the width stretched by the sample
+    aspect ratio (non-square pixels), then the display matrix applied (a turn by a multiple of 90 degrees,
+    possibly mirrored)."""
+
+    sar: Fraction = Fraction(1)
+    rotation: int = 0  # clockwise degrees, as in the ``rotate`` tag: a display matrix of -90 degrees is 90
+    mirrored: bool = False
+    # The display matrix as array operations, in this order:
+    transpose: bool = False
+    flip_x: bool = False
+    flip_y: bool = False
+
+    @classmethod
+    def of(cls, stream: av.video.stream.VideoStream, frame: av.VideoFrame) -> Geometry:
+        """The stream's SAR (the container's first, then the codec's, as ffmpeg picks it) and the display
+        matrix that the decoder attached to ``frame``."""
+        sar = stream.sample_aspect_ratio or stream.codec_context.sample_aspect_ratio
+        sar = Fraction(sar) if sar is not None and sar > 0 else Fraction(1)
+        matrix = display_matrix(frame)
+        return cls(sar) if matrix is None else cls.from_matrix(matrix, sar)
+
+    @classmethod
+    def from_matrix(cls, matrix: Sequence[int], sar: Fraction = Fraction(1)) -> Geometry:
+        """From FFmpeg's display matrix, which maps a source pixel (x, y) to (a·x + c·y, b·x + d·y) on
+        screen (y down), with a, b, c, d = m[0], m[1], m[3], m[4]. ``rotate=90`` footage (a display matrix
+        of -90 degrees) has a = d = 0, b = 1, c = -1: a clockwise quarter turn."""
+        a, b, c, d = matrix[0], matrix[1], matrix[3], matrix[4]
+        scale_x, scale_y = math.hypot(a, c), math.hypot(b, d)
+        if scale_x == 0 or scale_y == 0:
+            raise VideoError("degenerate display matrix")
+        angle = math.degrees(math.atan2(b / scale_y, a / scale_x))
+        quarter = round(angle / 90)
+        if abs(angle - 90 * quarter) > 1:
+            raise VideoError(f"display matrix turns the picture by {angle:.1f} degrees: only multiples of 90 work")
+        rotation, mirrored = quarter * 90 % 360, a * d - b * c < 0
+        if abs(b) > abs(a):  # the picture's rows become its columns
+            return cls(sar, rotation, mirrored, transpose=True, flip_x=c < 0, flip_y=b < 0)
+        return cls(sar, rotation, mirrored, transpose=False, flip_x=a < 0, flip_y=d < 0)
+
+    @property
+    def turns(self) -> bool:
+        """Whether the display matrix moves pixels (is not the identity)."""
+        return self.transpose or self.flip_x or self.flip_y
+
+    def display_size(self, width: int, height: int) -> tuple[int, int]:
+        """(width, height) of the upright, square-pixel picture shown for a decoded ``width × height`` one."""
+        width = max(1, round(width * self.sar))
+        return (height, width) if self.transpose else (width, height)
+
+    def upright(self, image: np.ndarray) -> np.ndarray:
+        """An ``[H, W, C]`` picture already at the display aspect, turned and mirrored as displayed."""
+        if self.transpose:
+            image = image.transpose(1, 0, 2)
+        if self.flip_x:
+            image = image[:, ::-1]
+        if self.flip_y:
+            image = image[::-1]
+        return np.ascontiguousarray(image)
+
+    def describe(self) -> dict[str, object]:
+        """The JSON fields of a shard sample that record the source geometry."""
+        return {
+            "source_sar": f"{self.sar.numerator}:{self.sar.denominator}",
+            "source_rotation": self.rotation,
+            "source_mirrored": self.mirrored,
+        }
+
+
+def display_matrix(frame: av.VideoFrame) -> tuple[int, ...] | None:
+    """FFmpeg's 3×3 display matrix (row-major int32, 16.16 fixed point) of a decoded frame, if it has one.
+
+    Decoders copy the stream's matrix (the mp4 ``tkhd`` one, which phones set for portrait video) to every
+    frame; PyAV has no stream-level accessor for it.
+    """
+    try:
+        data = frame.side_data["DISPLAYMATRIX"]  # type: ignore[typeddict-item]  # av's stub lists motion vectors only
+    except KeyError:
+        return None
+    return tuple(int(v) for v in np.frombuffer(bytes(data), dtype=np.int32))
 
 
 class VideoReader:
@@ -86,6 +173,8 @@ class VideoReader:
         # One scaler for the whole stream: a new one per frame re-plans the conversion every time, which
         # cost more than decoding the frame.
         self._reformatter = VideoReformatter()
+        self._turned_reformatter = VideoReformatter()  # upright RGB → ``format``: a second, also kept
+        self._geometry: Geometry | None = None
 
     def __enter__(self) -> VideoReader:
         return self
@@ -95,6 +184,45 @@ class VideoReader:
 
     def close(self) -> None:
         self.container.close()
+
+    def geometry(self, frame: av.VideoFrame) -> Geometry:
+        """The stream's display geometry, read from its first decoded frame (the display matrix travels
+        with the frames) and kept for the whole stream."""
+        if self._geometry is None:
+            self._geometry = Geometry.of(self.stream, frame)
+        return self._geometry
+
+    def display_frame(
+        self,
+        frame: av.VideoFrame,
+        size: tuple[int, int] | None = None,
+        format: str = "rgb24",
+        interpolation: str = "BILINEAR",
+    ) -> av.VideoFrame:
+        """``frame`` as a player shows it (square pixels, upright) in pixel ``format``, scaled to
+        ``size`` = (height, width), by default the display size."""
+        geometry = self.geometry(frame)
+        if size is None:
+            width, height = geometry.display_size(frame.width, frame.height)
+        else:
+            height, width = size
+        if not geometry.turns:
+            return self._reformatter.reformat(
+                frame, width=width, height=height, format=format, interpolation=interpolation
+            )
+        if geometry.transpose:  # scale before turning: fewer pixels to move
+            width, height = height, width
+        rgb = self._reformatter.reformat(
+            frame, width=width, height=height, format="rgb24", interpolation=interpolation
+        ).to_ndarray()
+        upright = av.VideoFrame.from_ndarray(geometry.upright(rgb), format="rgb24")
+        return self._turned_reformatter.reformat(upright, format=format, interpolation=interpolation)
+
+    def to_rgb(
+        self, frame: av.VideoFrame, size: tuple[int, int] | None = None, interpolation: str = "BILINEAR"
+    ) -> np.ndarray:
+        """``display_frame`` as an ``[H, W, 3]`` uint8 array."""
+        return self.display_frame(frame, size, "rgb24", interpolation).to_ndarray()
 
     def frame_time(self, frame: av.VideoFrame) -> float:
         """Seconds since the stream start."""
@@ -150,9 +278,10 @@ class VideoReader:
 
         Seeks to the key frame before the first wanted frame and decodes forward to the last one; a
         frame's index is its timestamp × frame rate (constant-rate streams, which the shard writer
-        produces). Indices past the end repeat the last decoded frame. ``size`` = (height, width)
-        resizes while converting. ``skip_disposable`` leaves unwanted non-reference H.264 pictures
-        undecoded (shards written by adamae-shards have only such B-frames).
+        produces). Indices past the end repeat the last decoded frame. Frames come as displayed
+        (``to_rgb``: square pixels, upright); ``size`` = (height, width) resizes while converting.
+        ``skip_disposable`` leaves unwanted non-reference H.264 pictures undecoded (shards written by
+        adamae-shards have only such B-frames).
         """
         wanted = sorted(set(int(i) for i in indices))
         first, last = wanted[0], wanted[-1]
@@ -176,23 +305,17 @@ class VideoReader:
                 return self._read_from_start(wanted, indices, size)
             latest = (index, frame)
             if index in pending:
-                got[index] = self._to_rgb(frame, size)
+                got[index] = self.to_rgb(frame, size)
                 pending.discard(index)
             if index >= last or not pending:
                 break
         if not decoded_any:
             raise VideoError("no decodable frames")
         if pending and latest is not None:  # past the end: repeat the last frame
-            fill = self._to_rgb(latest[1], size)
+            fill = self.to_rgb(latest[1], size)
             for index in pending:
                 got[index] = got.get(latest[0], fill) if index < latest[0] else fill
         return np.stack([got[int(i)] for i in indices])
-
-    def _to_rgb(self, frame: av.VideoFrame, size: tuple[int, int] | None) -> np.ndarray:
-        height, width = size if size is not None else (frame.height, frame.width)
-        return self._reformatter.reformat(
-            frame, width=width, height=height, format="rgb24", interpolation="BILINEAR"
-        ).to_ndarray()
 
     def _read_from_start(self, wanted: list[int], indices: Sequence[int], size: tuple[int, int] | None) -> np.ndarray:
         got: dict[int, np.ndarray] = {}
@@ -200,12 +323,12 @@ class VideoReader:
         for position, frame in enumerate(self.frames()):
             last = frame
             if position in wanted:
-                got[position] = self._to_rgb(frame, size)
+                got[position] = self.to_rgb(frame, size)
             if position >= wanted[-1]:
                 break
         if last is None:
             raise VideoError("no decodable frames")
-        fill = self._to_rgb(last, size)
+        fill = self.to_rgb(last, size)
         return np.stack([got.get(int(i), fill) for i in indices])
 
 

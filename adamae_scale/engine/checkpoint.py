@@ -7,15 +7,20 @@ travels in DeepSpeed's ``client_state`` as plain ints and dicts.
 
 from __future__ import annotations
 
+import errno
+import hashlib
 import json
 import os
 import re
 import shutil
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
+
+from .disk import check_free_space
 
 TAG_FORMAT = "step_{:08d}"
 
@@ -34,50 +39,112 @@ def atomic_write_text(path: Path, text: str) -> None:
     os.replace(tmp, path)
 
 
-class Checkpointer:
-    """Decides when to save (every ``interval`` optimizer steps and at the last step) and resumes.
+class CheckpointWriteError(RuntimeError):
+    """A checkpoint could not be written (disk full, I/O error): the partial folder has been removed."""
 
-    A checkpoint is complete or invisible: every rank writes its files into the tag folder, all
-    ranks meet at a barrier, and only then does rank 0 move the ``latest`` pointer (atomically).
-    ``keep_last > 0`` deletes older tag folders once the new one is the latest.
+
+class NoUsableCheckpoint(ValueError):
+    """``train.resume`` names no checkpoint that verifies."""
+
+
+class Checkpointer:
+    """Decides when to save (every ``interval`` optimizer steps and at the last step), writes, verifies, resumes.
+
+    A checkpoint is complete or invisible: every rank writes its files into the tag folder, all ranks meet at
+    a barrier, the ranks checksum the files (each a share), and rank 0 writes ``manifest.json`` (sizes and
+    sha256 of every file) last, atomically, then moves the ``latest`` pointer. A failed save removes its
+    partial folder. ``resume=auto`` verifies the newest checkpoint against its manifest and falls back to the
+    newest one that verifies. ``keep_last > 0`` deletes older tag folders once the new one is the latest.
     """
 
-    def __init__(self, folder: str | Path, interval: int, metadata: dict[str, Any] | None = None, keep_last: int = 0):
+    def __init__(
+        self,
+        folder: str | Path,
+        interval: int,
+        metadata: dict[str, Any] | None = None,
+        keep_last: int = 0,
+        size_estimate_bytes: int = 0,
+    ):
         self.folder = Path(folder)
         self.interval = interval
         self.metadata = metadata or {}
         self.keep_last = keep_last
+        self.size_estimate_bytes = size_estimate_bytes  # used before the first checkpoint exists
+        self.log: Callable[[str], None] = _print_rank0
 
     def should_save(self, step: int, last_step: bool) -> bool:
         return last_step or (self.interval > 0 and step % self.interval == 0)
 
     def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
         """Save after ``step`` optimizer steps; every rank must call this."""
-        import deepspeed.comm as dist
-
         tag = tag_for(step)
         tag_dir = self.folder / tag
-        if engine.global_rank == 0:
-            tag_dir.mkdir(parents=True, exist_ok=True)
-            # The architecture, so conversion tools can rebuild the network without the Hydra config.
-            metadata = {**self.metadata, "step": step, "world_size": engine.world_size}
-            atomic_write_text(tag_dir / "config.json", json.dumps(metadata, indent=2))
-        # DeepSpeed's own 'latest' is written before its last barrier, while other ranks may still be
-        # writing: we move the pointer ourselves once every rank is done (save_checkpoint ends in a barrier).
-        engine.save_checkpoint(str(self.folder), tag=tag, client_state={**state, "step": step}, save_latest=False)
-        if engine.global_rank == 0:
+        rank, world = _rank_and_world()
+        # Every rank checks (the folder is shared), so all of them stop together.
+        check_free_space(self.folder, self._expected_size(), f"checkpoint {tag}")
+        try:
+            if rank == 0:
+                shutil.rmtree(tag_dir, ignore_errors=True)  # a stale partial folder from an interrupted save
+                tag_dir.mkdir(parents=True)
+                # The architecture, so conversion tools can rebuild the network without the Hydra config.
+                metadata = {**self.metadata, "step": step, "world_size": world}
+                atomic_write_text(tag_dir / "config.json", json.dumps(metadata, indent=2))
+            _barrier()
+            # DeepSpeed's own 'latest' is written before its last barrier, while other ranks may still be
+            # writing: we move the pointer ourselves once every rank is done (save_checkpoint ends in a barrier).
+            engine.save_checkpoint(str(self.folder), tag=tag, client_state={**state, "step": step}, save_latest=False)
+            entries = _gather(_checksums(tag_dir, rank, world))
+        except Exception as err:
+            shutil.rmtree(tag_dir, ignore_errors=True)
+            raise CheckpointWriteError(self._write_failure(tag, err)) from err
+        if rank == 0:
+            files = {name: entry for part in entries for name, entry in part.items()}
+            manifest = {
+                "format": MANIFEST_FORMAT,
+                "step": step,
+                "world_size": world,
+                "total_bytes": sum(e["bytes"] for e in files.values()),
+                "files": dict(sorted(files.items())),
+            }
+            atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
             atomic_write_text(self.folder / "latest", tag)
             self._prune(tag)
-        dist.barrier()
+        _barrier()
         return tag_dir
+
+    def _expected_size(self) -> int:
+        previous = [self.folder / t for t in self.tags()]
+        for path in reversed(previous):
+            manifest = _read_manifest(path)
+            if manifest is not None:
+                return int(manifest.get("total_bytes", 0))
+        return self.size_estimate_bytes
+
+    def _write_failure(self, tag: str, err: BaseException) -> str:
+        free = shutil.disk_usage(self.folder).free if self.folder.exists() else 0
+        text = str(err).splitlines()[0] if str(err) else type(err).__name__
+        full = getattr(err, "errno", None) == errno.ENOSPC or "unexpected pos" in text or "write failed" in text
+        cause = f"the disk is full ({free / 1e6:.0f} MB free)" if full or free < 1 << 20 else text
+        newest = self.latest_tag()
+        keep = f"the newest complete checkpoint is {newest}" if newest else "no complete checkpoint exists yet"
+        return (
+            f"checkpoint {tag} could not be written to {self.folder}: {cause}; the partial folder was removed and "
+            f"{keep}. Free some space (or set train.keep_last) and run the same command to resume."
+        )
 
     def _prune(self, newest: str) -> None:
         if self.keep_last <= 0:
             return
-        tags = sorted(p.name for p in self.folder.iterdir() if TAG_PATTERN.fullmatch(p.name) and p.name <= newest)
+        tags = [t for t in self.tags() if t <= newest]
         for old in tags[: -self.keep_last]:
             shutil.rmtree(self.folder / old, ignore_errors=True)
             shutil.rmtree(self.folder / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+
+    def tags(self) -> list[str]:
+        """The tag folders present, oldest first (complete or not)."""
+        if not self.folder.is_dir():
+            return []
+        return sorted(p.name for p in self.folder.iterdir() if TAG_PATTERN.fullmatch(p.name) and p.is_dir())
 
     def latest_tag(self) -> str | None:
         latest = self.folder / "latest"
@@ -87,22 +154,42 @@ class Checkpointer:
         return tag if (self.folder / tag).is_dir() else None
 
     def find(self, resume: str | None) -> CheckpointRef | None:
-        """The checkpoint ``resume`` names: ``auto`` (the newest complete one, if any), ``none``, or
-        a tag folder path."""
+        """The checkpoint ``resume`` names: ``auto`` (the newest that verifies, if any), ``none``, or a tag
+        folder path (verified too). Every rank must call this when a process group exists."""
         if resume in ("none", "", None, False):
             return None
         if resume == "auto":
-            tag = self.latest_tag()
-            if tag is None:
+            path = self._newest_verified()
+            if path is None:
                 return None
-            path = self.folder / tag
         else:
             path = Path(resume)
             if not path.is_dir():
                 raise FileNotFoundError(f"train.resume={resume}: no checkpoint folder there")
+            problem = verify(path)
+            if problem is not None:
+                raise NoUsableCheckpoint(f"train.resume={resume}: {problem}")
         config = path / "config.json"
         world_size = json.loads(config.read_text()).get("world_size") if config.is_file() else None
         return CheckpointRef(path.parent, path.name, world_size)
+
+    def _newest_verified(self) -> Path | None:
+        latest = self.latest_tag()
+        candidates = [t for t in self.tags() if latest is None or t <= latest]
+        if not any(_read_manifest(self.folder / t) is not None for t in candidates):
+            # Checkpoints written before manifests existed: trust ``latest`` as earlier versions did.
+            if latest is not None:
+                self.log(f"[adamae] resume: {latest} has no {MANIFEST} (an older checkpoint): not verified")
+            return self.folder / latest if latest is not None else None
+        for tag in reversed(candidates):
+            problem = verify(self.folder / tag)
+            if problem is None:
+                return self.folder / tag
+            self.log(f"[adamae] resume: skipping {tag}: {problem}")
+        raise NoUsableCheckpoint(
+            f"train.resume=auto: no checkpoint in {self.folder} verifies (see the lines above); "
+            "use train.resume=none to start over or train.resume=FOLDER for a specific one"
+        )
 
     def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
         """Load ``ref`` into the engine (model, optimizer, scheduler); returns the saved client state."""
@@ -113,6 +200,105 @@ class Checkpointer:
             # A universal checkpoint carries no client state: take it from the source checkpoint.
             client_state = _read_client_state(ref.folder / ref.tag[: -len(UNIVERSAL_SUFFIX)])
         return client_state
+
+    def set_aside(self, first_bad_step: int) -> str | None:
+        """After a divergence: rename every checkpoint from ``first_bad_step`` on to ``TAG.diverged`` (kept, never
+        used by ``resume=auto``) and point ``latest`` at the newest one before it. Returns that tag (or None).
+        Rank 0 only."""
+        keep = [t for t in self.tags() if t < tag_for(first_bad_step)]
+        for tag in self.tags():
+            if tag >= tag_for(first_bad_step):
+                target = self.folder / f"{tag}{DIVERGED_SUFFIX}"
+                shutil.rmtree(target, ignore_errors=True)
+                os.replace(self.folder / tag, target)
+                shutil.rmtree(self.folder / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+        if keep:
+            atomic_write_text(self.folder / "latest", keep[-1])
+            return keep[-1]
+        (self.folder / "latest").unlink(missing_ok=True)
+        return None
+
+
+MANIFEST = "manifest.json"
+MANIFEST_FORMAT = "adamae-checkpoint-manifest-v1"
+DIVERGED_SUFFIX = ".diverged"
+
+
+def verify(tag_dir: Path) -> str | None:
+    """Why the checkpoint in ``tag_dir`` is not usable (missing manifest, a missing, resized or changed file),
+    or ``None`` when every file matches its manifest entry. With a process group, each rank hashes a share."""
+    manifest = _read_manifest(tag_dir)
+    if manifest is None:
+        return f"no readable {MANIFEST} (the save did not complete)"
+    files = manifest.get("files", {})
+    rank, world = _rank_and_world()
+    problems: list[str] = []
+    for index, (name, entry) in enumerate(sorted(files.items())):
+        path = tag_dir / name
+        if not path.is_file():
+            problems.append(f"{name} is missing")
+        elif path.stat().st_size != entry["bytes"]:
+            problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
+        elif index % world == rank and _sha256(path) != entry["sha256"]:
+            problems.append(f"{name} does not match its checksum (damaged)")
+    found = sorted({p for part in _gather(problems) for p in part})
+    return "; ".join(found[:3]) if found else None
+
+
+def _read_manifest(tag_dir: Path) -> dict[str, Any] | None:
+    try:
+        manifest = json.loads((tag_dir / MANIFEST).read_text())
+    except (OSError, ValueError):
+        return None
+    return manifest if isinstance(manifest, dict) and manifest.get("format") == MANIFEST_FORMAT else None
+
+
+def _checksums(tag_dir: Path, rank: int, world: int) -> dict[str, dict[str, Any]]:
+    """Size and sha256 of this rank's share of the files under ``tag_dir`` (the manifest excluded)."""
+    names = sorted(
+        str(p.relative_to(tag_dir)) for p in tag_dir.rglob("*") if p.is_file() and not p.name.startswith(".")
+    )
+    names = [n for n in names if n != MANIFEST]
+    return {
+        name: {"bytes": (tag_dir / name).stat().st_size, "sha256": _sha256(tag_dir / name)}
+        for name in names[rank::world]
+    }
+
+
+def _sha256(path: Path) -> str:
+    with open(path, "rb") as f:
+        return hashlib.file_digest(f, "sha256").hexdigest()
+
+
+def _rank_and_world() -> tuple[int, int]:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    return 0, 1
+
+
+def _barrier() -> None:
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+        dist.barrier()
+
+
+def _gather(value: Any) -> list[Any]:
+    """``value`` from every rank, in rank order (a one-item list without a process group)."""
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return [value]
+    out: list[Any] = [None] * dist.get_world_size()
+    dist.all_gather_object(out, value)
+    return out
+
+
+def _print_rank0(line: str) -> None:
+    if _rank_and_world()[0] == 0:
+        print(line, file=sys.stderr, flush=True)
 
 
 UNIVERSAL_SUFFIX = "_universal"
@@ -132,6 +318,10 @@ class CheckpointRef:
     @property
     def universal(self) -> bool:
         return self.tag.endswith(UNIVERSAL_SUFFIX)
+
+    @property
+    def step(self) -> int:
+        return int(self.tag[len("step_") :].removesuffix(UNIVERSAL_SUFFIX))
 
 
 def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:

@@ -11,6 +11,8 @@ import torch
 from timm.optim import param_groups_weight_decay
 from torch import nn
 
+from .guard import GuardedAdamW, guarded_cpu_adam
+
 # Parameters the reference exempts from weight decay by name (besides every bias and norm).
 NO_WEIGHT_DECAY = ("mask_token",)
 
@@ -42,6 +44,7 @@ def build_adamw(
 
     Parameters whose names start with one of ``constant_lr_prefixes`` get their own groups marked
     ``schedule="constant"`` (warm-up, then the peak lr held); the others follow ``"cosine"``.
+    A step whose gradients hold NaN/inf on any rank is skipped (``guard.NonFiniteGuard``).
     With ZeRO optimizer offload the update runs on the CPU, where DeepSpeed's vectorised CPU Adam
     (compiled once on first use) is the implementation it expects.
     """
@@ -61,10 +64,8 @@ def build_adamw(
         if group["params"]
     ]
     if cpu_offload:
-        from deepspeed.ops.adam import DeepSpeedCPUAdam
-
-        return DeepSpeedCPUAdam(groups, lr=lr, betas=beta_pair, eps=eps, adamw_mode=True)
-    return torch.optim.AdamW(groups, lr=lr, betas=beta_pair, eps=eps)
+        return guarded_cpu_adam(groups, lr=lr, betas=beta_pair, eps=eps, adamw_mode=True)
+    return GuardedAdamW(groups, lr=lr, betas=beta_pair, eps=eps)
 
 
 class _ParamSubset:

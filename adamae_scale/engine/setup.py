@@ -187,6 +187,12 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
     """``deepspeed.initialize`` with the client optimizer; returns the engine."""
     select_accelerator()
     import deepspeed
+    from deepspeed.runtime.zero.utils import ZERO_SUPPORTED_OPTIMIZERS
+
+    # ZeRO accepts only the exact optimizer classes it lists; ours add a non-finite check to AdamW / CPU Adam.
+    cls = type(optimizer)
+    if cls not in ZERO_SUPPORTED_OPTIMIZERS and any(issubclass(cls, known) for known in ZERO_SUPPORTED_OPTIMIZERS):
+        ZERO_SUPPORTED_OPTIMIZERS.append(cls)
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=True)
     return engine

@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import resource
 import signal
+import sys
 import time
+from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from types import FrameType
 from typing import Any
@@ -18,6 +20,7 @@ from tqdm import tqdm
 
 from ..metrics import MetricsLogger
 from .checkpoint import Checkpointer, CheckpointRef
+from .guard import find_guard, weights_finite
 from .optim import set_lr
 
 LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str, Any]]
@@ -46,12 +49,20 @@ class Trainer:
         log_every: int = 1,
         progress: bool = True,
         hooks: Sequence[StepHook] = (),
+        max_skipped_in_a_row: int = 3,
+        loss_spike_factor: float | None = None,
     ):
         self.engine, self.loss_fn, self.data = engine, loss_fn, data
         self.checkpointer, self.logger = checkpointer, logger
         self.lr_schedule, self.steps, self.global_batch = lr_schedule, steps, global_batch
         self.seed, self.log_every = seed, log_every
         self.hooks = list(hooks)
+        self.guard = find_guard(engine.optimizer)
+        self.max_skipped_in_a_row = max_skipped_in_a_row
+        self.loss_spike_factor = loss_spike_factor
+        self.skipped_steps = 0  # optimizer steps skipped for non-finite loss/gradients, this invocation included
+        self.skipped_in_a_row = 0
+        self._recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
         self.rank = engine.global_rank
         self.world_size = engine.world_size
         self.accumulation = engine.gradient_accumulation_steps()
@@ -59,16 +70,18 @@ class Trainer:
         self.step = 0
         self.stopped_by_signal = 0  # the signal number that ended fit() early, if any
         self._pending_signal = 0
+        self._save_pending = False
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"step": self.step}
+        state: dict[str, Any] = {"step": self.step, "skipped_steps": self.skipped_steps}
         if hasattr(self.data, "state_dict"):
             state["data"] = self.data.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
+        self.skipped_steps = int(state.get("skipped_steps", 0))
         if "data" in state and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
 
@@ -89,10 +102,14 @@ class Trainer:
         first = ((self.step * self.accumulation + micro) * self.world_size + self.rank) * batch
         return torch.arange(first, first + batch)
 
-    def train_step(self) -> dict[str, float]:
-        """One optimizer step; returns the micro-batch mean of every scalar the loss function reported."""
+    def train_step(self) -> tuple[dict[str, float], bool]:
+        """One optimizer step; returns the micro-batch mean of every scalar the loss function reported, and
+        whether the step was skipped (a non-finite loss or gradient on any rank: weights and optimizer state
+        are left as they were)."""
         set_lr(self.engine.optimizer, self.lr_schedule(self.step))
         totals: dict[str, float] = {}
+        calls_before, skipped_before = (self.guard.calls, self.guard.skipped) if self.guard is not None else (0, 0)
+        nonfinite = False
         for micro in range(self.accumulation):
             torch.manual_seed(step_seed(self.seed, self.step, micro, self.rank))
             batch = dict(next(self.data))
@@ -101,7 +118,11 @@ class Trainer:
             outputs = self.loss_fn(self.engine, batch)
             loss = outputs["loss"]
             if not torch.isfinite(loss):
-                raise FloatingPointError(f"loss is {loss.item()} at step {self.step}: stopping before it spreads")
+                if self.guard is None:
+                    raise FloatingPointError(f"step {self.step + 1}: the loss is {loss.item()}; stopping")
+                nonfinite = True
+            if self.guard is not None:
+                self.guard.refuse = nonfinite  # at the boundary, the optimizer refuses the step on every rank
             self.engine.backward(loss)
             self.engine.step()
             for key, value in outputs.items():
@@ -109,7 +130,63 @@ class Trainer:
                     continue
                 value = value.detach() if torch.is_tensor(value) else value
                 totals[key] = totals.get(key, 0.0) + float(value) / self.accumulation
-        return totals
+        skipped = False
+        if self.guard is not None:
+            self.guard.refuse = False
+            # No optimizer call at all: the engine discarded the step itself (ZeRO checks the gradient norm).
+            skipped = self.guard.calls == calls_before or self.guard.skipped > skipped_before
+        return totals, skipped
+
+    # -- divergence policy -------------------------------------------------------------------------
+    def _after_step(self, values: dict[str, float], skipped: bool) -> str | None:
+        """Count a skipped step; returns why training must stop (same answer on every rank), else None."""
+        if skipped:
+            self.skipped_steps += 1
+            self.skipped_in_a_row += 1
+            self._say(
+                f"[adamae] step {self.step}: non-finite loss or gradients; optimizer step skipped "
+                f"({self.skipped_in_a_row} in a row, {self.skipped_steps} in all)"
+            )
+            if self.skipped_in_a_row >= self.max_skipped_in_a_row:
+                first = self.step - self.skipped_in_a_row + 1
+                return (
+                    f"step {self.step}: the loss or gradients were not finite for {self.skipped_in_a_row} optimizer "
+                    f"steps in a row (steps {first}-{self.step}, "
+                    f"train.max_skipped_in_a_row={self.max_skipped_in_a_row})"
+                )
+            return None
+        self.skipped_in_a_row = 0
+        if self.loss_spike_factor is None:
+            return None
+        loss = self._mean_over_ranks({"loss": values["loss"]})["loss"]
+        if len(self._recent_losses) >= SPIKE_MIN_HISTORY:
+            reference = sum(self._recent_losses) / len(self._recent_losses)
+            if loss > self.loss_spike_factor * reference:
+                return (
+                    f"step {self.step}: the loss jumped to {loss:.4g}, more than train.loss_spike_factor="
+                    f"{self.loss_spike_factor} times the mean of the previous {len(self._recent_losses)} steps "
+                    f"({reference:.4g})"
+                )
+        self._recent_losses.append(loss)
+        return None
+
+    def _stop_diverged(self, reason: str, first_bad_weights: int) -> None:
+        """Set aside the checkpoints holding the diverged weights (those after ``first_bad_weights`` optimizer
+        steps and later), point ``latest`` at the one before, and raise ``TrainingDiverged``."""
+        kept = self.checkpointer.set_aside(first_bad_weights) if self.rank == 0 else None
+        if self.world_size > 1:
+            import torch.distributed as dist
+
+            dist.barrier()
+        where = f"the newest checkpoint is now {kept}" if kept else "no checkpoint from before the divergence exists"
+        raise TrainingDiverged(
+            f"{reason}; stopping: {where}. Lower train.base_lr, lengthen train.warmup_fraction or set "
+            "train.clip_grad, then run the same command to resume."
+        )
+
+    def _say(self, line: str) -> None:
+        if self.rank == 0:
+            tqdm.write(line, file=sys.stderr)
 
     def _mean_over_ranks(self, values: dict[str, float]) -> dict[str, float]:
         keys = sorted(values)
@@ -136,6 +213,24 @@ class Trainer:
         """The pending SIGTERM/SIGINT of any rank, agreed by all ranks so they stop at the same step."""
         return int(self._all_ranks_max([float(self._pending_signal)])[0])
 
+    def _grad_norm(self) -> float | None:
+        norm = getattr(self.engine, "get_global_grad_norm", lambda: None)()
+        if norm is None:
+            return None
+        return float(norm)
+
+    def _save_checked(self) -> None:
+        """Checkpoint now, unless the current weights just gave a non-finite loss (then at the next good step);
+        weights that are not finite are never saved."""
+        if self.skipped_in_a_row > 0:
+            self._save_pending = True
+            self._say(f"[adamae] step {self.step}: checkpoint postponed (this step was skipped)")
+            return
+        if self.guard is not None and not weights_finite(self.engine.module):
+            self._stop_diverged(f"step {self.step}: the weights are not finite", self.step)
+        self._save_pending = False
+        self.checkpointer.save(self.engine, self.step, self.state_dict())
+
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``steps`` (or ``stop_after`` steps of the schedule); log, checkpoint; return the
         last logged metrics."""
@@ -147,15 +242,20 @@ class Trainer:
         previous = {sig: signal.signal(sig, self._on_signal) for sig in (signal.SIGTERM, signal.SIGINT)}
         try:
             while self.step < end:
-                values = self.train_step()
+                values, skipped = self.train_step()
                 self.step += 1
                 window_steps += 1
+                stop_reason = self._after_step(values, skipped)
                 self.stopped_by_signal = self._signal_received()
-                last_step = self.step == end or bool(self.stopped_by_signal)
+                last_step = self.step == end or bool(self.stopped_by_signal) or stop_reason is not None
                 if self.step % self.log_every == 0 or last_step:
                     elapsed = time.perf_counter() - window_start
                     values = self._mean_over_ranks(values)
                     values["lr"] = self.lr_schedule(self.step - 1)["cosine"]
+                    values["skipped_steps"] = self.skipped_steps
+                    grad_norm = self._grad_norm()
+                    if grad_norm is not None:
+                        values["grad_norm"] = grad_norm
                     values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
                     values["mem_peak_bytes"] = self._all_ranks_max([float(peak_memory_bytes(self.engine.device))])[0]
                     if hasattr(self.data, "metrics"):  # e.g. samples skipped as corrupt
@@ -164,10 +264,14 @@ class Trainer:
                     last = values
                     bar.set_postfix(loss=f"{values['loss']:.4f}", lr=f"{values['lr']:.2e}")
                     window_start, window_steps = time.perf_counter(), 0
+                if stop_reason is not None:
+                    # Skipped steps leave the weights as they were after the first bad step's predecessor.
+                    first_bad = self.step - self.skipped_in_a_row if skipped else self.step - 1
+                    self._stop_diverged(stop_reason, first_bad)
                 for hook in self.hooks:
                     hook(self, last_step)
-                if self.checkpointer.should_save(self.step, last_step):
-                    self.checkpointer.save(self.engine, self.step, self.state_dict())
+                if self.checkpointer.should_save(self.step, last_step) or self._save_pending:
+                    self._save_checked()
                 bar.update(1)
                 if self.stopped_by_signal:
                     break
@@ -176,6 +280,16 @@ class Trainer:
                 signal.signal(sig, handler)
             bar.close()
         return last
+
+
+class TrainingDiverged(RuntimeError):
+    """Training stopped by the divergence policy (non-finite steps in a row, a loss spike)."""
+
+
+# The loss-spike rule compares a step's loss with the mean of up to this many previous steps' losses,
+# once at least SPIKE_MIN_HISTORY of them are known.
+SPIKE_WINDOW = 50
+SPIKE_MIN_HISTORY = 10
 
 
 def peak_memory_bytes(device: torch.device) -> int:

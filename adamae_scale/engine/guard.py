@@ -1,0 +1,95 @@
+"""Non-finite steps: skip them inside the optimizer, so weights and optimizer state stay untouched.
+
+The check sits in the optimizer's ``step`` because that is the one place every engine (DeepSpeed ZeRO 0-3,
+fairscale OSS) calls with the final, reduced, clipped gradients of this rank's parameters, and only at an
+accumulation boundary. Every rank takes the same decision: the flag is all-reduced (max) first.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable
+from typing import Any
+
+import torch
+import torch.distributed as dist
+from torch import nn
+
+
+def any_rank(flag: bool, device: torch.device | None = None) -> bool:
+    """``flag`` or'ed over all ranks (a no-op without a process group)."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        return flag
+    if device is None or (dist.get_backend() == "nccl" and device.type != "cuda"):
+        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
+    packed = torch.tensor([1.0 if flag else 0.0], device=device)
+    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
+    return bool(packed.item() > 0)
+
+
+def all_finite(tensors: Iterable[torch.Tensor]) -> tuple[bool, torch.device | None]:
+    """Whether every tensor is free of NaN/inf, and their device. The max-norm (largest magnitude, NaN
+    propagating) cannot overflow, so huge but finite values count as finite."""
+    tensors = [t for t in tensors if t.numel()]
+    if not tensors:
+        return True, None
+    norm = torch.nn.utils.get_total_norm(tensors, norm_type=float("inf"), error_if_nonfinite=False)
+    return bool(torch.isfinite(norm)), tensors[0].device
+
+
+class NonFiniteGuard:
+    """Mixin for a ``torch.optim.Optimizer``: ``step`` does nothing when any rank's gradients hold NaN/inf,
+    or while ``refuse`` is set (the trainer sets it around an engine step whose loss was not finite: ZeRO-1/2/3
+    call ``step`` once per parameter group or sub-group, and every call must be refused).
+
+    ``calls`` and ``skipped`` count the steps the engine asked for and the ones refused; the trainer compares
+    ``calls`` before and after an optimizer step to see a step the engine itself discarded (DeepSpeed ZeRO-1/2
+    drop a step whose gradient norm is not finite before calling the optimizer).
+    """
+
+    calls: int = 0
+    skipped: int = 0
+    refuse: bool = False
+
+    def step(self, *args: Any, **kwargs: Any) -> Any:
+        self.calls += 1
+        grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]  # type: ignore[attr-defined]
+        finite, device = all_finite(grads)
+        if any_rank(self.refuse or not finite, device):
+            self.skipped += 1
+            return None
+        return super().step(*args, **kwargs)  # type: ignore[misc]
+
+
+class GuardedAdamW(NonFiniteGuard, torch.optim.AdamW):
+    """``torch.optim.AdamW`` that skips non-finite steps."""
+
+
+@functools.cache
+def _guarded_cpu_adam_class() -> type:
+    from deepspeed.ops.adam import DeepSpeedCPUAdam
+
+    return type("GuardedCPUAdam", (NonFiniteGuard, DeepSpeedCPUAdam), {})
+
+
+def guarded_cpu_adam(*args: Any, **kwargs: Any) -> torch.optim.Optimizer:
+    """DeepSpeed's CPU Adam (ZeRO optimizer offload) that skips non-finite steps."""
+    return _guarded_cpu_adam_class()(*args, **kwargs)
+
+
+def find_guard(optimizer: Any) -> NonFiniteGuard | None:
+    """The ``NonFiniteGuard`` inside an engine's optimizer wrappers (ZeRO optimizers, fairscale OSS)."""
+    seen = 0
+    while optimizer is not None and seen < 8:
+        if isinstance(optimizer, NonFiniteGuard):
+            return optimizer
+        optimizer = getattr(optimizer, "optimizer", None) or getattr(optimizer, "optim", None)
+        seen += 1
+    return None
+
+
+def weights_finite(module: nn.Module) -> bool:
+    """Whether every rank's weights are finite (ZeRO-3: each rank checks its own partition)."""
+    local = [getattr(p, "ds_tensor", p).detach() for p in module.parameters()]
+    finite, device = all_finite(local)
+    return not any_rank(not finite, device)
