@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a few C++ ops on first use: cache them per checkout, never in git.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup setup-lint lint format demo demo-video test test-slow test-gpu clean
+.PHONY: setup setup-lint lint format demo demo-video demo-probe test test-slow test-gpu clean
 
 setup: $(STAMP)
 
@@ -48,6 +48,10 @@ demo-video: setup
 	$(BIN)/adamae-shards runs/demo-video/videos runs/demo-video/shards --short-side 80 --samples-per-shard 4 --workers 2
 	# One compute thread for training: the 2 data workers need the other cores (oversubscribed, a step is 10x slower).
 	OMP_NUM_THREADS=1 $(BIN)/adamae-pretrain +experiment=demo_video
+
+# Hypothesis 4 at small scale: AdaMAE vs random masking, pre-trained alike, linear-probed on a motion task.
+demo-probe: setup
+	$(BIN)/python -m adamae_scale.finetune.probe_demo
 
 test: setup
 	$(BIN)/python -m pytest -q --durations=15 $(PYTEST_ARGS)

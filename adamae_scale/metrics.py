@@ -12,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 
 
@@ -73,6 +74,13 @@ class MetricsLogger:
         for key, value in record.items():
             if key != "step" and isinstance(value, (int, float)):
                 self.writer.add_scalar(key, value, step)
+        self.writer.flush()
+
+    def log_image(self, tag: str, step: int, image: np.ndarray) -> None:
+        """An ``[H, W, 3]`` uint8 picture in TensorBoard under ``tag`` (rank 0; a no-op elsewhere)."""
+        if self.writer is None:
+            return
+        self.writer.add_image(tag, image, step, dataformats="HWC")
         self.writer.flush()
 
     def close(self) -> None:

@@ -22,6 +22,7 @@ from .engine import optim, setup
 from .engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint, to_universal
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.trainer import Trainer, TrainingDiverged
+from .image_hook import panel_hooks
 from .metrics import MetricsLogger
 from .models import AdaMAE, AdaMAEConfig, build_model
 from .objective import AdaMAEObjective, evaluate_focus
@@ -101,6 +102,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         train["log_every"],
         max_skipped_in_a_row=train["max_skipped_in_a_row"],
         loss_spike_factor=train["loss_spike_factor"],
+        hooks=panel_hooks(cfg, model_cfg),  # TensorBoard pictures of a held-out clip
     )
     trainer.resume(resume_from)
     start = trainer.step

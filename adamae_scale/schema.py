@@ -38,9 +38,10 @@ _TRAIN_NUMBERS: tuple[tuple[str, float, bool], ...] = (
 )
 
 
-def compose(overrides: Sequence[str]) -> dict[str, Any]:
-    """The resolved pre-training config for ``overrides`` (Hydra's override grammar), composed from the packaged
-    ``configs/`` exactly as ``adamae-pretrain`` composes it; a bad override is a one-line ``ValueError``."""
+def compose(overrides: Sequence[str], config_name: str = "config") -> dict[str, Any]:
+    """The resolved config for ``overrides`` (Hydra's override grammar), composed from the packaged ``configs/``
+    exactly as ``adamae-pretrain`` (``config``) or ``adamae-finetune`` (``finetune``) composes it; a bad override
+    is a one-line ``ValueError``."""
     from hydra import compose as hydra_compose
     from hydra import initialize_config_module
     from hydra.errors import HydraException
@@ -49,7 +50,7 @@ def compose(overrides: Sequence[str]) -> dict[str, Any]:
 
     try:
         with initialize_config_module("adamae_scale.configs", version_base="1.3"):
-            cfg = hydra_compose("config", overrides=list(overrides))
+            cfg = hydra_compose(config_name, overrides=list(overrides))
         return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(str(err).splitlines()[0]) from err
@@ -71,6 +72,41 @@ def validate(cfg: Mapping[str, Any]) -> AdaMAEConfig:
     check_run_dir(cfg["run_dir"])
     check_resume(cfg["train"]["resume"])
     return model_cfg
+
+
+FINETUNE_MODES = ("full", "linear")
+
+
+def check_finetune(cfg: Mapping[str, Any]) -> None:
+    """The fine-tuning run's own fields (the model is checked once the source is read)."""
+    check_train(cfg["train"])
+    if cfg["precision"] not in setup.PRECISIONS:
+        raise ValueError(f"precision={cfg['precision']!r}: expected one of {setup.PRECISIONS}")
+    tune = cfg["finetune"]
+    if tune["mode"] not in FINETUNE_MODES:
+        raise ValueError(f"finetune.mode={tune['mode']!r}: expected one of {FINETUNE_MODES}")
+    for key in ("drop_path", "head_dropout", "label_smoothing", "mixup_switch_prob"):
+        if _number(f"finetune.{key}", tune[key], 0.0) >= 1.0:
+            raise ValueError(f"finetune.{key}={tune[key]}: expected a number in [0, 1)")
+    for key in ("layer_decay", "head_init_scale", "mixup", "cutmix"):
+        _number(f"finetune.{key}", tune[key], 0.0)
+    _number("finetune.checkpoint_every", tune["checkpoint_every"], 0, integer=True)
+    mixing = tune["mode"] == "full" and (tune["mixup"] > 0 or tune["cutmix"] > 0)
+    if mixing and cfg["train"]["micro_batch_size"] % 2:
+        raise ValueError(
+            f"train.micro_batch_size={cfg['train']['micro_batch_size']}: mixup/cutmix pair each clip with another "
+            "of the micro-batch, so it must be even (or set finetune.mixup=0 finetune.cutmix=0)"
+        )
+    views = cfg["eval"]
+    for key in ("temporal_views", "spatial_views", "videos", "micro_batch_size", "batches"):
+        _number(f"eval.{key}", views[key], 1, integer=True)
+    _number("eval.every", views["every"], 0, integer=True)
+    if cfg.get("num_classes") is not None:
+        _number("num_classes", cfg["num_classes"], 2, integer=True)
+    _number("seed", cfg["seed"], None, integer=True)
+    check_ds(cfg["ds"])
+    check_run_dir(cfg["run_dir"])
+    check_resume(cfg["train"]["resume"])
 
 
 def model_config(model: Mapping[str, Any], masking: Mapping[str, Any] | None = None) -> AdaMAEConfig:
@@ -136,6 +172,8 @@ def check_train(train: Mapping[str, Any]) -> None:
         raise ValueError(f"train.betas={betas!r}: expected two numbers in [0, 1)")
     if train.get("stop_after") is not None:
         _number("train.stop_after", train["stop_after"], 1, integer=True)
+    if train.get("image_every") is not None:
+        _number("train.image_every", train["image_every"], 0, integer=True)
     spike = train.get("loss_spike_factor")
     if spike is not None and _number("train.loss_spike_factor", spike, 0.0) <= 1.0:
         raise ValueError(f"train.loss_spike_factor={spike}: expected a factor > 1 (or null to turn the rule off)")

@@ -6,6 +6,8 @@
   under the parameter names of ``AdaMAE.state_dict()``. Written by ``consolidate`` and ``import``.
 - ``format: "adamae-encoder"``: the encoder only, for fine-tuning (``export-encoder``); its
   ``key_layout`` field says which naming it uses.
+- ``format: "adamae-classifier"``: a fine-tuned ``VideoClassifier`` (``adamae-finetune`` writes it as
+  ``RUN_DIR/model``), with ``num_classes``.
 """
 
 from __future__ import annotations
@@ -25,6 +27,7 @@ MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"
 FORMAT_FULL = "adamae-full"
 FORMAT_ENCODER = "adamae-encoder"
+FORMAT_CLASSIFIER = "adamae-classifier"
 FORMAT_VERSION = 1
 
 DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16}
@@ -71,12 +74,16 @@ def read_folder_config(src: str | Path, expected_format: str | None = None) -> d
     except json.JSONDecodeError as err:
         raise ConvertError(f"{config_path}: not valid JSON ({err})") from err
     fmt = config.get("format") if isinstance(config, dict) else None
-    if fmt not in (FORMAT_FULL, FORMAT_ENCODER) or "model" not in config:
+    if fmt not in (FORMAT_FULL, FORMAT_ENCODER, FORMAT_CLASSIFIER) or "model" not in config:
         raise ConvertError(
             f"{config_path} is not an adamae-convert config (format {fmt!r}); it may be a Hugging Face or other folder"
         )
     if expected_format is not None and fmt != expected_format:
-        what = {FORMAT_FULL: "a full model (consolidate/import output)", FORMAT_ENCODER: "an encoder-only export"}
+        what = {
+            FORMAT_FULL: "a full model (consolidate/import output)",
+            FORMAT_ENCODER: "an encoder-only export",
+            FORMAT_CLASSIFIER: "a fine-tuned classifier (adamae-finetune's RUN_DIR/model)",
+        }
         raise ConvertError(f"SRC {src} holds {what[fmt]}, but this command needs {what[expected_format]}")
     return config
 
@@ -101,6 +108,7 @@ def load_model(src: str | Path) -> AdaMAE:
 __all__ = [
     "CONFIG_FILE",
     "DTYPES",
+    "FORMAT_CLASSIFIER",
     "FORMAT_ENCODER",
     "FORMAT_FULL",
     "MODEL_FILE",

@@ -40,10 +40,11 @@ import torch
 from ..models import AdaMAEConfig
 from .arch import check_shapes
 from .errors import ConvertError
-from .folder import FORMAT_FULL, MODEL_FILE, folder_model_config, read_folder_config
+from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, MODEL_FILE, folder_model_config, read_folder_config
 from .io import SafetensorsReader, TensorLike, atomic_output_dir, lazy_map, write_safetensors
 
 HF_ARCHITECTURE = "VideoMAEForPreTraining"
+HF_CLASSIFIER = "VideoMAEForVideoClassification"
 _BLOCK_PARTS = {
     "norm1": "layernorm_before",
     "norm2": "layernorm_after",
@@ -58,10 +59,13 @@ _TOP_LEVEL = {
     "encoder.norm": "videomae.layernorm",
     "encoder_to_decoder": "encoder_to_decoder",
     "mask_token": "mask_token",
+    "patch_embed.proj": "videomae.embeddings.patch_embeddings.projection",  # a fine-tuned classifier's names
+    "fc_norm": "fc_norm",
+    "head": "classifier",
     "decoder.norm": "decoder.norm",
     "decoder.head": "decoder.head",
 }
-_BLOCK = re.compile(r"(encoder|decoder)\.blocks\.(\d+)\.(.+)")
+_BLOCK = re.compile(r"(encoder\.|decoder\.|)blocks\.(\d+)\.(.+)")
 
 
 def hf_config_kwargs(cfg: AdaMAEConfig, norm_pix_loss: bool = True) -> dict[str, Any]:
@@ -105,7 +109,7 @@ def hf_state(full: Mapping[str, TensorLike]) -> dict[str, TensorLike]:
             continue
         if match := _BLOCK.fullmatch(name):
             where, index, part = match.groups()
-            prefix = f"videomae.encoder.layer.{index}" if where == "encoder" else f"decoder.decoder_layers.{index}"
+            prefix = f"videomae.encoder.layer.{index}" if where != "decoder." else f"decoder.decoder_layers.{index}"
             if part == "attn.qkv.weight":
                 width = value.shape[1]
                 for row, projection in enumerate(("query", "key", "value")):
@@ -129,19 +133,30 @@ def export_hf(
     dtype: torch.dtype = torch.float32,
     overwrite: bool = False,
 ) -> dict[str, Any]:
-    """Write ``config.json`` + ``model.safetensors`` for ``VideoMAEForPreTraining.from_pretrained(out_dir)``."""
-    source_config = read_folder_config(src, FORMAT_FULL)
+    """Write ``config.json`` + ``model.safetensors`` for ``VideoMAEForPreTraining.from_pretrained(out_dir)``, or,
+    for a fine-tuned classifier folder, ``VideoMAEForVideoClassification`` (``use_mean_pooling``)."""
+    source_config = read_folder_config(src)
+    classifier = source_config["format"] == FORMAT_CLASSIFIER
+    if source_config["format"] not in (FORMAT_FULL, FORMAT_CLASSIFIER):
+        raise ConvertError(
+            f"SRC {src} holds an encoder-only export, but this command needs a full model (consolidate/import "
+            "output) or a fine-tuned classifier (adamae-finetune's RUN_DIR/model)"
+        )
     cfg = folder_model_config(source_config)
     kwargs = hf_config_kwargs(cfg, norm_pix_loss)
+    if classifier:
+        # Mean pooling: no final encoder LayerNorm, the pooled features go through fc_norm into the classifier.
+        kwargs.update(use_mean_pooling=True, num_labels=int(source_config["num_classes"]))
     try:
         from transformers import VideoMAEConfig
     except ImportError as err:
         raise ConvertError("to-hf needs the transformers package: pip install 'adamae_scale[hf]'") from err
     hf_config = VideoMAEConfig(**kwargs)
-    hf_config.architectures = [HF_ARCHITECTURE]
+    hf_config.architectures = [HF_CLASSIFIER if classifier else HF_ARCHITECTURE]
     with SafetensorsReader(Path(src) / MODEL_FILE) as reader:
         full = reader.lazy_dict()
-        check_shapes({name: t.shape for name, t in full.items()}, cfg, f"SRC {src}")
+        if not classifier:
+            check_shapes({name: t.shape for name, t in full.items()}, cfg, f"SRC {src}")
         with atomic_output_dir(out_dir, overwrite, inputs=[src]) as tmp:
             write_safetensors(tmp / MODEL_FILE, hf_state(full), metadata={"format": "pt"}, dtype=dtype)
             # transformers 5 names this field ``dtype``, 4.x ``torch_dtype``.
@@ -151,4 +166,4 @@ def export_hf(
     return hf_config.to_dict()
 
 
-__all__ = ["HF_ARCHITECTURE", "export_hf", "hf_config_kwargs", "hf_state"]
+__all__ = ["HF_ARCHITECTURE", "HF_CLASSIFIER", "export_hf", "hf_config_kwargs", "hf_state"]

@@ -18,8 +18,19 @@ SOURCES = ("synthetic", "shards")
 
 
 def synthetic_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> SyntheticConfig:
-    keys = ("num_objects", "object_size", "speed", "background", "object_texture", "motion_threshold", "seed")
-    options: dict[str, Any] = {k: tuple(data[k]) if isinstance(data[k], (list, tuple)) else data[k] for k in keys}
+    keys = (
+        "num_objects",
+        "object_size",
+        "speed",
+        "background",
+        "object_texture",
+        "motion_threshold",
+        "seed",
+        "label_task",
+    )
+    options: dict[str, Any] = {
+        k: tuple(data[k]) if isinstance(data[k], (list, tuple)) else data[k] for k in keys if k in data
+    }
     return SyntheticConfig(
         num_frames=model_cfg.num_frames,
         img_size=model_cfg.img_size,
@@ -61,6 +72,8 @@ def validate_data(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> None:
         from .pipeline import shard_urls
 
         shard_urls(shard_config(data, model_cfg).urls)
+        if data.get("val_urls"):
+            shard_urls(data["val_urls"])
 
 
 def build_data(

@@ -35,6 +35,9 @@ class SyntheticConfig:
     object_texture: int = 0  # texture cells per object side; 0 = per-pixel noise
     motion_threshold: float = 0.125  # a token is "motion" when objects cover this fraction of its pixels
     seed: int = 0
+    # "motion": every clip gets one of MOTION_CLASSES labels, set by how its objects move (axis × speed band);
+    # appearance, sizes and positions stay random, so only motion tells the classes apart.
+    label_task: str = "none"
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -42,6 +45,34 @@ class SyntheticConfig:
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
         if self.background not in BACKGROUNDS:
             raise ValueError(f"data.background must be one of {tuple(BACKGROUNDS)}, got {self.background!r}")
+        if self.label_task not in LABEL_TASKS:
+            raise ValueError(f"data.label_task must be one of {LABEL_TASKS}, got {self.label_task!r}")
+
+    @property
+    def num_classes(self) -> int:
+        return len(MOTION_CLASSES) if self.label_task == "motion" else 0
+
+
+LABEL_TASKS = ("none", "motion")
+# (axis, speed band) per class: the axis survives the bounces off the borders, and so does the speed.
+MOTION_CLASSES = (("horizontal", "slow"), ("horizontal", "fast"), ("vertical", "slow"), ("vertical", "fast"))
+
+
+def clip_label(cfg: SyntheticConfig, index: int) -> int:
+    """The class of clip ``index`` (``label_task="motion"``), from a generator of its own, so unlabelled clips
+    are unchanged."""
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 7_777_777_777)
+    return int(torch.randint(len(MOTION_CLASSES), (), generator=gen))
+
+
+def _labelled_motion(cfg: SyntheticConfig, label: int, gen: torch.Generator) -> tuple[float, float]:
+    """(speed as a fraction of the short side per frame, angle) of one object of a clip of class ``label``."""
+    axis, band = MOTION_CLASSES[label]
+    low, high = cfg.speed
+    third = (high - low) / 3
+    speed = float(_uniform(gen, low, low + third)) if band == "slow" else float(_uniform(gen, high - third, high))
+    sign = float(torch.randint(2, (), generator=gen)) * torch.pi  # either way along the axis
+    return speed, (0.0 if axis == "horizontal" else torch.pi / 2) + sign
 
 
 def _uniform(gen: torch.Generator, low: float, high: float, size: tuple[int, ...] = ()) -> torch.Tensor:
@@ -84,11 +115,15 @@ def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.T
     frame_index = torch.arange(t_frames)[:, None, None]  # (T, 1, 1)
 
     count = int(torch.randint(cfg.num_objects[0], cfg.num_objects[1] + 1, (), generator=gen))
+    label_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 3_333_333_333)
     for _ in range(count):
         size = max(2, int(_uniform(gen, *cfg.object_size) * short))
         half = size / 2
         speed = float(_uniform(gen, *cfg.speed)) * short
         angle = float(_uniform(gen, 0.0, 2 * torch.pi))
+        if cfg.label_task == "motion":
+            fraction, angle = _labelled_motion(cfg, clip_label(cfg, index), label_gen)
+            speed = fraction * short
         cy = _bounce(_uniform(gen, half, h - half), speed * torch.sin(torch.tensor(angle)), t_frames, half, h - half)
         cx = _bounce(_uniform(gen, half, w - half), speed * torch.cos(torch.tensor(angle)), t_frames, half, w - half)
         # Only a (size + 2)-pixel window around the object can be inside it: work there, not on the frame.
@@ -167,7 +202,10 @@ class SyntheticClips:
         indices = range(first, first + self.batch_size)
         clips = list(self._renderers.map(render, indices) if self._renderers else map(render, indices))
         video = torch.stack([c[0] for c in clips])  # (B, 3, T, H, W) in [0, 1]
-        return {"video": normalize_(video), "motion": torch.stack([c[1] for c in clips])}
+        batch = {"video": normalize_(video), "motion": torch.stack([c[1] for c in clips])}
+        if self.cfg.label_task != "none":
+            batch["label"] = torch.tensor([clip_label(self.cfg, i) for i in indices], dtype=torch.long)
+        return batch
 
     def __next__(self) -> dict[str, torch.Tensor]:
         if self._pool is None:

@@ -8,7 +8,6 @@ from collections.abc import Callable, Iterable
 from typing import cast
 
 import torch
-from timm.optim import param_groups_weight_decay
 from torch import nn
 
 from .guard import GuardedAdamW, guarded_cpu_adam
@@ -48,8 +47,8 @@ def build_adamw(
     With ZeRO optimizer offload the update runs on the CPU, where DeepSpeed's vectorised CPU Adam
     (compiled once on first use) is the implementation it expects.
     """
-    beta1, beta2 = betas
-    beta_pair = (float(beta1), float(beta2))
+    from timm.optim import param_groups_weight_decay  # a lazy import: see models.layers._drop_path
+
     prefixes = tuple(constant_lr_prefixes)
     subsets = [("cosine", _ParamSubset(model, lambda name: not name.startswith(prefixes)))]
     if prefixes:
@@ -63,6 +62,16 @@ def build_adamw(
         )
         if group["params"]
     ]
+    return adamw(groups, lr, betas, eps, cpu_offload)
+
+
+def adamw(
+    groups: list[dict], lr: float, betas: Iterable[float], eps: float, cpu_offload: bool = False
+) -> torch.optim.Optimizer:
+    """AdamW over prepared param ``groups`` (each may carry ``weight_decay``, ``lr_scale``, ``schedule``) that
+    skips non-finite steps; DeepSpeed's CPU Adam under ZeRO optimizer offload."""
+    beta1, beta2 = betas
+    beta_pair = (float(beta1), float(beta2))
     if cpu_offload:
         return guarded_cpu_adam(groups, lr=lr, betas=beta_pair, eps=eps, adamw_mode=True)
     return GuardedAdamW(groups, lr=lr, betas=beta_pair, eps=eps)

@@ -183,6 +183,25 @@ def build_module(builder: Callable[[], nn.Module], ds_config: dict[str, Any]) ->
         return builder()
 
 
+def load_weights(model: nn.Module, state: dict[str, torch.Tensor], ds_config: dict[str, Any]) -> None:
+    """Copy ``state`` (a subset of the module's parameters, by name) into ``model`` before the engine exists.
+    Under ZeRO-3 each parameter is gathered, written by rank 0 and re-partitioned (every rank must call)."""
+    params = dict(model.named_parameters())
+    if ds_config.get("zero_optimization", {}).get("stage", 0) != 3:
+        with torch.no_grad():
+            for name, tensor in state.items():
+                params[name].copy_(tensor)
+        return
+    import deepspeed
+    import torch.distributed as dist
+
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    for name, tensor in state.items():
+        with deepspeed.zero.GatheredParameters([params[name]], modifier_rank=0), torch.no_grad():
+            if rank == 0:
+                params[name].copy_(tensor)
+
+
 def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: dict[str, Any]) -> Any:
     """``deepspeed.initialize`` with the client optimizer; returns the engine."""
     select_accelerator()

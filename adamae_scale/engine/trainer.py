@@ -51,12 +51,14 @@ class Trainer:
         hooks: Sequence[StepHook] = (),
         max_skipped_in_a_row: int = 3,
         loss_spike_factor: float | None = None,
+        name: str = "pretrain",
     ):
         self.engine, self.loss_fn, self.data = engine, loss_fn, data
         self.checkpointer, self.logger = checkpointer, logger
         self.lr_schedule, self.steps, self.global_batch = lr_schedule, steps, global_batch
         self.seed, self.log_every = seed, log_every
         self.hooks = list(hooks)
+        self.name = name  # the progress bar's label
         self.guard = find_guard(engine.optimizer)
         self.max_skipped_in_a_row = max_skipped_in_a_row
         self.loss_spike_factor = loss_spike_factor
@@ -235,7 +237,7 @@ class Trainer:
         """Train until ``steps`` (or ``stop_after`` steps of the schedule); log, checkpoint; return the
         last logged metrics."""
         end = self.steps if stop_after is None else min(self.steps, stop_after)
-        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc="pretrain", unit="step")
+        bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc=self.name, unit="step")
         last: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
         # Pre-emption (SIGTERM from SLURM/Kubernetes, Ctrl-C): finish the step, checkpoint, stop.

@@ -91,7 +91,7 @@ class AdaMAEOutput(NamedTuple):
     log_probs: torch.Tensor | None  # (B, N) fp32 log softmax(logits) (adaptive only)
 
 
-def _position_table(cfg: AdaMAEConfig, dim: int) -> torch.Tensor:
+def position_table(cfg: AdaMAEConfig, dim: int) -> torch.Tensor:
     if cfg.pos_embed == "sincos_1d":
         return sincos_table_1d(cfg.num_tokens, dim)
     if cfg.pos_embed == "sincos_3d":
@@ -106,7 +106,7 @@ class Encoder(nn.Module):
         super().__init__()
         self.patch_embed = TubeletEmbed(cfg.in_chans, cfg.embed_dim, cfg.tubelet_size, cfg.patch_size)
         self.pos_embed: torch.Tensor
-        self.register_buffer("pos_embed", _position_table(cfg, cfg.embed_dim), persistent=False)
+        self.register_buffer("pos_embed", position_table(cfg, cfg.embed_dim), persistent=False)
         drop_path = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
         self.blocks = nn.ModuleList(
             Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=dp) for dp in drop_path
@@ -159,7 +159,7 @@ class AdaMAE(nn.Module):
         self.encoder_to_decoder = Linear(cfg.embed_dim, cfg.decoder_embed_dim, bias=False)
         self.mask_token = nn.Parameter(trunc_normal((1, 1, cfg.decoder_embed_dim), std=0.02))
         self.decoder_pos_embed: torch.Tensor
-        self.register_buffer("decoder_pos_embed", _position_table(cfg, cfg.decoder_embed_dim), persistent=False)
+        self.register_buffer("decoder_pos_embed", position_table(cfg, cfg.decoder_embed_dim), persistent=False)
         self.decoder = Decoder(cfg)
 
     def blocks(self) -> list[nn.Module]:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import torch
 import torch.nn.functional as F
-from timm.layers import DropPath
 from torch import nn
 
 
@@ -139,13 +138,23 @@ class Block(nn.Module):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
         self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
-        self.drop_path = DropPath(drop_path) if drop_path > 0 else nn.Identity()
+        self.drop_path = _drop_path(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), drop=drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x + self.drop_path(self.attn(self.norm1(x)))
         return x + self.drop_path(self.mlp(self.norm2(x)))
+
+
+def _drop_path(rate: float) -> nn.Module:
+    if rate <= 0:
+        return nn.Identity()
+    # timm is imported here, not at the top: importing it loads torchvision and torch._dynamo (~2 s), which
+    # every process would pay, pre-training included, where drop path is off.
+    from timm.layers import DropPath
+
+    return DropPath(rate)
 
 
 def trunc_normal(shape: tuple[int, ...], std: float = 0.02) -> torch.Tensor:

@@ -1,0 +1,127 @@
+"""Multi-view evaluation of a video classifier: views of a clip, softmax averaged per video, top-1/top-5/mean
+per-class accuracy, and the distributed bookkeeping that counts every video exactly once.
+
+The reference protocol (VideoMAE/AdaMAE ``test`` mode): ``temporal_views`` windows evenly spaced over the video ×
+``spatial_views`` crops evenly spaced along the long side of the frame (the short side already at the model's
+size), the softmax of every view averaged per video (K400 5×3, SSv2 2×3).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+
+
+def view_starts(length: int, window: int, views: int) -> list[int]:
+    """``views`` start offsets of a ``window`` along ``length``, evenly spaced from the start to the end
+    (one view: centred)."""
+    if window > length:
+        raise ValueError(f"a view of {window} does not fit in {length}")
+    if views == 1:
+        return [(length - window) // 2]
+    return [round(i * (length - window) / (views - 1)) for i in range(views)]
+
+
+def clip_views(
+    video: torch.Tensor, num_frames: int, size: tuple[int, int], temporal_views: int, spatial_views: int
+) -> torch.Tensor:
+    """``video [C, T, H, W]`` → ``[temporal_views × spatial_views, C, num_frames, h, w]``, time-major: view
+    ``t * spatial_views + s`` is temporal window t, crop s. Crops move along the longer image axis."""
+    _, length, height, width = video.shape
+    h, w = size
+    times = view_starts(length, num_frames, temporal_views)
+    along_width = width - w >= height - h
+    crops = view_starts(width if along_width else height, w if along_width else h, spatial_views)
+    top, left = (height - h) // 2, (width - w) // 2
+    views = []
+    for t in times:
+        for c in crops:
+            y, x = (top, c) if along_width else (c, left)
+            views.append(video[:, t : t + num_frames, y : y + h, x : x + w])
+    return torch.stack(views)
+
+
+def average_views(logits: torch.Tensor, views: int) -> torch.Tensor:
+    """``[videos × views, K]`` logits (views of a video adjacent) → ``[videos, K]`` mean softmax."""
+    probs = logits.float().softmax(-1)
+    return probs.view(-1, views, probs.shape[-1]).mean(1)
+
+
+def accuracy(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dict[str, float]:
+    """top-1, top-5 (top-k with k = min(5, K)) and mean per-class top-1 (classes present only)."""
+    top = probs.topk(min(5, probs.shape[-1]), dim=-1).indices
+    hit1 = top[:, 0] == labels
+    hit5 = (top == labels[:, None]).any(-1)
+    per_class = [hit1[labels == c].float().mean() for c in range(num_classes) if bool((labels == c).any())]
+    return {
+        "top1": float(hit1.float().mean()),
+        "top5": float(hit5.float().mean()),
+        "mean_class_accuracy": float(torch.stack(per_class).mean()) if per_class else 0.0,
+        "videos": int(labels.numel()),
+    }
+
+
+@dataclass
+class Prediction:
+    index: int  # position of the video in the evaluation set
+    key: str
+    label: int
+    probs: torch.Tensor  # [K] mean softmax over the views
+
+
+def shard_indices(count: int, rank: int, world_size: int) -> range:
+    """The videos rank ``rank`` evaluates: every ``world_size``-th from ``rank`` (uneven counts included)."""
+    return range(rank, count, world_size)
+
+
+def gather_predictions(local: Sequence[Prediction], world_size: int) -> list[Prediction]:
+    """Every rank's predictions on every rank, ordered by index, each index once (a video two ranks both
+    evaluated, e.g. padding, is kept once)."""
+    gathered: list[Any] = [list(local)]
+    if world_size > 1:
+        import torch.distributed as dist
+
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, [(p.index, p.key, p.label, p.probs.cpu()) for p in local])
+        gathered = [[Prediction(*item) for item in part] for part in gathered]
+    unique: dict[int, Prediction] = {}
+    for part in gathered:
+        for prediction in part:
+            unique.setdefault(prediction.index, prediction)
+    return [unique[i] for i in sorted(unique)]
+
+
+def summarize(predictions: Iterable[Prediction], num_classes: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
+    """(metrics, ``predictions.jsonl`` rows: key, label, top-5 classes and their probabilities)."""
+    items = list(predictions)
+    if not items:
+        raise ValueError("evaluation saw no videos")
+    probs = torch.stack([p.probs for p in items])
+    labels = torch.tensor([p.label for p in items])
+    rows = []
+    for p in items:
+        values, classes = p.probs.topk(min(5, num_classes))
+        rows.append(
+            {
+                "key": p.key,
+                "label": p.label,
+                "top5": classes.tolist(),
+                "top5_probs": [round(float(v), 6) for v in values],
+            }
+        )
+    return accuracy(probs, labels, num_classes), rows
+
+
+__all__ = [
+    "Prediction",
+    "accuracy",
+    "average_views",
+    "clip_views",
+    "gather_predictions",
+    "shard_indices",
+    "summarize",
+    "view_starts",
+]

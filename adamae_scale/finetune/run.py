@@ -1,0 +1,367 @@
+"""``adamae-finetune``: a pre-trained encoder → an action-recognition classifier, trained and evaluated with the
+same engine, trainer, checkpoints and launchers as pre-training.
+
+source (init=) → classifier (encoder over all tokens, mean pooling, fc_norm, head) → layer-decayed AdamW →
+DeepSpeed engine → Trainer (mixup/cutmix, label smoothing) → checkpoints → multi-view evaluation
+(``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import sys
+from collections.abc import Iterator, Mapping
+from pathlib import Path
+from typing import Any, cast
+
+import hydra
+import torch
+from omegaconf import DictConfig, OmegaConf
+
+from .. import schema
+from ..convert.errors import ConvertError
+from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
+from ..convert.io import atomic_output_dir
+from ..data import build_data, synthetic_config, validate_data
+from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
+from ..data.transforms import normalize_
+from ..engine import optim, setup
+from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint, to_universal
+from ..engine.disk import InsufficientSpaceError
+from ..engine.trainer import Trainer, TrainingDiverged
+from ..metrics import MetricsLogger
+from ..models import AdaMAEConfig, make_config
+from ..models.classifier import VideoClassifier
+from . import evaluate
+from .recipe import ClassificationObjective, ClipMixup, param_groups
+from .sources import EncoderSource, classifier_config, classifier_state, load_source
+
+
+def validate(cfg: Mapping[str, Any]) -> tuple[EncoderSource, AdaMAEConfig, int]:
+    """Every check before a process group exists: (the source, the classifier's architecture, classes)."""
+    schema.check_finetune(cfg)
+    source = load_source(cfg["init"])
+    if source.cfg is not None and cfg.get("model"):
+        raise ValueError(
+            f"init={cfg['init']} gives the architecture: drop model= (use clip.num_frames / clip.img_size for the clip)"
+        )
+    scratch = make_config(cfg["model"]) if cfg.get("model") else None
+    model_cfg = classifier_config(source, scratch, cfg["clip"], cfg["finetune"]["drop_path"])
+    model_cfg = schema.model_config(model_cfg.to_dict())
+    validate_data(cfg["data"], model_cfg)
+    return source, model_cfg, num_classes(cfg)
+
+
+def num_classes(cfg: Mapping[str, Any]) -> int:
+    """``num_classes``, or what the data says: the synthetic motion task's classes, the shards' label map."""
+    if cfg.get("num_classes") is not None:
+        return int(cfg["num_classes"])
+    data = cfg["data"]
+    if data["name"] == "synthetic":
+        if data.get("label_task", "none") == "none":
+            raise ValueError("data=synthetic has no labels unless data.label_task=motion")
+        return len(MOTION_CLASSES)
+    manifest = Path(str(data["urls"])) / "manifest.json"
+    if manifest.is_file():
+        labels = json.loads(manifest.read_text()).get("label_map") or {}
+        if labels:
+            return len(labels)
+    raise ValueError(f"num_classes: not given and {manifest} has no label_map; pass num_classes=K")
+
+
+def run(cfg: dict[str, Any]) -> dict[str, Any]:
+    source, model_cfg, classes = validate(cfg)
+    env = setup.dist_env()
+    train, tune = cfg["train"], cfg["finetune"]
+    global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size
+    peak_lr = optim.scaled_lr(train["base_lr"], global_batch)
+    min_lr = optim.scaled_lr(train["min_lr"], global_batch)
+    warmup_steps = round(train["warmup_fraction"] * train["steps"])
+    run_dir = Path(cfg["run_dir"])
+
+    setup.init_distributed()
+    metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": cfg["ds"]}
+    checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
+    resume_from = checkpointer.find(train["resume"])
+    ds_config = setup.build_ds_config(
+        setup.load_ds_config(cfg["ds"]),
+        train["micro_batch_size"],
+        train["accumulation"],
+        env.world_size,
+        cfg["precision"],
+        train["clip_grad"],
+    )
+    if resume_from is not None and resume_from.world_size not in (None, env.world_size):
+        resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
+        ds_config["checkpoint"] = {"load_universal": True}
+
+    torch.manual_seed(cfg["seed"])  # identical initial head on every rank
+    model = cast(
+        VideoClassifier,
+        setup.build_module(
+            lambda: VideoClassifier(model_cfg, classes, tune["head_init_scale"], tune["head_dropout"]), ds_config
+        ),
+    )
+    expected = {name: _full_shape(p) for name, p in model.named_parameters()}
+    state, report = classifier_state(source, expected)
+    setup.load_weights(model, state, ds_config)
+    groups = param_groups(model, tune["mode"], train["weight_decay"], tune["layer_decay"])
+    optimizer = optim.adamw(groups, peak_lr, train["betas"], train["eps"], setup.offloads_optimizer(ds_config))
+    setup.apply_activation_checkpointing(model.block_list(), tune["checkpoint_every"])
+    engine = setup.initialize(model, optimizer, ds_config)
+    if env.rank == 0:
+        trainable = sum(p.numel() for g in groups for p in g["params"])
+        print(
+            f"[adamae] finetune ({tune['mode']}) {model_cfg.name}: {classes} classes, "
+            f"{trainable / 1e6:.2f}M trainable, "
+            f"clip {model_cfg.num_frames}x{model_cfg.img_size[0]}x{model_cfg.img_size[1]}; world {env.world_size}, "
+            f"global batch {global_batch}, peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}\n"
+            f"[adamae] {report.summary()}",
+            flush=True,
+        )
+        run_dir.mkdir(parents=True, exist_ok=True)
+        (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+
+    mix = None
+    if tune["mode"] == "full" and (tune["mixup"] > 0 or tune["cutmix"] > 0):
+        mix = ClipMixup(tune["mixup"], tune["cutmix"], tune["mixup_switch_prob"], tune["label_smoothing"], classes)
+    objective = ClassificationObjective(classes, tune["label_smoothing"], mix)
+    data = build_data(cfg["data"], model_cfg, train["micro_batch_size"], env.rank, env.world_size)
+    resume_step = resume_from.step if resume_from is not None else 0
+    trainer = Trainer(
+        engine,
+        objective,
+        data,
+        checkpointer,
+        MetricsLogger(run_dir, enabled=env.rank == 0, resume_step=resume_step),
+        lambda step: {"cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"])},
+        train["steps"],
+        global_batch,
+        cfg["seed"],
+        train["log_every"],
+        hooks=[ValidationHook(cfg, model_cfg, env)] if cfg["eval"]["every"] > 0 else [],
+        max_skipped_in_a_row=train["max_skipped_in_a_row"],
+        loss_spike_factor=train["loss_spike_factor"],
+        name="finetune",
+    )
+    trainer.resume(resume_from)
+    summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": trainer.step}
+    if not cfg["eval_only"]:
+        summary.update(trainer.fit(train.get("stop_after")))
+    summary["steps"] = trainer.step
+    if trainer.stopped_by_signal:
+        summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
+    elif trainer.step >= train["steps"] or cfg["eval_only"]:
+        if not cfg["eval_only"]:
+            save_classifier(engine, model_cfg, classes, run_dir / "model", env)
+        summary["eval"] = final_evaluation(engine, cfg, model_cfg, classes, env, run_dir)
+    if env.rank == 0:
+        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+    trainer.logger.close()
+    setup.shutdown()
+    return summary
+
+
+def save_classifier(engine: Any, model_cfg: AdaMAEConfig, classes: int, out_dir: Path, env: setup.DistEnv) -> None:
+    """The trained classifier as a weight folder (``format: adamae-classifier``, fp32), written atomically by
+    rank 0 (under ZeRO-3 every rank takes part in gathering each parameter)."""
+    import deepspeed
+
+    state = {}
+    for name, param in engine.module.named_parameters():
+        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
+            if env.rank == 0:
+                state[name] = param.detach().float().cpu().clone()
+    if env.rank == 0:
+        config = {
+            "format": FORMAT_CLASSIFIER,
+            "format_version": FORMAT_VERSION,
+            "model": model_cfg.to_dict(),
+            "num_classes": classes,
+            "source": {"kind": "adamae-finetune", "run_dir": str(out_dir.parent.absolute())},
+        }
+        with atomic_output_dir(out_dir, overwrite=True) as tmp:
+            write_folder(tmp, state, config, torch.float32)
+
+
+def _full_shape(param: torch.nn.Parameter) -> torch.Size:
+    return cast(torch.Size, getattr(param, "ds_shape", param.shape))  # ZeRO-3 partitions keep the full shape here
+
+
+# -- evaluation --------------------------------------------------------------------------------------------------
+def held_out_videos(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> Iterator[tuple[str, int, torch.Tensor]]:
+    """``(key, label, video [C, T', H, W'])`` of the held-out synthetic videos, rendered longer and wider than the
+    clip when there are several temporal / spatial views (the views then cover different content)."""
+    views = cfg["eval"]
+    frames = model_cfg.num_frames * (2 if views["temporal_views"] > 1 else 1)
+    height, width = model_cfg.img_size
+    if views["spatial_views"] > 1:
+        width = width + width // 3 // model_cfg.patch_size * model_cfg.patch_size
+    eval_model = AdaMAEConfig(**{**model_cfg.to_dict(), "num_frames": frames, "img_size": (height, width)})
+    synthetic = synthetic_config({**cfg["data"], "seed": cfg["data"]["eval_seed"]}, eval_model)
+    for index in range(views["videos"]):
+        video, _ = render_clip(synthetic, index)
+        yield f"synthetic-{index:06d}", clip_label(synthetic, index), normalize_(video)
+
+
+def rank_views(
+    cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, skipped: list[str]
+) -> Iterator[tuple[int, str, int, torch.Tensor]]:
+    """``(index, key, label, views)`` of the videos this rank evaluates (each video on exactly one rank)."""
+    views = cfg["eval"]
+    geometry = (model_cfg.num_frames, model_cfg.img_size)
+    if cfg["data"]["name"] == "shards":
+        from .shard_views import rank_videos
+
+        data = cfg["data"]
+        yield from rank_videos(
+            data["val_urls"] or data["urls"],
+            env.rank,
+            env.world_size,
+            *geometry,
+            data["sampling_rate"],
+            views["temporal_views"],
+            views["spatial_views"],
+            skipped,
+        )
+        return
+    videos = list(held_out_videos(cfg, model_cfg))
+    for index in evaluate.shard_indices(len(videos), env.rank, env.world_size):
+        key, label, video = videos[index]
+        yield index, key, label, evaluate.clip_views(video, *geometry, views["temporal_views"], views["spatial_views"])
+
+
+@torch.no_grad()
+def final_evaluation(
+    engine: Any,
+    cfg: Mapping[str, Any],
+    model_cfg: AdaMAEConfig,
+    classes: int,
+    env: setup.DistEnv,
+    run_dir: Path,
+) -> dict[str, Any]:
+    """The multi-view test: softmax averaged over each video's views; rank 0 gathers every rank's predictions,
+    writes ``eval.json`` and ``predictions.jsonl``; every rank returns the metrics."""
+    views_cfg = cfg["eval"]
+    views = views_cfg["temporal_views"] * views_cfg["spatial_views"]
+    chunk = views_cfg["micro_batch_size"]
+    skipped: list[str] = []
+    items = rank_views(cfg, model_cfg, env, skipped)
+    idle = torch.zeros(1, model_cfg.in_chans, model_cfg.num_frames, *model_cfg.img_size)
+    local = []
+    engine.eval()
+    while True:
+        item = next(items, None)
+        # Ranks go in lock step until all are done (ZeRO-3 gathers weights collectively in every forward); a rank
+        # out of videos runs the same forward passes on an idle batch.
+        if not _any_rank(item is not None, env, engine.device):
+            break
+        clips = item[3] if item is not None else idle.expand(views, *idle.shape[1:])
+        logits = torch.cat([engine(part.to(engine.device)) for part in clips.split(chunk)]).float()
+        if item is not None:
+            index, key, label, _ = item
+            local.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
+    engine.train()
+    predictions = evaluate.gather_predictions(local, env.world_size)
+    metrics, rows = evaluate.summarize(predictions, classes)
+    skipped_all = _gathered(skipped, env)
+    metrics.update(
+        {
+            "temporal_views": views_cfg["temporal_views"],
+            "spatial_views": views_cfg["spatial_views"],
+            "skipped": len(skipped_all),
+        }
+    )
+    if env.rank == 0:
+        (run_dir / "eval.json").write_text(json.dumps({**metrics, "skipped_videos": skipped_all[:100]}, indent=2))
+        (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return metrics
+
+
+def _any_rank(flag: bool, env: setup.DistEnv, device: torch.device) -> bool:
+    if env.world_size == 1:
+        return flag
+    packed = torch.tensor([1.0 if flag else 0.0], device=device)
+    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
+    return bool(packed.item() > 0)
+
+
+def _gathered(values: list[str], env: setup.DistEnv) -> list[str]:
+    if env.world_size == 1:
+        return list(values)
+    parts: list[Any] = [None] * env.world_size
+    torch.distributed.all_gather_object(parts, values)
+    return [v for part in parts for v in part]
+
+
+class ValidationHook:
+    """Every ``eval.every`` steps: single-view top-1 on ``eval.batches`` held-out batches, logged as ``val_top1``."""
+
+    def __init__(self, cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv):
+        held_out = {**cfg["data"], "seed": cfg["data"].get("eval_seed", 1_000_003)}
+        stream = build_data(held_out, model_cfg, cfg["eval"]["micro_batch_size"], env.rank, env.world_size)
+        self.batches = [next(stream) for _ in range(cfg["eval"]["batches"])]
+        self.every = cfg["eval"]["every"]
+
+    @torch.no_grad()
+    def __call__(self, trainer: Trainer, last_step: bool) -> None:
+        if trainer.step % self.every:
+            return
+        trainer.engine.eval()
+        hits = total = 0
+        for batch in self.batches:
+            logits = trainer.engine(batch["video"].to(trainer.engine.device))
+            hits += int((logits.argmax(-1).cpu() == batch["label"]).sum())
+            total += len(batch["label"])
+        trainer.engine.train()
+        counts = torch.tensor([float(hits), float(total)])
+        if torch.distributed.is_initialized() and trainer.world_size > 1:
+            counts = counts.to(trainer.engine.device)
+            torch.distributed.all_reduce(counts)
+        trainer.logger.log(trainer.step, {"val_top1": float(counts[0] / counts[1].clamp(min=1.0))})
+
+
+# -- entry point ---------------------------------------------------------------------------------------------------
+@hydra.main(version_base="1.3", config_path="pkg://adamae_scale.configs", config_name="finetune")
+def _hydra_main(cfg: DictConfig) -> None:
+    resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
+    try:
+        summary = run(resolved)
+    except (ValueError, FileNotFoundError, ConvertError, InsufficientSpaceError, NoUsableCheckpoint) as err:
+        print(f"adamae-finetune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except (CheckpointWriteError, TrainingDiverged) as err:
+        if int(os.environ.get("RANK", "0")) == 0:
+            print(f"adamae-finetune: error: {err}", file=sys.stderr, flush=True)
+        sys.exit(1)
+    if int(os.environ.get("RANK", "0")) == 0:
+        if "eval" in summary:
+            ev = summary["eval"]
+            print(
+                f"[adamae] done: {summary['steps']} steps; {ev['videos']} videos, "
+                f"{ev['temporal_views']}x{ev['spatial_views']} views: top-1 {ev['top1']:.3f}, top-5 {ev['top5']:.3f}, "
+                f"mean class {ev['mean_class_accuracy']:.3f}; {summary['run_dir']}/eval.json",
+                flush=True,
+            )
+        else:
+            print(f"[adamae] stopped after step {summary['steps']}: run the same command again to resume", flush=True)
+    if "stopped_by_signal" in summary:
+        sys.exit(128 + signal.Signals[summary["stopped_by_signal"]].value)
+
+
+def main() -> None:
+    sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
+    overrides = sys.argv[1:]
+    if not any(a.startswith("-") for a in overrides):
+        # Before Hydra creates run_dir: a bad value or source is one line and leaves nothing behind.
+        try:
+            validate(schema.compose(overrides, config_name="finetune"))
+        except (ValueError, FileNotFoundError, ConvertError) as err:
+            print(f"adamae-finetune: error: {err}", file=sys.stderr)
+            sys.exit(2)
+    _hydra_main()
+
+
+__all__ = ["final_evaluation", "main", "run", "validate"]

@@ -1,0 +1,99 @@
+"""The multi-view test on WebDataset shards: every video of ``data.val_urls`` decoded once, as views.
+
+Shards go to ranks round-robin (rank r reads shards r, r + world, ...), so no rank reads another's bytes and
+every video is evaluated by exactly one rank. A video gives ``temporal_views`` windows of ``num_frames`` frames
+``sampling_rate`` apart, evenly spaced over it, resized so the short side is the model's size, and each window
+``spatial_views`` crops along the long side (``evaluate.clip_views``). An unreadable video is reported, once,
+and left out (``skipped`` in ``eval.json``).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Iterator
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..data.pipeline import shard_samples, shard_urls
+from ..data.transforms import normalize
+from ..data.video import VideoReader, decode_jpeg
+from . import evaluate
+
+
+def window_starts(count: int, num_frames: int, sampling_rate: int, views: int) -> list[np.ndarray]:
+    """Frame indices of ``views`` windows evenly spaced over a ``count``-frame video (a short video repeats its
+    last frame, as the training windows do)."""
+    span = (num_frames - 1) * sampling_rate + 1
+    starts = evaluate.view_starts(max(count, span), span, views)
+    return [np.minimum(start + sampling_rate * np.arange(num_frames), count - 1) for start in starts]
+
+
+def _resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
+    """``[T, H, W, 3]`` uint8 → ``[3, T, h, w]`` float in [0, 1] with ``min(h, w) == size``."""
+    _, height, width, _ = frames.shape
+    scale = size / min(height, width)
+    out = (max(size, round(height * scale)), max(size, round(width * scale)))
+    video = frames.permute(0, 3, 1, 2).float() / 255.0  # (T, 3, H, W)
+    video = F.interpolate(video, size=out, mode="bilinear", align_corners=False, antialias=True)
+    return video.clamp(0, 1).permute(1, 0, 2, 3)
+
+
+def decode_views(
+    sample: dict[str, Any], num_frames: int, img_size: tuple[int, int], sampling_rate: int, temporal: int, spatial: int
+) -> tuple[str, int, torch.Tensor]:
+    """A raw shard sample → ``(key, label, views [temporal × spatial, 3, T, H, W])``, normalised."""
+    meta = json.loads(sample["json"])
+    count = int(meta["num_frames"])
+    windows = window_starts(count, num_frames, sampling_rate, temporal)
+    wanted = np.concatenate(windows)
+    if "mp4" in sample:
+        with VideoReader(sample["mp4"]) as reader:
+            frames = reader.read_indices(wanted.tolist(), skip_disposable=True)
+    else:
+        offsets = meta["frame_offsets"]
+        blob = sample["mjpeg"]
+        frames = np.stack([decode_jpeg(blob[offsets[i] : offsets[i + 1]]) for i in wanted])
+    video = _resize_short_side(torch.from_numpy(frames), min(img_size))
+    views = []
+    for t in range(temporal):
+        window = video[:, t * num_frames : (t + 1) * num_frames]
+        views.append(evaluate.clip_views(window, num_frames, img_size, 1, spatial))
+    return str(sample["__key__"]), int(meta.get("label", -1)), normalize(torch.cat(views))
+
+
+def rank_videos(
+    urls: str | list[str],
+    rank: int,
+    world_size: int,
+    num_frames: int,
+    img_size: tuple[int, int],
+    sampling_rate: int,
+    temporal: int,
+    spatial: int,
+    skipped: list[str],
+) -> Iterator[tuple[int, str, int, torch.Tensor]]:
+    """``(index, key, label, views)`` of this rank's videos; ``index`` is unique over all ranks."""
+    shards = shard_urls(urls)
+    mine = [(i, url) for i, url in enumerate(shards) if i % world_size == rank]
+
+    def unreadable(url: str, reason: str, usable: int) -> None:
+        skipped.append(f"{url}: {reason}")
+        print(f"[adamae] eval: unreadable shard {url}: {reason}", file=sys.stderr, flush=True)
+
+    for shard, url in mine:
+        for position, sample in enumerate(shard_samples([{"url": url}], {}, unreadable, lambda err: True)):
+            index = shard * 10_000_000 + position
+            try:
+                key, label, views = decode_views(sample, num_frames, img_size, sampling_rate, temporal, spatial)
+            except Exception as err:  # a broken video is reported and left out, never fatal
+                skipped.append(f"{sample.get('__key__', '?')}: {type(err).__name__}: {err}"[:300])
+                print(f"[adamae] eval: skipping {sample.get('__key__', '?')}: {err}", file=sys.stderr, flush=True)
+                continue
+            yield index, key, label, views
+
+
+__all__ = ["decode_views", "rank_videos", "window_starts"]

@@ -1,0 +1,312 @@
+"""``adamae-finetune``: sources, the recipe's pieces, multi-view evaluation, and real runs (1 and 2 ranks)."""
+
+import json
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from adamae_scale import schema
+from adamae_scale.finetune import evaluate
+from adamae_scale.finetune.recipe import ClipMixup, param_groups
+from adamae_scale.finetune.run import validate
+from adamae_scale.finetune.sources import classifier_config, classifier_state, load_source
+from adamae_scale.metrics import read_metrics
+from adamae_scale.models import config_for, make_config
+from adamae_scale.models.classifier import VideoClassifier
+
+from .conftest import TINY_RUN, _run, run_pretrain, torchrun_cmd
+from .test_convert_import import reference_args, reference_state_dict, save_reference_checkpoint
+
+FINETUNE = ("-m", "adamae_scale.finetune")
+# A short fine-tuning run on the synthetic motion task, in fp32 so that a resume is bit-exact.
+TINY_FT = [
+    "data.label_task=motion",
+    "train.micro_batch_size=4",
+    "train.base_lr=0.05",
+    "precision=fp32",
+    "ds=zero0",
+    "eval.videos=7",
+    "eval.micro_batch_size=6",
+]
+
+
+def run_finetune(*overrides: str, nproc: int = 1, check: bool = True) -> subprocess.CompletedProcess:
+    cmd = [sys.executable, *FINETUNE, *overrides] if nproc == 1 else torchrun_cmd(nproc, *overrides, target=FINETUNE)
+    return _run(cmd, check, 400)
+
+
+def losses(run_dir):
+    return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+@pytest.fixture(scope="module")
+def pretrained(tmp_path_factory):
+    """A tiny pre-training run, consolidated, and its encoder exported in both key layouts."""
+    root = tmp_path_factory.mktemp("pretrained")
+    run_pretrain(
+        *TINY_RUN, "precision=fp32", "ds=zero0", "train.steps=2", "eval.focus_batches=0", f"run_dir={root / 'run'}"
+    )
+    from adamae_scale.convert import cli
+
+    assert cli.main(["consolidate", str(root / "run" / "checkpoints"), str(root / "full")]) == 0
+    for layout in ("adamae", "timm"):
+        args = ["export-encoder", str(root / "full"), str(root / f"encoder-{layout}"), "--key-layout", layout]
+        assert cli.main(args) == 0
+    return root
+
+
+def classifier_weights(source_path):
+    source = load_source(str(source_path))
+    cfg = classifier_config(source, None, {}, 0.0)
+    model = VideoClassifier(cfg, 4)
+    state, report = classifier_state(source, {n: p.shape for n, p in model.named_parameters()})
+    return state, report, cfg
+
+
+# -- sources --------------------------------------------------------------------------------------------------------
+def test_every_source_kind_loads_the_same_encoder_and_reports_its_keys(pretrained, tmp_path):
+    full = load_file(pretrained / "full" / "model.safetensors")
+    expected = {k[len("encoder.") :]: v for k, v in full.items() if k.startswith("encoder.") and ".norm." not in k[8:]}
+    expected = {k: v for k, v in expected.items() if not k.startswith("norm.")}
+    for folder in ("full", "encoder-adamae", "encoder-timm"):
+        state, report, cfg = classifier_weights(pretrained / folder)
+        assert state.keys() == expected.keys(), folder
+        assert all(torch.equal(state[k], expected[k]) for k in expected), folder
+        assert report.new == ["fc_norm", "head"] and "norm.weight" in report.dropped
+        assert cfg.num_frames == 4 and cfg.img_size == (32, 32) and cfg.depth == 2
+    _, report, _ = classifier_weights(pretrained / "full")
+    assert sum("sampler" in why for why in report.dropped.values()) > 0  # the sampler and decoder are dropped
+    assert sum("decoder" in why for why in report.dropped.values()) > 0
+
+    # A reference AdaMAE pre-training checkpoint, through the importer's safe loader.
+    sd = reference_state_dict(adaptive=True)
+    src = tmp_path / "checkpoint-799.pth"
+    save_reference_checkpoint(src, sd, args=reference_args())
+    state, report, cfg = classifier_weights(src)
+    assert torch.equal(state["blocks.1.attn.q_bias"], sd["encoder.blocks.1.attn.q_bias"])
+    assert torch.equal(state["patch_embed.proj.weight"], sd["encoder.patch_embed.proj.weight"])
+    assert "reference checkpoint" in report.kind and cfg.embed_dim == 192
+
+
+def test_another_clip_size_keeps_the_weights_and_recomputes_the_position_table(pretrained):
+    source = load_source(str(pretrained / "encoder-adamae"))
+    cfg = classifier_config(source, None, {"num_frames": 8, "img_size": 48}, 0.1)
+    assert cfg.layout.grid == (4, 6, 6) and cfg.drop_path == 0.1
+    model = VideoClassifier(cfg, 4)
+    state, report = classifier_state(source, {n: p.shape for n, p in model.named_parameters()})
+    assert len(state) == len(report.loaded) > 20 and "recomputed for the 4x6x6 token grid" in report.notes[0]
+    model.load_state_dict(state, strict=False)
+    assert model(torch.randn(2, 3, 8, 48, 48)).shape == (2, 4)
+
+
+def test_scratch_needs_a_model_and_bad_sources_are_one_line(tmp_path):
+    with pytest.raises(ValueError, match="init=none needs a model"):
+        classifier_config(load_source("none"), None, {}, 0.1)
+    proc = run_finetune(*TINY_FT, f"init={tmp_path / 'missing'}", f"run_dir={tmp_path / 'r'}", check=False)
+    assert proc.returncode == 2 and "init=" in proc.stderr and "no such file or folder" in proc.stderr
+    assert "Traceback" not in proc.stderr and not (tmp_path / "r").exists()
+    odd = schema.compose([*TINY_FT, "model=vit_tiny", "train.micro_batch_size=3"], config_name="finetune")
+    with pytest.raises(ValueError, match="train.micro_batch_size=3: mixup/cutmix pair each clip"):
+        validate(odd)
+    with pytest.raises(ValueError, match="finetune.mode='probe': expected one of"):
+        validate(schema.compose([*TINY_FT, "model=vit_tiny", "finetune.mode=probe"], config_name="finetune"))
+
+
+# -- the recipe -----------------------------------------------------------------------------------------------------
+def test_layer_decay_scales_the_lr_of_every_block():
+    cfg = config_for("vit_tiny", depth=4, num_frames=4, img_size=(32, 32), patch_size=8)
+    model = VideoClassifier(cfg, 5)
+    scale_of = {}
+    for group in param_groups(model, "full", 0.05, 0.75):
+        for param in group["params"]:
+            scale_of[param] = (group["lr_scale"], group["weight_decay"])
+    named = dict(model.named_parameters())
+    depth = cfg.depth
+    assert scale_of[named["patch_embed.proj.weight"]] == pytest.approx((0.75 ** (depth + 1), 0.05))
+    for i in range(depth):
+        assert scale_of[named[f"blocks.{i}.attn.qkv.weight"]] == pytest.approx((0.75 ** (depth - i), 0.05))
+        assert scale_of[named[f"blocks.{i}.norm1.bias"]] == pytest.approx((0.75 ** (depth - i), 0.0))
+    assert scale_of[named["head.weight"]] == pytest.approx((1.0, 0.05))
+    assert scale_of[named["fc_norm.weight"]] == pytest.approx((1.0, 0.0))
+
+    linear = param_groups(VideoClassifier(cfg, 5), "linear", 0.05, 0.75)
+    trainable = {id(p) for g in linear for p in g["params"]}
+    assert len(trainable) == 2  # head.weight and head.bias only
+
+
+def test_cutmix_box_spans_height_and_width_of_every_frame_and_mixup_mixes_whole_clips():
+    torch.manual_seed(0)
+    video = torch.randn(4, 3, 6, 16, 20)
+    labels = torch.tensor([0, 1, 2, 3])
+    for seed in range(6):
+        np.random.seed(seed)
+        mixed, target = ClipMixup(0.0, 1.0, 0.5, 0.0, 4)(video, labels)  # cutmix only
+        changed = (mixed != video).any(dim=(0, 1))  # (T, H, W): where any clip changed
+        assert torch.equal(changed, changed[:1].expand_as(changed))  # the same box in every frame
+        rows, cols = changed[0].any(1).nonzero(), changed[0].any(0).nonzero()
+        if rows.numel():
+            box = changed[0, rows.min() : rows.max() + 1, cols.min() : cols.max() + 1]
+            assert bool(box.all())  # a rectangle over (H, W)
+            inside = changed[0].float().mean()
+            assert float(target[0, 0]) == pytest.approx(1 - float(inside), abs=1e-6)  # λ = area kept
+            assert torch.equal(mixed[0][:, :, changed[0]], video[3][:, :, changed[0]])  # pasted from the flip
+    np.random.seed(0)
+    mixed, target = ClipMixup(0.8, 0.0, 0.5, 0.0, 4)(video, labels)  # mixup only
+    lam = float(target[0, 0])
+    torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
+    assert torch.equal(video, video.clone())  # the input batch is left alone
+
+
+# -- evaluation -----------------------------------------------------------------------------------------------------
+def test_multi_view_aggregation_equals_a_direct_per_view_computation():
+    torch.manual_seed(0)
+    cfg = config_for("vit_tiny", depth=1, num_frames=4, img_size=(16, 16), patch_size=8)
+    model = VideoClassifier(cfg, 3).eval()
+    video = torch.randn(3, 9, 16, 24)  # 9 frames, 16x24: 2 temporal x 3 spatial views of 4x16x16
+    views = evaluate.clip_views(video, 4, (16, 16), 2, 3)
+    assert views.shape == (6, 3, 4, 16, 16)
+    with torch.no_grad():
+        got = evaluate.average_views(model(views), 6)[0]
+        direct = torch.zeros(3)
+        for t0 in (0, 5):  # windows from the first to the last frame
+            for x0 in (0, 4, 8):  # crops from the left to the right edge
+                direct += model(video[None, :, t0 : t0 + 4, :, x0 : x0 + 16]).softmax(-1)[0] / 6
+    torch.testing.assert_close(got, direct)
+    probs = torch.tensor([[0.6, 0.3, 0.1], [0.2, 0.5, 0.3], [0.1, 0.2, 0.7], [0.5, 0.4, 0.1]])
+    metrics = evaluate.accuracy(probs, torch.tensor([0, 2, 2, 1]), 3)
+    # top-1 hits: videos 0 and 2; mean per class: class 0 1/1, class 1 0/1, class 2 1/2.
+    assert metrics == {"top1": 0.5, "top5": 1.0, "mean_class_accuracy": pytest.approx(0.5), "videos": 4}
+
+
+def test_uneven_video_counts_are_evaluated_exactly_once():
+    count, world = 7, 3
+    shares = [list(evaluate.shard_indices(count, r, world)) for r in range(world)]
+    assert sorted(i for s in shares for i in s) == list(range(count))
+    # Padding repeats an index: gathering keeps it once.
+    preds = [evaluate.Prediction(i, f"v{i}", i % 2, torch.tensor([0.5, 0.5])) for s in shares for i in s + s[-1:]]
+    assert [p.index for p in evaluate.gather_predictions(preds, 1)] == list(range(count))
+
+
+# -- real runs ------------------------------------------------------------------------------------------------------
+def test_finetune_from_an_encoder_export_trains_evaluates_and_resumes_exactly(pretrained, tmp_path):
+    init = f"init={pretrained / 'encoder-adamae'}"
+    straight = tmp_path / "straight"
+    proc = run_finetune(*TINY_FT, init, "train.steps=6", "train.ckpt_every=3", f"run_dir={straight}")
+    assert "loaded 28 tensors, new 2 (fc_norm, head)" in proc.stdout and "top-1" in proc.stdout
+    result = json.loads((straight / "eval.json").read_text())
+    assert result["videos"] == 7 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert result["temporal_views"] == 2 and result["spatial_views"] == 3
+    rows = [json.loads(line) for line in (straight / "predictions.jsonl").read_text().splitlines()]
+    assert len({r["key"] for r in rows}) == 7 and all(len(r["top5"]) == 4 for r in rows)
+
+    resumed = tmp_path / "resumed"
+    run_finetune(*TINY_FT, init, "train.steps=6", "train.ckpt_every=3", "train.stop_after=3", f"run_dir={resumed}")
+    assert not (resumed / "eval.json").exists()
+    run_finetune(*TINY_FT, init, "train.steps=6", "train.ckpt_every=3", f"run_dir={resumed}")
+    assert losses(resumed) == losses(straight)  # mixup/cutmix draws included
+    assert json.loads((resumed / "eval.json").read_text()) == result
+
+    # The trained classifier's folder → transformers' VideoMAEForVideoClassification, logits within 1e-4.
+    import transformers  # the test extra installs it
+
+    from adamae_scale.convert import cli
+
+    assert cli.main(["to-hf", str(straight / "model"), str(tmp_path / "hf")]) == 0
+    hf_model, info = transformers.VideoMAEForVideoClassification.from_pretrained(
+        tmp_path / "hf", output_loading_info=True
+    )
+    assert not info["missing_keys"] and not info["unexpected_keys"] and not info["mismatched_keys"]
+    config = json.loads((straight / "model" / "config.json").read_text())
+    ours = VideoClassifier(make_config(config["model"]), config["num_classes"]).eval()
+    ours.load_state_dict(load_file(straight / "model" / "model.safetensors"))
+    video = torch.randn(2, 3, 4, 32, 32)
+    with torch.no_grad():
+        expected = ours(video)
+        got = hf_model.eval()(pixel_values=video.permute(0, 2, 1, 3, 4)).logits
+    assert expected.abs().max() > 1e-3 and (got - expected).abs().max().item() < 1e-4
+
+    # eval_only on the finished run's checkpoint gives the same figures.
+    run_finetune(*TINY_FT, init, "train.steps=6", "eval_only=true", f"run_dir={resumed}")
+    assert json.loads((resumed / "eval.json").read_text()) == result
+
+
+def test_two_rank_zero2_finetune_counts_every_video_once(pretrained, tmp_path):
+    run_dir = tmp_path / "run"
+    overrides = [o for o in TINY_FT if not o.startswith("ds=")]
+    run_finetune(
+        *overrides,
+        f"init={pretrained / 'encoder-timm'}",
+        "ds=zero2",
+        "train.steps=4",
+        "train.micro_batch_size=2",
+        "eval.every=2",
+        f"run_dir={run_dir}",
+        nproc=2,
+    )
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["videos"] == 7  # 7 videos on 2 ranks: 4 + 3, the padding counted once
+    keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert keys == [f"synthetic-{i:06d}" for i in range(7)]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r] == [2, 4]
+
+
+def test_linear_probe_trains_only_the_head(pretrained, tmp_path):
+    run_dir = tmp_path / "probe"
+    proc = run_finetune(
+        *TINY_FT,
+        f"init={pretrained / 'full'}",
+        "finetune.mode=linear",
+        "train.steps=3",
+        "train.ckpt_every=3",
+        f"run_dir={run_dir}",
+    )
+    assert "finetune (linear)" in proc.stdout and "0.00M trainable" in proc.stdout and (run_dir / "eval.json").is_file()
+    from adamae_scale.convert.consolidate import DEEPSPEED_GLOBALS
+    from adamae_scale.convert.io import safe_torch_load
+
+    saved = safe_torch_load(run_dir / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", DEEPSPEED_GLOBALS)
+    weights = saved["module"]
+    full = load_file(pretrained / "full" / "model.safetensors")
+    assert torch.equal(weights["blocks.0.mlp.fc1.weight"], full["encoder.blocks.0.mlp.fc1.weight"])  # frozen
+    assert torch.equal(weights["fc_norm.weight"], torch.ones_like(weights["fc_norm.weight"]))  # frozen at identity
+    assert weights["head.weight"].abs().max() > 0.001 * 0.05  # trained away from its tiny initial scale
+
+
+def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path):
+    from adamae_scale.data.shards import ShardOptions, build_shards
+
+    from .test_pipeline import all_keys, make_videos
+
+    make_videos(tmp_path / "videos", 7)  # 3 classes (sub-folders)
+    for store in ("mp4", "jpg"):  # training from mp4 shards, the test on JPEG shards
+        opts = ShardOptions(store=store, short_side=32, min_frames=8, samples_per_shard=3)
+        build_shards(tmp_path / "videos", tmp_path / store, opts, workers=1, progress=False)
+    run_dir = tmp_path / "run"
+    proc = run_finetune(
+        *[o for o in TINY_FT if not o.startswith(("data.", "eval.videos"))],
+        "model=vit_tiny",
+        "model.depth=1",
+        "model.num_frames=4",
+        "model.img_size=[32,32]",
+        "model.patch_size=8",
+        "data=shards",
+        f"data.urls={tmp_path / 'mp4'}",
+        f"data.val_urls={tmp_path / 'jpg'}",
+        "data.sampling_rate=2",
+        "data.workers=1",
+        "train.steps=2",
+        "eval.temporal_views=2",
+        "eval.spatial_views=2",
+        f"run_dir={run_dir}",
+    )
+    assert "3 classes" in proc.stdout  # from the shards' label map
+    result = json.loads((run_dir / "eval.json").read_text())
+    assert result["videos"] == 7 and result["skipped"] == 0
+    rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
+    assert {r["key"] for r in rows} == all_keys(tmp_path / "jpg")
+    manifest = json.loads((tmp_path / "jpg" / "manifest.json").read_text())
+    assert sorted(r["label"] for r in rows) == sorted(i % 3 for i in range(7)), manifest["label_map"]
