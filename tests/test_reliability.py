@@ -310,13 +310,18 @@ def test_a_bad_value_fails_in_seconds_with_one_line_and_exit_2(tmp_path):
 
 
 # -- kill -9 at random moments ------------------------------------------------------------------------------------
-def kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int) -> None:
+def kill_and_resume(tmp_path: Path, kills: int, steps: int, seed: int, stop_after: int | None = None) -> None:
     """Kill a ``ckpt_every=1`` run with SIGKILL at ``kills`` random moments, re-running it each time; the final
-    loss curve equals an uninterrupted run's bit for bit and every step is in metrics.jsonl once."""
+    loss curve equals an uninterrupted run's bit for bit and every step is in metrics.jsonl once. With
+    ``stop_after``, the first invocation ends cleanly there first (``train.stop_after``, as a scheduler's
+    time limit would)."""
     common = [*FP32, "ds=zero0", f"train.steps={steps}", "train.ckpt_every=1"]
     straight = tmp_path / "straight"
     run_pretrain(*common, f"run_dir={straight}")
     run_dir = tmp_path / "killed"
+    if stop_after is not None:
+        run_pretrain(*common, f"train.stop_after={stop_after}", f"run_dir={run_dir}")
+        assert losses(run_dir) == losses(straight)[:stop_after]
     rng = random.Random(seed)
     cmd = [sys.executable, "-m", "adamae_scale.pretrain", *common, f"run_dir={run_dir}"]
     killed = 0
@@ -352,8 +357,8 @@ def _logged_steps(run_dir: Path) -> int:
     return max(steps, default=0)
 
 
-def test_kill_9_then_resume_is_exact(tmp_path):
-    kill_and_resume(tmp_path, kills=1, steps=6, seed=0)
+def test_stop_then_kill_9_then_resume_is_exact(tmp_path):
+    kill_and_resume(tmp_path, kills=1, steps=8, seed=0, stop_after=2)
 
 
 @pytest.mark.slow
