@@ -19,7 +19,7 @@ from omegaconf import DictConfig, OmegaConf
 from . import schema
 from .data import build_data
 from .engine import optim, setup
-from .engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint, to_universal
+from .engine.checkpoint import Checkpointer, CheckpointRef, CheckpointWriteError, NoUsableCheckpoint, to_universal
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.trainer import Trainer, TrainingDiverged
 from .image_hook import panel_hooks
@@ -59,20 +59,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     checkpointer = Checkpointer(
         run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"], checkpoint_bytes
     )
-    resume_from = checkpointer.find(train["resume"])
+    ds_config, resume_from = engine_config(cfg, env, checkpointer)
     resume_step = resume_from.step if resume_from is not None else 0
-    ds_config = setup.build_ds_config(
-        setup.load_ds_config(cfg["ds"]),
-        train["micro_batch_size"],
-        train["accumulation"],
-        env.world_size,
-        cfg["precision"],
-        train["clip_grad"],
-    )
-    if resume_from is not None and resume_from.world_size not in (None, env.world_size):
-        # Elastic resume: re-shard through DeepSpeed's world-size independent universal format.
-        resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
-        ds_config["checkpoint"] = {"load_universal": True}
 
     engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
     if env.rank == 0:
@@ -121,6 +109,28 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     trainer.logger.close()
     setup.shutdown()
     return summary
+
+
+def engine_config(
+    cfg: dict[str, Any], env: setup.DistEnv, checkpointer: Checkpointer
+) -> tuple[dict[str, Any], CheckpointRef | None]:
+    """The run's DeepSpeed config and the checkpoint ``train.resume`` names (verified), converted to DeepSpeed's
+    universal format when it was written on another world size (elastic resume)."""
+    train = cfg["train"]
+    resume_from = checkpointer.find(train["resume"])
+    ds_config = setup.build_ds_config(
+        setup.load_ds_config(cfg["ds"]),
+        train["micro_batch_size"],
+        train["accumulation"],
+        env.world_size,
+        cfg["precision"],
+        train["clip_grad"],
+    )
+    if resume_from is not None and resume_from.world_size not in (None, env.world_size):
+        # Elastic resume: re-shard through DeepSpeed's world-size independent universal format.
+        resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
+        ds_config["checkpoint"] = {"load_universal": True}
+    return ds_config, resume_from
 
 
 def build_engine(cfg: dict[str, Any], model_cfg: AdaMAEConfig, ds_config: dict[str, Any], peak_lr: float) -> Any:

@@ -60,6 +60,7 @@ def validate(cfg: Mapping[str, Any]) -> AdaMAEConfig:
     """Every check that can fail before a process group or a model exists; returns the model config."""
     model_cfg = model_config(cfg["model"], cfg["masking"])
     validate_data(cfg["data"], model_cfg)
+    check_rand_augment("data.rand_augment", cfg["data"].get("rand_augment"))
     check_train(cfg["train"])
     if cfg["precision"] not in setup.PRECISIONS:
         raise ValueError(f"precision={cfg['precision']!r}: expected one of {setup.PRECISIONS}")
@@ -85,7 +86,8 @@ def check_finetune(cfg: Mapping[str, Any]) -> None:
     tune = cfg["finetune"]
     if tune["mode"] not in FINETUNE_MODES:
         raise ValueError(f"finetune.mode={tune['mode']!r}: expected one of {FINETUNE_MODES}")
-    for key in ("drop_path", "head_dropout", "label_smoothing", "mixup_switch_prob"):
+    check_rand_augment("finetune.rand_augment", tune["rand_augment"])
+    for key in ("drop_path", "head_dropout", "label_smoothing", "mixup_switch_prob", "random_erasing"):
         if _number(f"finetune.{key}", tune[key], 0.0) >= 1.0:
             raise ValueError(f"finetune.{key}={tune[key]}: expected a number in [0, 1)")
     for key in ("layer_decay", "head_init_scale", "mixup", "cutmix"):
@@ -107,6 +109,22 @@ def check_finetune(cfg: Mapping[str, Any]) -> None:
     check_ds(cfg["ds"])
     check_run_dir(cfg["run_dir"])
     check_resume(cfg["train"]["resume"])
+
+
+def check_rand_augment(name: str, policy: Any) -> None:
+    """A timm RandAugment policy string (``rand-m7-n4-mstd0.5-inc1``) or null."""
+    if policy is None:
+        return
+    import torch
+
+    from .data.transforms import rand_augment_clip
+
+    try:
+        rand_augment_clip(torch.zeros(3, 1, 8, 8, dtype=torch.uint8), str(policy), 0)
+    except Exception as err:  # timm asserts or raises KeyError/ValueError on a malformed policy
+        raise ValueError(
+            f"{name}={policy!r}: not a timm RandAugment policy like rand-m7-n4-mstd0.5-inc1 ({err})"
+        ) from err
 
 
 def model_config(model: Mapping[str, Any], masking: Mapping[str, Any] | None = None) -> AdaMAEConfig:

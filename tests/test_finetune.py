@@ -1,6 +1,7 @@
 """``adamae-finetune``: sources, the recipe's pieces, multi-view evaluation, and real runs (1 and 2 ranks)."""
 
 import json
+import random
 import subprocess
 import sys
 
@@ -10,8 +11,9 @@ import torch
 from safetensors.torch import load_file
 
 from adamae_scale import schema
+from adamae_scale.data.transforms import rand_augment_clip
 from adamae_scale.finetune import evaluate
-from adamae_scale.finetune.recipe import ClipMixup, param_groups
+from adamae_scale.finetune.recipe import ClipMixup, erase_frames, param_groups
 from adamae_scale.finetune.run import validate
 from adamae_scale.finetune.sources import classifier_config, classifier_state, load_source
 from adamae_scale.metrics import read_metrics
@@ -159,6 +161,27 @@ def test_cutmix_box_spans_height_and_width_of_every_frame_and_mixup_mixes_whole_
     lam = float(target[0, 0])
     torch.testing.assert_close(mixed, lam * video + (1 - lam) * video.flip(0))
     assert torch.equal(video, video.clone())  # the input batch is left alone
+
+
+def test_rand_augment_is_the_same_on_every_frame_and_erasing_differs_per_frame():
+    frame = torch.randint(0, 256, (3, 1, 24, 32), dtype=torch.uint8)
+    clip = frame.expand(3, 6, 24, 32).contiguous()  # six identical frames
+    outputs = [rand_augment_clip(clip, "rand-m7-n4-mstd0.5-inc1", seed) for seed in range(8)]
+    for out in outputs:
+        assert out.shape == clip.shape and out.dtype == torch.uint8
+        assert all(torch.equal(out[:, t], out[:, 0]) for t in range(6))  # one draw of ops for the whole clip
+    assert len({out.numpy().tobytes() for out in outputs}) > 1  # ... and another draw for another seed
+    assert torch.equal(outputs[3], rand_augment_clip(clip, "rand-m7-n4-mstd0.5-inc1", 3))
+
+    video = torch.zeros(2, 3, 5, 16, 16)
+    random.seed(0)
+    erased = erase_frames(video, 1.0)
+    assert torch.equal(video, torch.zeros_like(video))  # the input is left alone
+    boxes = (erased != 0).any(1)  # (B, T, H, W)
+    assert all(bool(boxes[b, t].any()) for b in range(2) for t in range(5))  # every frame erased
+    assert not all(torch.equal(boxes[0, t], boxes[0, 0]) for t in range(5))  # independently per frame
+    with pytest.raises(ValueError, match="finetune.rand_augment='bogus': not a timm RandAugment policy"):
+        validate(schema.compose([*TINY_FT, "model=vit_tiny", "finetune.rand_augment=bogus"], config_name="finetune"))
 
 
 # -- evaluation -----------------------------------------------------------------------------------------------------

@@ -58,6 +58,7 @@ def shard_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> ShardDataC
         "max_corrupt_fraction",
         "corrupt_check_after",
         "seed",
+        "rand_augment",
     )
     return ShardDataConfig(
         num_frames=model_cfg.num_frames, img_size=model_cfg.img_size, **{k: data[k] for k in keys if k in data}

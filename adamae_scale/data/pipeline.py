@@ -63,7 +63,7 @@ from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
 from .shards import MANIFEST
-from .transforms import REFERENCE_CROP_SCALES, crop_resize, normalized
+from .transforms import REFERENCE_CROP_SCALES, crop_resize, normalized, rand_augment_clip
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
 
 RngFor = Callable[[str, str], np.random.Generator]  # (sample key, purpose) → a generator for that sample
@@ -94,6 +94,7 @@ class ShardDataConfig:
     max_corrupt_fraction: float = 0.01
     corrupt_check_after: int = 200
     seed: int = 0
+    rand_augment: str | None = None  # timm RandAugment policy, the same for every frame of a clip (fine-tuning)
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -321,6 +322,9 @@ def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: Rn
             video = crop_resize(
                 frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip, rng_for(item["key"], "augment")
             )  # uint8; normalised into the batch
+            if cfg.rand_augment:
+                seed = int(rng_for(item["key"], "rand_augment").integers(2**31))
+                video = rand_augment_clip(video, cfg.rand_augment, seed)
             yield {"key": item["key"], "label": item["label"], "video": video}
         except Exception as err:  # bad bytes: counted, never fatal on their own
             yield {"key": item["key"], "url": item["url"], "error": f"{type(err).__name__}: {err}"[:300]}

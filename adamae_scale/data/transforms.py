@@ -3,6 +3,10 @@
 
 from __future__ import annotations
 
+import functools
+import random
+from typing import Any
+
 import numpy as np
 import torch
 import torch.nn.functional as F
@@ -133,3 +137,40 @@ def augment_clip(
 ) -> torch.Tensor:
     """``[T, H, W, 3]`` uint8 frames → ``[3, T, h, w]`` float ImageNet-normalised training clip."""
     return normalized(crop_resize(frames, out_size, scales, max_distort, flip, rng))
+
+
+# -- fine-tuning augmentation ---------------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=8)
+def _rand_augment(policy: str, short_side: int) -> Any:
+    from timm.data.auto_augment import rand_augment_transform
+
+    # The reference's hparams: translations up to 45% of the image side, fill with the ImageNet mean colour.
+    mean = tuple(round(255 * m) for m in IMAGENET_MEAN)
+    return rand_augment_transform(policy, {"translate_const": int(short_side * 0.45), "img_mean": mean})
+
+
+def rand_augment_clip(clip: torch.Tensor, policy: str, seed: int) -> torch.Tensor:
+    """timm's RandAugment (``policy``, e.g. ``rand-m7-n4-mstd0.5-inc1``) applied identically to every frame of
+    a uint8 ``[3, T, H, W]`` clip: the same operations with the same magnitudes, drawn once from ``seed``.
+
+    timm draws from Python's and numpy's global generators; they are seeded for the clip, rewound to that
+    state for every frame, and restored afterwards."""
+    from PIL import Image
+
+    transform = _rand_augment(policy, min(clip.shape[-2:]))
+    saved = random.getstate(), np.random.get_state()
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    start = random.getstate(), np.random.get_state()
+    frames = []
+    try:
+        for frame in clip.permute(1, 2, 3, 0).numpy():  # (H, W, 3) each
+            random.setstate(start[0])
+            np.random.set_state(start[1])
+            frames.append(np.asarray(transform(Image.fromarray(frame))))
+    finally:
+        random.setstate(saved[0])
+        np.random.set_state(saved[1])
+    return torch.from_numpy(np.stack(frames)).permute(3, 0, 1, 2).contiguous()

@@ -8,6 +8,7 @@ frame, the same for all frames, and mixup mixes whole clips.
 
 from __future__ import annotations
 
+import random
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any
@@ -16,6 +17,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from timm.data import Mixup
+from timm.data.random_erasing import RandomErasing
 from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
@@ -60,6 +62,16 @@ class ClipMixup:
         return clips, target
 
 
+def erase_frames(video: torch.Tensor, probability: float) -> torch.Tensor:
+    """timm's ``RandomErasing`` (per-pixel normal noise, one box) on every frame of ``[B, C, T, H, W]``
+    normalised clips, each frame drawn independently as the reference applies it; returns a new tensor."""
+    erase = RandomErasing(probability, mode="pixel", max_count=1, device=str(video.device))
+    clips = video.clone()
+    for clip in clips:
+        erase(clip.transpose(0, 1))  # (T, C, H, W): a batch of frames, erased in place through the view
+    return clips
+
+
 @dataclass
 class ClassificationObjective:
     """``loss_fn(model, batch)`` for the trainer: cross-entropy against mixed soft targets (mixup/cutmix on),
@@ -68,6 +80,7 @@ class ClassificationObjective:
     num_classes: int
     label_smoothing: float = 0.1
     mix: ClipMixup | None = None
+    erasing: float = 0.0  # random-erasing probability per frame (timm's RandomErasing, per-pixel noise)
 
     def __post_init__(self) -> None:
         self.soft = SoftTargetCrossEntropy()
@@ -75,10 +88,14 @@ class ClassificationObjective:
 
     def __call__(self, model: Callable[..., Any], batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
         video, label = batch["video"], batch["label"]
+        # timm draws from Python's and numpy's global generators: seed them from the trainer's per-micro-batch
+        # torch seed, so a resumed run augments exactly as the uninterrupted one.
+        seed = torch.initial_seed() % 2**32
+        if self.erasing > 0:
+            random.seed(seed)
+            video = erase_frames(video, self.erasing)
         if self.mix is not None:
-            # timm draws λ and the box from numpy's global generator: seed it from the trainer's per-micro-batch
-            # torch seed, so a resumed run mixes exactly as the uninterrupted one.
-            np.random.seed(torch.initial_seed() % 2**32)
+            np.random.seed(seed)
             video, target = self.mix(video, label)
             logits = model(video).float()
             return {"loss": self.soft(logits, target)}

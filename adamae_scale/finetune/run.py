@@ -28,12 +28,13 @@ from ..data import build_data, synthetic_config, validate_data
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..data.transforms import normalize_
 from ..engine import optim, setup
-from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint, to_universal
+from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
 from ..engine.disk import InsufficientSpaceError
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..metrics import MetricsLogger
 from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
+from ..pretrain import engine_config
 from . import evaluate
 from .recipe import ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, classifier_config, classifier_state, load_source
@@ -84,18 +85,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     setup.init_distributed()
     metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": cfg["ds"]}
     checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
-    resume_from = checkpointer.find(train["resume"])
-    ds_config = setup.build_ds_config(
-        setup.load_ds_config(cfg["ds"]),
-        train["micro_batch_size"],
-        train["accumulation"],
-        env.world_size,
-        cfg["precision"],
-        train["clip_grad"],
-    )
-    if resume_from is not None and resume_from.world_size not in (None, env.world_size):
-        resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
-        ds_config["checkpoint"] = {"load_universal": True}
+    ds_config, resume_from = engine_config(cfg, env, checkpointer)
 
     torch.manual_seed(cfg["seed"])  # identical initial head on every rank
     model = cast(
@@ -127,8 +117,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     mix = None
     if tune["mode"] == "full" and (tune["mixup"] > 0 or tune["cutmix"] > 0):
         mix = ClipMixup(tune["mixup"], tune["cutmix"], tune["mixup_switch_prob"], tune["label_smoothing"], classes)
-    objective = ClassificationObjective(classes, tune["label_smoothing"], mix)
-    data = build_data(cfg["data"], model_cfg, train["micro_batch_size"], env.rank, env.world_size)
+    full = tune["mode"] == "full"
+    objective = ClassificationObjective(classes, tune["label_smoothing"], mix, tune["random_erasing"] if full else 0.0)
+    train_data = {**cfg["data"], "rand_augment": tune["rand_augment"] if full else None}
+    data = build_data(train_data, model_cfg, train["micro_batch_size"], env.rank, env.world_size)
     resume_step = resume_from.step if resume_from is not None else 0
     trainer = Trainer(
         engine,

@@ -99,6 +99,14 @@ def position_table(cfg: AdaMAEConfig, dim: int) -> torch.Tensor:
     raise ValueError(f"model.pos_embed must be 'sincos_1d' or 'sincos_3d', got {cfg.pos_embed!r}")
 
 
+def encoder_blocks(cfg: AdaMAEConfig) -> nn.ModuleList:
+    """The encoder's ViT blocks, drop path rising linearly from 0 to ``cfg.drop_path`` over the depth."""
+    drop_path = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]
+    return nn.ModuleList(
+        Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=dp) for dp in drop_path
+    )
+
+
 class Encoder(nn.Module):
     """Tubelet embedding + ViT blocks over the visible tokens + final LayerNorm (eps 1e-6)."""
 
@@ -107,10 +115,7 @@ class Encoder(nn.Module):
         self.patch_embed = TubeletEmbed(cfg.in_chans, cfg.embed_dim, cfg.tubelet_size, cfg.patch_size)
         self.pos_embed: torch.Tensor
         self.register_buffer("pos_embed", position_table(cfg, cfg.embed_dim), persistent=False)
-        drop_path = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
-        self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=dp) for dp in drop_path
-        )
+        self.blocks = encoder_blocks(cfg)
         self.norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
 
     def forward(self, tokens: torch.Tensor, visible_idx: torch.Tensor) -> torch.Tensor:

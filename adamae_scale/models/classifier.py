@@ -13,8 +13,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .adamae import AdaMAEConfig, position_table
-from .layers import Block, TubeletEmbed
+from .adamae import AdaMAEConfig, encoder_blocks, position_table
+from .layers import TubeletEmbed
 
 
 class VideoClassifier(nn.Module):
@@ -26,10 +26,7 @@ class VideoClassifier(nn.Module):
         self.patch_embed = TubeletEmbed(cfg.in_chans, cfg.embed_dim, cfg.tubelet_size, cfg.patch_size)
         self.pos_embed: torch.Tensor
         self.register_buffer("pos_embed", position_table(cfg, cfg.embed_dim), persistent=False)
-        drop_path = [cfg.drop_path * i / max(cfg.depth - 1, 1) for i in range(cfg.depth)]  # linear decay rule
-        self.blocks = nn.ModuleList(
-            Block(cfg.embed_dim, cfg.num_heads, cfg.mlp_ratio, qkv_bias=True, drop_path=dp) for dp in drop_path
-        )
+        self.blocks = encoder_blocks(cfg)
         self.fc_norm = nn.LayerNorm(cfg.embed_dim, eps=1e-6)
         self.head_dropout = nn.Dropout(head_dropout)
         self.head = nn.Linear(cfg.embed_dim, num_classes)
