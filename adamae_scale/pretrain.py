@@ -55,7 +55,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     check_free_space(run_dir, checkpoint_bytes, "the first checkpoint")
 
     setup.init_distributed()
-    metadata = {"model": model_cfg.to_dict(), "precision": cfg["precision"], "ds": cfg["ds"]}
+    metadata = {
+        "model": model_cfg.to_dict(),
+        "precision": cfg["precision"],
+        "ds": cfg["ds"],
+        "loss_target": cfg["loss"]["target"],  # how to read the decoder's output (visualisation)
+    }
     checkpointer = Checkpointer(
         run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"], checkpoint_bytes
     )

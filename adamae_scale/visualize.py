@@ -44,15 +44,16 @@ class _Parser(argparse.ArgumentParser):
         raise VisualizeError(f"{message} (see '{self.prog} --help')")
 
 
-def load_source(src: str | Path) -> AdaMAE:
+def load_source(src: str | Path) -> tuple[AdaMAE, str | None]:
     """The model of a weight folder (``adamae-convert consolidate``/``import``: loaded as is) or of a DeepSpeed
     checkpoint (a run folder, its ``checkpoints/`` or a ``step_N`` tag: consolidated into a temporary folder
-    first, with the same verification and safe loading as ``adamae-convert consolidate``)."""
+    first, with the same verification and safe loading as ``adamae-convert consolidate``), and the run's
+    ``loss.target`` when the folder records it."""
     path = Path(src)
     if not path.exists():
         raise VisualizeError(f"SRC {src}: no such folder")
     if (path / MODEL_FILE).is_file() and (path / CONFIG_FILE).is_file():
-        return load_model(path)
+        return load_model(path), _loss_target(path)
     try:
         location = locate_checkpoint(path)
     except ConvertError:
@@ -62,7 +63,12 @@ def load_source(src: str | Path) -> AdaMAE:
         ) from None
     with tempfile.TemporaryDirectory(prefix="adamae-visualize-") as tmp:
         consolidate(location.root, Path(tmp) / "model", tag=location.tag)
-        return load_model(Path(tmp) / "model")
+        return load_model(Path(tmp) / "model"), _loss_target(Path(tmp) / "model")
+
+
+def _loss_target(folder: Path) -> str | None:
+    target = json.loads((folder / CONFIG_FILE).read_text()).get("loss_target")
+    return target if target in TARGETS else None
 
 
 def _clips(args: argparse.Namespace, model: AdaMAE) -> list[tuple[str, str, torch.Tensor]]:
@@ -110,7 +116,8 @@ def write_outputs(out_dir: Path, name: str, panel: Panel, record: dict[str, Any]
 
 
 def run(args: argparse.Namespace) -> list[dict[str, Any]]:
-    model = load_source(args.src)
+    model, recorded_target = load_source(args.src)
+    target = args.target or recorded_target or "norm_pix"
     cfg = model.cfg
     device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
     model.to(device)
@@ -125,7 +132,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
     records = []
     for index, (stem, source, clip) in enumerate(clips):
         name = _unique(stem, taken)
-        panel = compute_panel(model, cfg, clip, mode, args.seed, index, args.target, device)
+        panel = compute_panel(model, cfg, clip, mode, args.seed, index, target, device)
         focus = clip_focus(panel.frames, panel.mask, panel.probs, cfg.tubelet_size, cfg.patch_size)
         record = {
             "source": source,
@@ -134,7 +141,7 @@ def run(args: argparse.Namespace) -> list[dict[str, Any]]:
             "mask": mode,
             "seed": args.seed,
             "sampling_rate": args.sampling_rate,
-            "target": args.target,
+            "target": target,
             "rows": panel.row_names,
             "num_tokens": cfg.num_tokens,
             "visible_tokens": np.flatnonzero(~panel.mask).tolist(),
@@ -178,7 +185,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--seed", type=int, default=0, help="noise of sampled masks (clip i uses sample i)")
     parser.add_argument("--sampling-rate", type=_positive_int, default=4, help="frames between clip frames (4)")
-    parser.add_argument("--target", choices=TARGETS, default="norm_pix", help="the run's loss.target (norm_pix)")
+    parser.add_argument(
+        "--target",
+        choices=TARGETS,
+        help="the run's loss.target (default: what the checkpoint records, else norm_pix)",
+    )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser
 

@@ -33,7 +33,8 @@ FRAMES, SIZE, TUBELET, PATCH = 4, 32, 2, 8  # TINY_RUN's clip: 2 x 4 x 4 = 32 to
 def run(tmp_path_factory) -> Path:
     run_dir = tmp_path_factory.mktemp("run")
     overrides = [o for o in TINY_RUN if not o.startswith("eval.")]
-    overrides += ["eval.focus_batches=0", "ds=zero3", "train.steps=3", "train.image_every=2", f"run_dir={run_dir}"]
+    overrides += ["eval.focus_batches=0", "ds=zero3", "train.steps=3", "train.image_every=2", "loss.target=pixel"]
+    overrides += [f"run_dir={run_dir}"]
     run_torchrun(2, *overrides)
     return run_dir
 
@@ -122,6 +123,7 @@ def test_visualize_a_zero3_checkpoint_folder_on_real_videos(run, weights, videos
         visible[torch.topk(logits[0], 8).indices.numpy()] = True  # --mask topk: the 8 most probable tokens
         record = check_outputs(out, video.stem, clip.permute(1, 2, 3, 0).numpy(), visible)
         assert record["mask"] == "topk" and record["source"] == str(video)
+        assert record["target"] == "pixel"  # as the checkpoint records it: no --target needed
         assert 0.0 <= record["focus"]["top_moving"]["prob_share"] <= 1.0
 
 

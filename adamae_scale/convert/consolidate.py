@@ -310,6 +310,7 @@ def consolidate(
         "model": cfg.to_dict(),
         "precision": (run_config or {}).get("precision"),
         "ds": (run_config or {}).get("ds"),
+        "loss_target": (run_config or {}).get("loss_target"),
         "source": {
             "kind": "deepspeed",
             "checkpoint": str(loc.path),
