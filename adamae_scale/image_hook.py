@@ -15,6 +15,7 @@ import sys
 from collections.abc import Mapping
 from dataclasses import dataclass
 from itertools import islice
+from pathlib import Path
 from typing import Any
 
 import torch
@@ -38,12 +39,14 @@ def image_interval(setting: int | None, steps: int) -> int | None:
     return setting or max(1, math.ceil(steps / AUTO_IMAGES))
 
 
-def held_out_clip(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> tuple[torch.Tensor, torch.Tensor | None] | None:
+def held_out_clip(
+    cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, index: int = 0
+) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(clip [3, T, H, W] uint8, ground-truth motion [N] or None)``, the same on every rank; None when the
-    shards hold no readable clip."""
+    shards hold no readable clip. ``index``: which held-out synthetic clip."""
     data = cfg["data"]
     if data["name"] == "synthetic":
-        video, motion = render_clip(synthetic_config({**data, "seed": data["eval_seed"]}, model_cfg), 0)
+        video, motion = render_clip(synthetic_config({**data, "seed": data["eval_seed"]}, model_cfg), index)
         return (video * 255.0).round().to(torch.uint8), motion
     from .data.eval_clips import shard_clips
 
@@ -104,4 +107,36 @@ def panel_hooks(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> list[StepHoo
     return [PanelHook(model_cfg, clip, motion, every, cfg["loss"]["target"], cfg["seed"])]
 
 
-__all__ = ["TAG", "PanelHook", "held_out_clip", "image_interval", "panel_hooks"]
+@torch.no_grad()
+def write_pictures(
+    engine: Any, cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, out_dir: Path, count: int, rank: int
+) -> list[Path]:
+    """The ``adamae-visualize`` picture (PNG, GIF, JSON) of the first ``count`` held-out synthetic clips, ground
+    truth outlined, into ``out_dir``; every rank runs the forward passes, rank 0 writes. Returns the PNGs."""
+    from .visualize import write_outputs
+
+    written = []
+    engine.eval()
+    try:
+        for index in range(count):
+            found = held_out_clip(cfg, model_cfg, index)
+            if found is None:
+                break
+            clip, motion = found
+            panel = compute_panel(
+                engine, model_cfg, clip, "topk", cfg["seed"], index, cfg["loss"]["target"], engine.device, motion
+            )
+            if rank == 0:
+                focus = clip_focus(
+                    panel.frames, panel.mask, panel.probs, model_cfg.tubelet_size, model_cfg.patch_size, panel.motion
+                )
+                out_dir.mkdir(parents=True, exist_ok=True)
+                record = {"clip": f"held-out synthetic clip {index}", "rows": panel.row_names, "focus": focus}
+                write_outputs(out_dir, f"clip-{index}", panel, record)
+                written.append(out_dir / f"clip-{index}.png")
+    finally:
+        engine.train()
+    return written
+
+
+__all__ = ["TAG", "PanelHook", "held_out_clip", "image_interval", "panel_hooks", "write_pictures"]

@@ -22,7 +22,7 @@ from .engine import optim, setup
 from .engine.checkpoint import Checkpointer, CheckpointRef, CheckpointWriteError, NoUsableCheckpoint, to_universal
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.trainer import Trainer, TrainingDiverged
-from .image_hook import panel_hooks
+from .image_hook import panel_hooks, write_pictures
 from .metrics import MetricsLogger
 from .models import AdaMAE, AdaMAEConfig, build_model
 from .objective import AdaMAEObjective, evaluate_focus
@@ -109,6 +109,10 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
     elif focus:
         summary["eval"] = focus_report(engine, cfg, model_cfg, env)
+        pictures = cfg["eval"].get("pictures", 0)
+        if pictures:
+            written = write_pictures(engine, cfg, model_cfg, run_dir / "visualize", pictures, env.rank)
+            summary["pictures"] = [str(p) for p in written]
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.logger.close()
@@ -200,6 +204,11 @@ def report(summary: dict[str, Any]) -> str:
                 f"{init['focus_ratio_topk']:.2f} top-k"
             )
         lines.append(f"    random masking baseline (same clips):  {ev['focus_ratio_random']:.2f}")
+    if summary.get("pictures"):
+        lines.append(
+            f"  where the sampler looks ({len(summary['pictures'])} held-out clips; rows: input, p, visible, "
+            f"reconstruction, error): {Path(summary['pictures'][0]).parent}/clip-*.png|gif"
+        )
     return "\n".join(lines)
 
 

@@ -68,6 +68,7 @@ def validate(cfg: Mapping[str, Any]) -> AdaMAEConfig:
         raise ValueError(f"loss.target={cfg['loss']['target']!r}: expected one of {LOSS_TARGETS}")
     _number("masking.sampling_loss_weight", cfg["masking"].get("sampling_loss_weight", 0.0), 0.0)
     _number("eval.focus_batches", cfg.get("eval", {}).get("focus_batches", 0), 0, integer=True)
+    _number("eval.pictures", cfg.get("eval", {}).get("pictures", 0), 0, integer=True)
     _number("seed", cfg["seed"], None, integer=True)
     check_ds(cfg["ds"])
     check_run_dir(cfg["run_dir"])

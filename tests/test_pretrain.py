@@ -14,8 +14,15 @@ from .conftest import run_pretrain
 
 def test_pretrain_logs_checkpoints_and_resumes(tmp_path, tiny_run):
     run_dir = tmp_path / "run"
-    proc = run_pretrain(*tiny_run, "precision=bf16", "train.steps=12", "train.ckpt_every=6", f"run_dir={run_dir}")
+    proc = run_pretrain(
+        *tiny_run, "precision=bf16", "train.steps=12", "train.ckpt_every=6", "eval.pictures=2", f"run_dir={run_dir}"
+    )
     assert "focus_ratio" in proc.stdout and str(run_dir) in proc.stdout
+    assert "where the sampler looks (2 held-out clips; rows: input, p, visible, reconstruction, error)" in proc.stdout
+    for name in ("clip-0", "clip-1"):  # the adamae-visualize picture of held-out clips, ground truth outlined
+        assert all((run_dir / "visualize" / f"{name}.{ext}").is_file() for ext in ("png", "gif", "json"))
+    focus = json.loads((run_dir / "visualize" / "clip-0.json").read_text())["focus"]
+    assert "ground_truth" in focus and "top_moving" in focus
 
     records = read_metrics(run_dir / "metrics.jsonl")
     assert [r["step"] for r in records] == list(range(1, 13))
