@@ -211,7 +211,7 @@ def test_uneven_video_counts_are_evaluated_exactly_once():
     assert sorted(i for s in shares for i in s) == list(range(count))
     # Padding repeats an index: gathering keeps it once.
     preds = [evaluate.Prediction(i, f"v{i}", i % 2, torch.tensor([0.5, 0.5])) for s in shares for i in s + s[-1:]]
-    assert [p.index for p in evaluate.gather_predictions(preds, 1)] == list(range(count))
+    assert [p.index for p in evaluate.gather_predictions(preds)] == list(range(count))
 
 
 # -- real runs ------------------------------------------------------------------------------------------------------

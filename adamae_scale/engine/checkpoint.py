@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from .collectives import barrier, gather_objects, rank_and_world
 from .disk import check_free_space
 
 TAG_FORMAT = "step_{:08d}"
@@ -79,7 +80,7 @@ class Checkpointer:
         """Save after ``step`` optimizer steps; every rank must call this."""
         tag = tag_for(step)
         tag_dir = self.folder / tag
-        rank, world = _rank_and_world()
+        rank, world = rank_and_world()
         # Every rank checks (the folder is shared), so all of them stop together.
         check_free_space(self.folder, self._expected_size(), f"checkpoint {tag}")
         try:
@@ -89,11 +90,11 @@ class Checkpointer:
                 # The architecture, so conversion tools can rebuild the network without the Hydra config.
                 metadata = {**self.metadata, "step": step, "world_size": world}
                 atomic_write_text(tag_dir / "config.json", json.dumps(metadata, indent=2))
-            _barrier()
+            barrier()
             # DeepSpeed's own 'latest' is written before its last barrier, while other ranks may still be
             # writing: we move the pointer ourselves once every rank is done (save_checkpoint ends in a barrier).
             engine.save_checkpoint(str(self.folder), tag=tag, client_state={**state, "step": step}, save_latest=False)
-            entries = _gather(_checksums(tag_dir, rank, world))
+            entries = gather_objects(_checksums(tag_dir, rank, world))
         except Exception as err:
             shutil.rmtree(tag_dir, ignore_errors=True)
             raise CheckpointWriteError(self._write_failure(tag, err)) from err
@@ -109,7 +110,7 @@ class Checkpointer:
             atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
             atomic_write_text(self.folder / "latest", tag)
             self._prune(tag)
-        _barrier()
+        barrier()
         return tag_dir
 
     def _expected_size(self) -> int:
@@ -231,7 +232,7 @@ def verify(tag_dir: Path) -> str | None:
     if manifest is None:
         return f"no readable {MANIFEST} (the save did not complete)"
     files = manifest.get("files", {})
-    rank, world = _rank_and_world()
+    rank, world = rank_and_world()
     problems: list[str] = []
     for index, (name, entry) in enumerate(sorted(files.items())):
         path = tag_dir / name
@@ -241,7 +242,7 @@ def verify(tag_dir: Path) -> str | None:
             problems.append(f"{name} has {path.stat().st_size} bytes, the manifest says {entry['bytes']}")
         elif index % world == rank and _sha256(path) != entry["sha256"]:
             problems.append(f"{name} does not match its checksum (damaged)")
-    found = sorted({p for part in _gather(problems) for p in part})
+    found = sorted({p for part in gather_objects(problems) for p in part})
     return "; ".join(found[:3]) if found else None
 
 
@@ -270,34 +271,8 @@ def _sha256(path: Path) -> str:
         return hashlib.file_digest(f, "sha256").hexdigest()
 
 
-def _rank_and_world() -> tuple[int, int]:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_rank(), dist.get_world_size()
-    return 0, 1
-
-
-def _barrier() -> None:
-    import torch.distributed as dist
-
-    if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-        dist.barrier()
-
-
-def _gather(value: Any) -> list[Any]:
-    """``value`` from every rank, in rank order (a one-item list without a process group)."""
-    import torch.distributed as dist
-
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    out: list[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(out, value)
-    return out
-
-
 def _print_rank0(line: str) -> None:
-    if _rank_and_world()[0] == 0:
+    if rank_and_world()[0] == 0:
         print(line, file=sys.stderr, flush=True)
 
 

@@ -12,19 +12,9 @@ from collections.abc import Iterable
 from typing import Any
 
 import torch
-import torch.distributed as dist
 from torch import nn
 
-
-def any_rank(flag: bool, device: torch.device | None = None) -> bool:
-    """``flag`` or'ed over all ranks (a no-op without a process group)."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return flag
-    if device is None or (dist.get_backend() == "nccl" and device.type != "cuda"):
-        device = torch.device("cuda", torch.cuda.current_device()) if dist.get_backend() == "nccl" else None
-    packed = torch.tensor([1.0 if flag else 0.0], device=device)
-    dist.all_reduce(packed, op=dist.ReduceOp.MAX)
-    return bool(packed.item() > 0)
+from .collectives import any_rank
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> tuple[bool, torch.device | None]:

@@ -14,6 +14,8 @@ from typing import Any
 
 import torch
 
+from ..engine.collectives import gather_objects
+
 
 def view_starts(length: int, window: int, views: int) -> list[int]:
     """``views`` start offsets of a ``window`` along ``length``, evenly spaced from the start to the end
@@ -77,16 +79,11 @@ def shard_indices(count: int, rank: int, world_size: int) -> range:
     return range(rank, count, world_size)
 
 
-def gather_predictions(local: Sequence[Prediction], world_size: int) -> list[Prediction]:
+def gather_predictions(local: Sequence[Prediction]) -> list[Prediction]:
     """Every rank's predictions on every rank, ordered by index, each index once (a video two ranks both
     evaluated, e.g. padding, is kept once)."""
-    gathered: list[Any] = [list(local)]
-    if world_size > 1:
-        import torch.distributed as dist
-
-        gathered = [None] * world_size
-        dist.all_gather_object(gathered, [(p.index, p.key, p.label, p.probs.cpu()) for p in local])
-        gathered = [[Prediction(*item) for item in part] for part in gathered]
+    parts = gather_objects([(p.index, p.key, p.label, p.probs.cpu()) for p in local])
+    gathered = [[Prediction(*item) for item in part] for part in parts]
     unique: dict[int, Prediction] = {}
     for part in gathered:
         for prediction in part:

@@ -29,6 +29,7 @@ from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..data.transforms import normalize_
 from ..engine import optim, setup
 from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
+from ..engine.collectives import any_rank, gather_objects
 from ..engine.disk import InsufficientSpaceError
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..metrics import MetricsLogger
@@ -248,7 +249,7 @@ def final_evaluation(
         item = next(items, None)
         # Ranks go in lock step until all are done (ZeRO-3 gathers weights collectively in every forward); a rank
         # out of videos runs the same forward passes on an idle batch.
-        if not _any_rank(item is not None, env, engine.device):
+        if not any_rank(item is not None, engine.device):
             break
         clips = item[3] if item is not None else idle.expand(views, *idle.shape[1:])
         logits = torch.cat([engine(part.to(engine.device)) for part in clips.split(chunk)]).float()
@@ -256,9 +257,9 @@ def final_evaluation(
             index, key, label, _ = item
             local.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
     engine.train()
-    predictions = evaluate.gather_predictions(local, env.world_size)
+    predictions = evaluate.gather_predictions(local)
     metrics, rows = evaluate.summarize(predictions, classes)
-    skipped_all = _gathered(skipped, env)
+    skipped_all = [line for part in gather_objects(skipped) for line in part]
     metrics.update(
         {
             "temporal_views": views_cfg["temporal_views"],
@@ -270,22 +271,6 @@ def final_evaluation(
         (run_dir / "eval.json").write_text(json.dumps({**metrics, "skipped_videos": skipped_all[:100]}, indent=2))
         (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
     return metrics
-
-
-def _any_rank(flag: bool, env: setup.DistEnv, device: torch.device) -> bool:
-    if env.world_size == 1:
-        return flag
-    packed = torch.tensor([1.0 if flag else 0.0], device=device)
-    torch.distributed.all_reduce(packed, op=torch.distributed.ReduceOp.MAX)
-    return bool(packed.item() > 0)
-
-
-def _gathered(values: list[str], env: setup.DistEnv) -> list[str]:
-    if env.world_size == 1:
-        return list(values)
-    parts: list[Any] = [None] * env.world_size
-    torch.distributed.all_gather_object(parts, values)
-    return [v for part in parts for v in part]
 
 
 class ValidationHook:
