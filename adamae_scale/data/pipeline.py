@@ -277,7 +277,7 @@ def choose_window(
             if "mp4" in sample:
                 item["mp4"] = sample["mp4"]
             elif "mjpeg" in sample:
-                item["jpgs"] = _mjpeg_frames(sample["mjpeg"], meta.get("frame_offsets"), count, indices)
+                item["jpgs"] = mjpeg_frames(sample["mjpeg"], meta.get("frame_offsets"), count, indices)
             else:  # one member per frame, the usual WebDataset layout of other tools
                 frames = {int(m.group(1)): v for k, v in sample.items() if (m := FRAME_NAME.match(k))}
                 if not frames:
@@ -294,7 +294,7 @@ def choose_window(
             yield {"key": key, "url": url, "error": f"{type(err).__name__}: {err}"[:300]}
 
 
-def _mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) -> list[bytes]:
+def mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) -> list[bytes]:
     """The JPEG images ``indices`` of a back-to-back MJPEG member, located by the JSON's offsets."""
     if (
         not isinstance(offsets, list)

@@ -20,6 +20,7 @@ from tqdm import tqdm
 
 from ..metrics import MetricsLogger
 from .checkpoint import Checkpointer, CheckpointRef
+from .collectives import barrier
 from .guard import find_guard, weights_finite
 from .optim import set_lr
 
@@ -176,10 +177,7 @@ class Trainer:
         """Set aside the checkpoints holding the diverged weights (those after ``first_bad_weights`` optimizer
         steps and later), point ``latest`` at the one before, and raise ``TrainingDiverged``."""
         kept = self.checkpointer.set_aside(first_bad_weights) if self.rank == 0 else None
-        if self.world_size > 1:
-            import torch.distributed as dist
-
-            dist.barrier()
+        barrier()
         where = f"the newest checkpoint is now {kept}" if kept else "no checkpoint from before the divergence exists"
         raise TrainingDiverged(
             f"{reason}; stopping: {where}. Lower train.base_lr, lengthen train.warmup_fraction or set "

@@ -18,7 +18,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from ..data.pipeline import shard_samples, shard_urls
+from ..data.pipeline import mjpeg_frames, shard_samples, shard_urls
 from ..data.transforms import normalize
 from ..data.video import VideoReader, decode_jpeg
 from . import evaluate
@@ -54,9 +54,8 @@ def decode_views(
         with VideoReader(sample["mp4"]) as reader:
             frames = reader.read_indices(wanted.tolist(), skip_disposable=True)
     else:
-        offsets = meta["frame_offsets"]
-        blob = sample["mjpeg"]
-        frames = np.stack([decode_jpeg(blob[offsets[i] : offsets[i + 1]]) for i in wanted])
+        jpgs = mjpeg_frames(sample["mjpeg"], meta.get("frame_offsets"), count, wanted)  # offsets checked there
+        frames = np.stack([decode_jpeg(data) for data in jpgs])
     video = _resize_short_side(torch.from_numpy(frames), min(img_size))
     views = []
     for t in range(temporal):
