@@ -41,10 +41,11 @@ from .recipe import ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, classifier_config, classifier_state, load_source
 
 
-def validate(cfg: Mapping[str, Any]) -> tuple[EncoderSource, AdaMAEConfig, int]:
-    """Every check before a process group exists: (the source, the classifier's architecture, classes)."""
+def validate(cfg: Mapping[str, Any], weights: bool = True) -> tuple[EncoderSource, AdaMAEConfig, int]:
+    """Every check before a process group exists: (the source, the classifier's architecture, classes).
+    ``weights=False``: the source's architecture only, not its tensors (the command's check before Hydra)."""
     schema.check_finetune(cfg)
-    source = load_source(cfg["init"])
+    source = load_source(cfg["init"], weights)
     if source.cfg is not None and cfg.get("model"):
         raise ValueError(
             f"init={cfg['init']} gives the architecture: drop model= (use clip.num_frames / clip.img_size for the clip)"
@@ -334,7 +335,7 @@ def main() -> None:
     if not any(a.startswith("-") for a in overrides):
         # Before Hydra creates run_dir: a bad value or source is one line and leaves nothing behind.
         try:
-            validate(schema.compose(overrides, config_name="finetune"))
+            validate(schema.compose(overrides, config_name="finetune"), weights=False)
         except (ValueError, FileNotFoundError, ConvertError) as err:
             print(f"adamae-finetune: error: {err}", file=sys.stderr)
             sys.exit(2)

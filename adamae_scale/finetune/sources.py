@@ -74,21 +74,25 @@ class EncoderSource:
     report: KeyReport
 
 
-def load_source(init: str | None) -> EncoderSource:
-    """Read ``init`` (see the module docstring); errors are one-line ``ConvertError``s naming the file."""
+def load_source(init: str | None, weights: bool = True) -> EncoderSource:
+    """Read ``init`` (see the module docstring); errors are one-line ``ConvertError``s naming the file.
+    ``weights=False`` reads a folder's ``config.json`` only (a check before the run; a ``.pth`` is read whole,
+    since its shapes give the architecture)."""
     if init in SCRATCH or str(init).lower() == "none":
         return EncoderSource(None, {}, KeyReport("none", "scratch"))
     path = Path(str(init))
     if path.is_dir():
-        return _from_folder(path)
+        return _from_folder(path, weights)
     if path.is_file():
         return _from_reference(path)
     raise ConvertError(f"init={init}: no such file or folder (expected a folder, a .pth checkpoint or none)")
 
 
-def _from_folder(path: Path) -> EncoderSource:
+def _from_folder(path: Path, weights: bool) -> EncoderSource:
     config = read_folder_config(path)
     cfg = folder_model_config(config)
+    if not weights:
+        return EncoderSource(cfg, {}, KeyReport(str(path), "folder (config.json only)"))
     with SafetensorsReader(path / MODEL_FILE) as reader:
         state = {name: reader.lazy(name).contiguous().float() for name in reader.keys()}
     if config["format"] == FORMAT_FULL:
