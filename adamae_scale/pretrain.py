@@ -18,8 +18,8 @@ from omegaconf import DictConfig, OmegaConf
 
 from . import schema
 from .data import build_data
-from .engine import optim, setup
-from .engine.checkpoint import Checkpointer, CheckpointRef, CheckpointWriteError, NoUsableCheckpoint, to_universal
+from .engine import engines, optim, setup, stage
+from .engine.checkpoint import Checkpointer, CheckpointRef, CheckpointWriteError, NoUsableCheckpoint
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.trainer import Trainer, TrainingDiverged
 from .image_hook import panel_hooks, write_pictures
@@ -54,13 +54,31 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     # Before anything is built: a full disk is one line now rather than a traceback at the first save.
     check_free_space(run_dir, checkpoint_bytes, "the first checkpoint")
 
-    setup.init_distributed()
+    engine_name = engines.engine_name(cfg)
+    if engine_name == "deepspeed":
+        ds, why = stage.resolve_ds(
+            cfg["ds"],
+            num_params,
+            env.world_size,
+            int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
+            stage.recorded_ds(train["resume"], run_dir / "checkpoints"),
+        )
+        if why is not None and env.rank == 0:
+            print(f"[adamae] ds={cfg['ds']} → {ds}: {why}", flush=True)
+        cfg = {**cfg, "ds": ds}
+        engine_label = f"ds={ds}"
+    else:
+        engine_label = f"engine={engine_name} ({cfg['engine'].get('sharding')})"
+
+    setup.init_distributed(engine_name)
     metadata = {
         "model": model_cfg.to_dict(),
         "precision": cfg["precision"],
-        "ds": cfg["ds"],
+        "engine": engine_name,
         "loss_target": cfg["loss"]["target"],  # how to read the decoder's output (visualisation)
     }
+    if engine_name == "deepspeed":
+        metadata["ds"] = cfg["ds"]
     checkpointer = Checkpointer(
         run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"], checkpoint_bytes
     )
@@ -73,7 +91,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
             f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {env.world_size}, "
             f"global batch {global_batch}, "
-            f"peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}",
+            f"peak lr {peak_lr:.3g}, {cfg['precision']}, {engine_label}",
             flush=True,
         )
 
@@ -123,8 +141,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 def engine_config(
     cfg: dict[str, Any], env: setup.DistEnv, checkpointer: Checkpointer
 ) -> tuple[dict[str, Any], CheckpointRef | None]:
-    """The run's DeepSpeed config and the checkpoint ``train.resume`` names (verified), converted to DeepSpeed's
-    universal format when it was written on another world size (elastic resume)."""
+    """The run's engine config (a DeepSpeed JSON; engine=fairscale reads its batch, clipping and precision fields)
+    and the checkpoint ``train.resume`` names (verified, and written by this engine), converted to DeepSpeed's
+    universal format when DeepSpeed wrote it on another world size (elastic resume)."""
     train = cfg["train"]
     resume_from = checkpointer.find(train["resume"])
     ds_config = setup.build_ds_config(
@@ -135,30 +154,34 @@ def engine_config(
         cfg["precision"],
         train["clip_grad"],
     )
-    if resume_from is not None and resume_from.world_size not in (None, env.world_size):
-        # Elastic resume: re-shard through DeepSpeed's world-size independent universal format.
-        resume_from = to_universal(resume_from, is_rank0=env.rank == 0)
-        ds_config["checkpoint"] = {"load_universal": True}
+    if resume_from is not None:
+        resume_from = engines.backend(cfg, ds_config).resume_from(resume_from, env.world_size, env.rank == 0)
     return ds_config, resume_from
 
 
 def build_engine(cfg: dict[str, Any], model_cfg: AdaMAEConfig, ds_config: dict[str, Any], peak_lr: float) -> Any:
-    """Model (sharded at birth under ZeRO-3) → AdamW groups → activation checkpointing → DeepSpeed engine."""
+    """Model (sharded at birth under ZeRO-3) → AdamW groups → activation checkpointing → the engine of
+    ``cfg["engine"]`` (DeepSpeed or fairscale, ``engines.backend``)."""
     train = cfg["train"]
-    setup.tune_host_allocator(ds_config)
+    backend = engines.backend(cfg, ds_config)
     torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = cast(AdaMAE, setup.build_module(lambda: build_model(model_cfg), ds_config))
+    model = cast(AdaMAE, backend.build_module(lambda: build_model(model_cfg)))
     optimizer = optim.build_adamw(
         model,
         peak_lr,
         train["weight_decay"],
         train["betas"],
         train["eps"],
-        cpu_offload=setup.offloads_optimizer(ds_config),
+        cpu_offload=backend.offloads_optimizer(),
         constant_lr_prefixes=train["constant_lr_params"],
     )
-    setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
-    return setup.initialize(model, optimizer, ds_config)
+    if train.get("compile", False):  # before checkpointing, which then recomputes the compiled blocks
+        setup.compile_blocks([*model.blocks(), *([model.sampler.block] if model.sampler is not None else [])])
+    model_section = cfg["model"]
+    backend.checkpoint_activations(
+        model.blocks(), model_section.get("checkpoint_every", 0), model_section.get("checkpoint_offload", False)
+    )
+    return backend.initialize(model, optimizer)
 
 
 def focus_report(engine: Any, cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv) -> dict[str, float]:

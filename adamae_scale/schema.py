@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any, cast
 
 from .data import validate_data
-from .engine import setup
+from .engine import engines, fairscale_engine, setup
 from .models import AdaMAEConfig, make_config
 
 LOSS_TARGETS = ("norm_pix", "pixel")
@@ -53,7 +53,21 @@ def compose(overrides: Sequence[str], config_name: str = "config") -> dict[str, 
             cfg = hydra_compose(config_name, overrides=list(overrides))
         return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     except (HydraException, OmegaConfBaseException) as err:
-        raise ValueError(str(err).splitlines()[0]) from err
+        raise ValueError(_one_line(str(err))) from err
+
+
+def _one_line(hydra_message: str) -> str:
+    """Hydra's first line, plus the options it lists below it for an unknown group choice (``engine=foo``)."""
+    lines = hydra_message.splitlines()
+    options: list[str] = []
+    for line in lines[1:]:
+        if line.startswith("Available options"):
+            options = []
+        elif line.startswith("\t") and line.strip() and not line.strip().startswith(("_", "provider=")):
+            options.append(line.strip())
+        elif options:
+            break
+    return f"{lines[0]} (available: {', '.join(options)})" if options else lines[0]
 
 
 def validate(cfg: Mapping[str, Any]) -> AdaMAEConfig:
@@ -71,9 +85,47 @@ def validate(cfg: Mapping[str, Any]) -> AdaMAEConfig:
     _number("eval.pictures", cfg.get("eval", {}).get("pictures", 0), 0, integer=True)
     _number("seed", cfg["seed"], None, integer=True)
     check_ds(cfg["ds"])
+    check_engine(cfg)
     check_run_dir(cfg["run_dir"])
     check_resume(cfg["train"]["resume"])
     return model_cfg
+
+
+def check_engine(cfg: Mapping[str, Any]) -> None:
+    """``engine`` (``deepspeed`` or ``fairscale``) and what it cannot be combined with: fairscale's FSDP on the
+    CPU, DeepSpeed's ZeRO-3 or offload settings under fairscale, activation offload under DeepSpeed."""
+    name = engines.engine_name(cfg)
+    if name not in engines.ENGINES:
+        raise ValueError(f"engine={name!r}: expected one of {engines.ENGINES}")
+    model = cfg["model"]
+    offload = model.get("checkpoint_offload", False)
+    if not isinstance(offload, bool):
+        raise ValueError(f"model.checkpoint_offload={offload!r}: expected true or false")
+    if offload and name != "fairscale":
+        raise ValueError(
+            "model.checkpoint_offload=true needs engine=fairscale (its checkpoint_wrapper offloads block inputs)"
+        )
+    if offload and not model.get("checkpoint_every", 0):
+        raise ValueError(
+            "model.checkpoint_offload=true offloads checkpointed blocks' inputs: set model.checkpoint_every"
+        )
+    if name != "fairscale":
+        return
+    sharding = cfg["engine"].get("sharding")
+    if sharding not in fairscale_engine.SHARDINGS:
+        raise ValueError(f"engine.sharding={sharding!r}: expected one of {fairscale_engine.SHARDINGS}")
+    if sharding == "fsdp" and fairscale_engine.device_type() != "cuda":
+        raise ValueError(
+            "engine.sharding=fsdp: fairscale's FullyShardedDataParallel does not run on the CPU; use "
+            "engine.sharding=oss_sdp (≈ ZeRO-2) or oss (≈ ZeRO-1) here"
+        )
+    zero = setup.load_ds_config(cfg["ds"]).get("zero_optimization", {})
+    offloaded = any(zero.get(key, {}).get("device", "none") != "none" for key in ("offload_optimizer", "offload_param"))
+    if zero.get("stage", 0) == 3 or offloaded:
+        raise ValueError(
+            f"ds={cfg['ds']}: DeepSpeed's ZeRO-3 and offload do not apply to engine=fairscale; choose its stage with "
+            "engine.sharding=oss|oss_sdp|fsdp (fsdp ≈ ZeRO-3, CUDA only)"
+        )
 
 
 FINETUNE_MODES = ("full", "linear")
@@ -193,6 +245,8 @@ def check_train(train: Mapping[str, Any]) -> None:
         _number("train.stop_after", train["stop_after"], 1, integer=True)
     if train.get("image_every") is not None:
         _number("train.image_every", train["image_every"], 0, integer=True)
+    if not isinstance(train.get("compile", False), bool):
+        raise ValueError(f"train.compile={train['compile']!r}: expected true or false")
     spike = train.get("loss_spike_factor")
     if spike is not None and _number("train.loss_spike_factor", spike, 0.0) <= 1.0:
         raise ValueError(f"train.loss_spike_factor={spike}: expected a factor > 1 (or null to turn the rule off)")
@@ -236,10 +290,10 @@ def check_resume(resume: Any) -> None:
     path = Path(str(resume))
     if not path.is_dir():
         raise ValueError(f"train.resume={resume}: no such folder (expected auto, none or a checkpoint folder)")
-    if not any(path.glob("*model_states.pt")):
+    if not any(path.glob("*model_states.pt")) and not fairscale_engine.is_checkpoint(path):
         raise ValueError(
-            f"train.resume={resume}: not a checkpoint folder (no *model_states.pt inside; "
-            "expected RUN_DIR/checkpoints/step_NNNNNNNN)"
+            f"train.resume={resume}: not a checkpoint folder (no *model_states.pt or {fairscale_engine.META_FILE} "
+            "inside; expected RUN_DIR/checkpoints/step_NNNNNNNN)"
         )
 
 

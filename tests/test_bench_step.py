@@ -1,11 +1,15 @@
-"""adamae-bench step: timed optimizer steps of the real engine, with the FLOPs they execute."""
+"""adamae-bench step: timed optimizer steps of the real engine, with the FLOPs they execute and the limits
+measured beside them (plain torch, matmul peak, breakdown, random masking)."""
 
 import json
 import subprocess
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from adamae_scale.bench.flops import attention_flops, flop_counter
+from adamae_scale.bench.step import BREAKDOWN_PARTS
 from adamae_scale.models import build_model, config_for
 
 from .conftest import REPO, cli_env, one_line_error, torchrun_cmd
@@ -22,6 +26,15 @@ TINY = [
 ]
 
 
+def attention_fwd_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> int:
+    """QK^T and PV: two matmuls of 2·Nq·Nk·Dh FLOPs per head."""
+    return 4 * batch * heads * queries * keys * head_dim
+
+
+def close(a: float, b: float, rel: float = 1e-2) -> bool:
+    return abs(a - b) <= rel * abs(b)
+
+
 def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
     cmd = torchrun_cmd(
         2,
@@ -30,6 +43,7 @@ def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
         "model.checkpoint_every=1",
         "steps=3",
         "warmup=1",
+        "compare_random=true",
         target=("-m", "adamae_scale.bench", "step"),
     )
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
@@ -55,6 +69,51 @@ def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
     forward_tflop = counter.get_total_flops() / 1e12
     assert 2.5 * forward_tflop < report["model_tflop_per_step_per_rank"] < 4.5 * forward_tflop
 
+    # Attention is counted on the CPU too, exactly: forward + backward (2.5x) of the sampler's block over all
+    # tokens, the encoder's over the visible ones and the decoder's over all, plus the checkpointed encoder and
+    # decoder blocks' forward again.
+    n, v = cfg.num_tokens, cfg.num_visible
+    encoder = cfg.depth * attention_fwd_flops(4, 1, v, v, cfg.embed_dim)
+    decoder = cfg.decoder_depth * attention_fwd_flops(4, 1, n, n, cfg.decoder_embed_dim)
+    sampler = attention_fwd_flops(4, 1, n, n, cfg.embed_dim)
+    attention = 3.5 * (sampler + encoder + decoder) + encoder + decoder
+    assert close(report["attention_tflop_per_step_per_rank"], attention / 1e12, 1e-3)
+    assert report["attention_tflop_per_step_per_rank"] < report["model_tflop_per_step_per_rank"]
+
+    # The limits measured in the same run.
+    seconds = report["seconds_per_step"]
+    for key in ("baseline_seconds_per_step", "peak_tflops", "mfu", "random_seconds_per_step"):
+        assert isinstance(report[key], float) and report[key] > 0, key
+    assert report["peak_dtype"] == "bf16" and report["precision"] == "bf16"
+    assert close(report["engine_overhead"], seconds / report["baseline_seconds_per_step"])
+    assert close(report["mfu"], report["tflops_per_s_per_rank"] / report["peak_tflops"])
+    assert close(report["adaptive_over_random"], seconds / report["random_seconds_per_step"])
+    breakdown = report["breakdown"]
+    assert list(breakdown) == list(BREAKDOWN_PARTS) and all(breakdown[p] >= 0 for p in BREAKDOWN_PARTS)
+    assert min(breakdown["sampler"], breakdown["encoder"], breakdown["backward"], breakdown["optimizer"]) > 0
+    # Timed apart from the main steps (region boundaries synchronise), so only about the step's time.
+    assert 0.5 * seconds < sum(breakdown.values()) < 1.3 * seconds
+
+
+def test_cpu_attention_flops_are_counted_as_torch_counts_its_cuda_kernels():
+    b, h, nq, nk, d = 2, 3, 12, 20, 8
+    q = torch.randn(b, h, nq, d, requires_grad=True)
+    k, v = (torch.randn(b, h, nk, d, requires_grad=True) for _ in range(2))
+    forward = attention_fwd_flops(b, h, nq, nk, d)
+    with flop_counter() as counter:
+        out = F.scaled_dot_product_attention(q, k, v)
+    assert counter.get_total_flops() == attention_flops(counter) == forward
+    with flop_counter() as counter:
+        out.sum().backward()
+    # Backward: QK^T recomputed, then dP = dO V^T, dV = P^T dO, dQ = dS K, dK = dS^T Q: five forward-sized matmuls.
+    assert counter.get_total_flops() == attention_flops(counter) == 10 * b * h * nq * nk * d == 2.5 * forward
+
+    # The same numbers torch's own formulas give its CUDA flash-attention kernels for these shapes.
+    aten = torch.ops.aten
+    cuda_forward = flop_registry[aten._scaled_dot_product_flash_attention](q, k, v, out_val=None)
+    cuda_backward = flop_registry[aten._scaled_dot_product_flash_attention_backward](out, q, k, v, out_val=None)
+    assert (cuda_forward, cuda_backward) == (forward, 2.5 * forward)
+
 
 def test_bench_step_rejects_bad_settings_in_one_line(capsys):
     from adamae_scale.bench import main
@@ -62,7 +121,13 @@ def test_bench_step_rejects_bad_settings_in_one_line(capsys):
     for settings, expected in (
         (["model=vit_hug"], "model/vit_hug"),
         (["train.foo=1"], "train.foo"),
-        (["steps=0"], "steps"),
+        (["steps=0"], "steps=0: expected an integer >= 1"),
+        (["warmup=two"], "warmup=two: expected an integer >= 1"),
+        (["compare_random=maybe"], "compare_random=maybe: expected true or false"),
+        (["baseline=2"], "baseline=2: expected true or false"),
+        (["masking=maybe"], "masking/maybe"),
+        (["masking.strategy=best"], "masking.strategy must be one of"),
+        (["masking=random", "compare_random=true"], "compare_random=true: expected masking=adaptive"),
         (["fast"], "expected key=value"),
     ):
         assert main(["step", *settings]) == 2

@@ -1,9 +1,11 @@
-"""``adamae-finetune``: sources, the recipe's pieces, multi-view evaluation, and real runs (1 and 2 ranks)."""
+"""``adamae-finetune``: sources, the recipe's pieces (repeated augmentation, model EMA included), multi-view
+evaluation, and real runs (1 and 2 ranks)."""
 
 import json
 import random
 import subprocess
 import sys
+from itertools import pairwise
 
 import numpy as np
 import pytest
@@ -13,6 +15,7 @@ from safetensors.torch import load_file
 from adamae_scale import schema
 from adamae_scale.data.transforms import rand_augment_clip
 from adamae_scale.finetune import evaluate
+from adamae_scale.finetune.ema import ClassifierEma
 from adamae_scale.finetune.recipe import ClipMixup, erase_frames, param_groups
 from adamae_scale.finetune.run import validate
 from adamae_scale.finetune.sources import classifier_config, classifier_state, load_source
@@ -43,6 +46,15 @@ def run_finetune(*overrides: str, nproc: int = 1, check: bool = True) -> subproc
 
 def losses(run_dir):
     return [r["loss"] for r in read_metrics(run_dir / "metrics.jsonl")]
+
+
+def checkpoint_state(run_dir, step):
+    """The model-states file of a run's checkpoint (module weights and the client state, the EMA included)."""
+    from adamae_scale.convert.consolidate import DEEPSPEED_GLOBALS
+    from adamae_scale.convert.io import safe_torch_load
+
+    path = run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
+    return safe_torch_load(path, DEEPSPEED_GLOBALS)
 
 
 @pytest.fixture(scope="module")
@@ -116,6 +128,19 @@ def test_scratch_needs_a_model_and_bad_sources_are_one_line(tmp_path):
         validate(odd)
     with pytest.raises(ValueError, match="finetune.mode='probe': expected one of"):
         validate(schema.compose([*TINY_FT, "model=vit_tiny", "finetune.mode=probe"], config_name="finetune"))
+    # train.micro_batch_size counts views: a whole number of clips, repeated_aug views each.
+    odd = schema.compose([*TINY_FT, "model=vit_tiny", "finetune.repeated_aug=3"], config_name="finetune")
+    with pytest.raises(ValueError, match=r"^train.micro_batch_size=4: it counts views, finetune.repeated_aug=3 "):
+        validate(odd)
+    probe = [*TINY_FT, "model=vit_tiny", "finetune.repeated_aug=3", "finetune.mode=linear"]
+    validate(schema.compose(probe, config_name="finetune"))  # the linear probe has no augmentation to repeat
+    zero3 = schema.compose([*TINY_FT, "model=vit_tiny", "ds=zero3", "finetune.model_ema=true"], config_name="finetune")
+    with pytest.raises(
+        ValueError, match=r"^finetune.model_ema=true needs the full weights on every rank, .* \(ZeRO-3\)"
+    ):
+        validate(zero3)
+    with pytest.raises(ValueError, match="finetune.model_ema_decay=1.0: expected a number in"):
+        validate(schema.compose([*TINY_FT, "model=vit_tiny", "finetune.model_ema_decay=1.0"], config_name="finetune"))
 
 
 # -- the recipe -----------------------------------------------------------------------------------------------------
@@ -184,6 +209,40 @@ def test_rand_augment_is_the_same_on_every_frame_and_erasing_differs_per_frame()
         validate(schema.compose([*TINY_FT, "model=vit_tiny", "finetune.rand_augment=bogus"], config_name="finetune"))
 
 
+def test_synthetic_repeated_augmentation_renders_each_clip_once_for_its_views():
+    from adamae_scale.data.synthetic import SyntheticClips, SyntheticConfig
+
+    cfg = SyntheticConfig(num_frames=4, img_size=(16, 16), patch_size=8, label_task="motion")
+    plain = SyntheticClips(cfg, 3, rank=1, world_size=2, prefetch=0).batch(1)  # clips 9, 10, 11
+    views = SyntheticClips(cfg, 6, rank=1, world_size=2, prefetch=0, repeated_aug=2).batch(1)  # the same clips
+    for key in ("video", "label", "motion"):
+        assert torch.equal(views[key], plain[key].repeat_interleave(2, dim=0)), key
+    with pytest.raises(ValueError, match="train.micro_batch_size=5: it counts views, finetune.repeated_aug=2"):
+        SyntheticClips(cfg, 5, repeated_aug=2)
+
+
+def test_model_ema_keeps_an_fp32_average_of_a_bf16_model():
+    torch.manual_seed(0)
+    cfg = config_for("vit_tiny", depth=1, num_frames=4, img_size=(16, 16), patch_size=8)
+    model = VideoClassifier(cfg, 3)
+    start = {n: p.detach().clone() for n, p in model.named_parameters()}
+    ema = ClassifierEma(model, decay=0.9999, autocast=torch.bfloat16)
+    model.bfloat16()  # as the engine casts it under precision=bf16
+    with torch.no_grad():
+        for param in model.parameters():
+            param.add_(0.25)
+    for _ in range(3):
+        ema.update(model)
+    state = ema.state_dict()
+    for name, param in model.named_parameters():
+        expected = param.float() + 0.9999**3 * (start[name] - param.float())
+        assert state[name].dtype == torch.float32
+        torch.testing.assert_close(state[name], expected, rtol=0, atol=1e-6)
+        assert (state[name] - start[name]).abs().min() > 5e-5  # 1e-4 steps a bf16 average would round away
+    logits = ema(torch.randn(2, 3, 4, 16, 16))
+    assert logits.shape == (2, 3) and logits.dtype == torch.bfloat16  # evaluated under bf16 autocast
+
+
 # -- evaluation -----------------------------------------------------------------------------------------------------
 def test_multi_view_aggregation_equals_a_direct_per_view_computation():
     torch.manual_seed(0)
@@ -216,22 +275,45 @@ def test_uneven_video_counts_are_evaluated_exactly_once():
 
 # -- real runs ------------------------------------------------------------------------------------------------------
 def test_finetune_from_an_encoder_export_trains_evaluates_and_resumes_exactly(pretrained, tmp_path):
-    init = f"init={pretrained / 'encoder-adamae'}"
+    # Repeated augmentation (the default, 2 views per clip) and a model EMA at decay 0.5 (visible in 6 steps).
+    init = [f"init={pretrained / 'encoder-adamae'}", "finetune.model_ema=true", "finetune.model_ema_decay=0.5"]
     straight = tmp_path / "straight"
-    proc = run_finetune(*TINY_FT, init, "train.steps=6", "train.ckpt_every=3", f"run_dir={straight}")
+    proc = run_finetune(*TINY_FT, *init, "train.steps=6", "train.ckpt_every=1", f"run_dir={straight}")
     assert "loaded 28 tensors, new 2 (fc_norm, head)" in proc.stdout and "top-1" in proc.stdout
+    assert "global batch 4 views (2 clips x 2)" in proc.stdout and "EMA top-1" in proc.stdout
     result = json.loads((straight / "eval.json").read_text())
     assert result["videos"] == 7 and 0.0 <= result["top1"] <= result["top5"] <= 1.0
+    assert 0.0 <= result["ema_top1"] <= result["ema_top5"] <= 1.0 and "ema_mean_class_accuracy" in result
     assert result["temporal_views"] == 2 and result["spatial_views"] == 3
     rows = [json.loads(line) for line in (straight / "predictions.jsonl").read_text().splitlines()]
     assert len({r["key"] for r in rows}) == 7 and all(len(r["top5"]) == 4 for r in rows)
+    assert len((straight / "predictions_ema.jsonl").read_text().splitlines()) == 7
+
+    # The EMA after every step is the average of the weights after every step, computed here.
+    states = [checkpoint_state(straight, step) for step in range(1, 7)]
+    start = load_file(pretrained / "encoder-adamae" / "model.safetensors")
+    first = states[0]
+    for name in ("patch_embed.proj.weight", "blocks.1.attn.qkv.weight", "blocks.0.mlp.fc2.bias"):
+        expected = 0.5 * start[name] + 0.5 * first["module"][name]
+        torch.testing.assert_close(first["ema"][name], expected, rtol=1e-6, atol=1e-9)
+    for before, after in pairwise(states):
+        assert after["ema"].keys() == after["module"].keys()
+        for name, weights in after["module"].items():
+            expected = 0.5 * before["ema"][name] + 0.5 * weights
+            torch.testing.assert_close(after["ema"][name], expected, rtol=1e-6, atol=1e-9)
+    last = states[-1]
+    assert not torch.equal(last["ema"]["head.weight"], last["module"]["head.weight"])
+    exported = load_file(straight / "model_ema" / "model.safetensors")
+    assert all(torch.equal(exported[name], last["ema"][name]) for name in last["ema"])
 
     resumed = tmp_path / "resumed"
-    run_finetune(*TINY_FT, init, "train.steps=6", "train.ckpt_every=3", "train.stop_after=3", f"run_dir={resumed}")
+    run_finetune(*TINY_FT, *init, "train.steps=6", "train.ckpt_every=3", "train.stop_after=3", f"run_dir={resumed}")
     assert not (resumed / "eval.json").exists()
-    run_finetune(*TINY_FT, init, "train.steps=6", "train.ckpt_every=3", f"run_dir={resumed}")
+    run_finetune(*TINY_FT, *init, "train.steps=6", "train.ckpt_every=3", f"run_dir={resumed}")
     assert losses(resumed) == losses(straight)  # mixup/cutmix draws included
-    assert json.loads((resumed / "eval.json").read_text()) == result
+    assert json.loads((resumed / "eval.json").read_text()) == result  # the EMA's figures included
+    again = load_file(resumed / "model_ema" / "model.safetensors")
+    assert all(torch.equal(again[name], exported[name]) for name in exported)  # the EMA resumed exactly
 
     # The trained classifier's folder → transformers' VideoMAEForVideoClassification, logits within 1e-4.
     import transformers  # the test extra installs it
@@ -252,8 +334,8 @@ def test_finetune_from_an_encoder_export_trains_evaluates_and_resumes_exactly(pr
         got = hf_model.eval()(pixel_values=video.permute(0, 2, 1, 3, 4)).logits
     assert expected.abs().max() > 1e-3 and (got - expected).abs().max().item() < 1e-4
 
-    # eval_only on the finished run's checkpoint gives the same figures.
-    run_finetune(*TINY_FT, init, "train.steps=6", "eval_only=true", f"run_dir={resumed}")
+    # eval_only on the finished run's checkpoint gives the same figures (the EMA's from the checkpoint).
+    run_finetune(*TINY_FT, *init, "train.steps=6", "eval_only=true", f"run_dir={resumed}")
     assert json.loads((resumed / "eval.json").read_text()) == result
 
 
@@ -265,16 +347,19 @@ def test_two_rank_zero2_finetune_counts_every_video_once(pretrained, tmp_path):
         f"init={pretrained / 'encoder-timm'}",
         "ds=zero2",
         "train.steps=4",
-        "train.micro_batch_size=2",
+        "train.micro_batch_size=2",  # 1 clip x 2 views per rank
         "eval.every=2",
+        "finetune.model_ema=true",  # every rank averages its full copy of the weights
         f"run_dir={run_dir}",
         nproc=2,
     )
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["videos"] == 7  # 7 videos on 2 ranks: 4 + 3, the padding counted once
+    assert 0.0 <= result["ema_top1"] <= result["ema_top5"] <= 1.0
     keys = [json.loads(line)["key"] for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
     assert keys == [f"synthetic-{i:06d}" for i in range(7)]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r] == [2, 4]
+    assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_ema_top1" in r] == [2, 4]
 
 
 def test_linear_probe_trains_only_the_head(pretrained, tmp_path):
@@ -299,7 +384,7 @@ def test_linear_probe_trains_only_the_head(pretrained, tmp_path):
     assert weights["head.weight"].abs().max() > 0.001 * 0.05  # trained away from its tiny initial scale
 
 
-def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path):
+def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monkeypatch):
     from adamae_scale.data.shards import ShardOptions, build_shards
 
     from .test_pipeline import all_keys, make_videos
@@ -308,6 +393,7 @@ def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path):
     for store in ("mp4", "jpg"):  # training from mp4 shards, the test on JPEG shards
         opts = ShardOptions(store=store, short_side=32, min_frames=8, samples_per_shard=3)
         build_shards(tmp_path / "videos", tmp_path / store, opts, workers=1, progress=False)
+    check_repeated_views(tmp_path / "mp4", monkeypatch)
     run_dir = tmp_path / "run"
     proc = run_finetune(
         *[o for o in TINY_FT if not o.startswith(("data.", "eval.videos"))],
@@ -333,3 +419,49 @@ def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path):
     assert {r["key"] for r in rows} == all_keys(tmp_path / "jpg")
     manifest = json.loads((tmp_path / "jpg" / "manifest.json").read_text())
     assert sorted(r["label"] for r in rows) == sorted(i % 3 for i in range(7)), manifest["label_map"]
+
+
+def check_repeated_views(urls, monkeypatch):
+    """Repeated augmentation on real shards: 3 views of every clip, consecutive, with its label and key; each
+    view cropped and RandAugment-ed on its own; the window decoded once; and the stream resumes exactly."""
+    from adamae_scale.data.pipeline import ShardClips, ShardDataConfig
+    from adamae_scale.data.video import VideoReader
+
+    decodes = []
+    read_indices = VideoReader.read_indices
+
+    def counted(self, *args, **kwargs):
+        decodes.append(1)
+        return read_indices(self, *args, **kwargs)
+
+    monkeypatch.setattr(VideoReader, "read_indices", counted)
+    cfg = ShardDataConfig(
+        urls=str(urls),
+        num_frames=4,
+        img_size=(32, 32),
+        sampling_rate=2,
+        workers=0,
+        rand_augment="rand-m7-n4-mstd0.5-inc1",
+        repeated_aug=3,
+    )
+    stream = ShardClips(cfg, batch_size=6)  # 2 clips x 3 views
+    first = next(stream)
+    assert len(decodes) == 2 and first["video"].shape == (6, 3, 4, 32, 32)
+    for clip in range(2):
+        views = slice(3 * clip, 3 * clip + 3)
+        assert len(set(first["key"][views])) == 1 and len(set(first["label"][views].tolist())) == 1
+        video = first["video"][views]
+        assert all(not torch.equal(video[a], video[b]) for a, b in ((0, 1), (0, 2), (1, 2)))  # distinct views
+    assert first["key"][0] != first["key"][3]
+
+    state = stream.state_dict()
+    assert state["repeated_aug"] == 3
+    expected = [next(stream) for _ in range(3)]  # the last takes clip 7 of 7 and the next epoch's first
+    assert len(decodes) == 9 and expected[-1]["epoch"].tolist() == [0, 0, 0, 1, 1, 1]
+    resumed = ShardClips(cfg, batch_size=6)
+    resumed.load_state_dict(state)
+    for want in expected:
+        got = next(resumed)
+        assert got["key"] == want["key"] and torch.equal(got["video"], want["video"])
+    with pytest.raises(ValueError, match="train.micro_batch_size=4: it counts views, finetune.repeated_aug=3"):
+        ShardClips(cfg, batch_size=4)

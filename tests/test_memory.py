@@ -6,9 +6,9 @@ import sys
 
 import pytest
 
-from adamae_scale.engine.memory import model_state_bytes
+from adamae_scale.engine.stage import model_state_bytes
 
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli_env, one_line_error
 
 
 def test_zero_stages_partition_what_they_should():
@@ -53,6 +53,15 @@ def test_bench_memory_reports_model_and_measured_peak():
     )
     # A real process holds the interpreter, torch and DeepSpeed besides the model states.
     assert report["measured_peak_bytes_per_rank"] > report["bytes_per_rank"]["total"]
+
+
+def test_bench_memory_rejects_bad_settings_in_one_line(capsys):
+    from adamae_scale.bench import main
+
+    for setting, expected in (("run=maybe", "run=maybe: expected true or false"), ("world_size=0", "world_size=0")):
+        assert main(["memory", setting]) == 2
+        line = one_line_error(capsys.readouterr().err, "adamae-bench")
+        assert line.startswith("adamae-bench: error: memory: ") and expected in line
 
 
 def test_host_heap_setting_is_for_cpu_zero3_and_yields_to_the_users_malloc_variables():

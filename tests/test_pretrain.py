@@ -18,6 +18,7 @@ def test_pretrain_logs_checkpoints_and_resumes(tmp_path, tiny_run):
         *tiny_run, "precision=bf16", "train.steps=12", "train.ckpt_every=6", "eval.pictures=2", f"run_dir={run_dir}"
     )
     assert "focus_ratio" in proc.stdout and str(run_dir) in proc.stdout
+    assert "ds=auto → zero0: one rank" in proc.stdout  # the default on one rank: no ZeRO bookkeeping
     assert "where the sampler looks (2 held-out clips; rows: input, p, visible, reconstruction, error)" in proc.stdout
     for name in ("clip-0", "clip-1"):  # the adamae-visualize picture of held-out clips, ground truth outlined
         assert all((run_dir / "visualize" / f"{name}.{ext}").is_file() for ext in ("png", "gif", "json"))
@@ -36,10 +37,12 @@ def test_pretrain_logs_checkpoints_and_resumes(tmp_path, tiny_run):
     assert (ckpts / "step_00000006").is_dir() and (ckpts / "step_00000012").is_dir()
     config = json.loads((ckpts / "step_00000012" / "config.json").read_text())
     assert config["model"]["embed_dim"] == 192 and config["model"]["depth"] == 2
+    assert config["ds"] == "zero0"  # the stage auto chose, so a resume keeps it
 
     proc = run_pretrain(
         *tiny_run, "precision=bf16", "train.steps=16", "train.ckpt_every=6", "train.resume=auto", f"run_dir={run_dir}"
     )
+    assert "ds=auto → zero0: the stage the resumed checkpoint was written with" in proc.stdout
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == 12 and summary["steps"] == 16
     steps = [r["step"] for r in read_metrics(run_dir / "metrics.jsonl")]

@@ -16,10 +16,10 @@ import pytest
 import torch
 
 from adamae_scale import schema
+from adamae_scale.bench.step import compose
 from adamae_scale.engine.checkpoint import MANIFEST, Checkpointer, verify
 from adamae_scale.engine.guard import GuardedAdamW
 from adamae_scale.metrics import MetricsLogger, read_metrics
-from adamae_scale.speed import compose
 
 from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain
 

@@ -91,3 +91,57 @@ def test_model_backbone_bf16_and_sampler_fp32():
     assert out.logits.dtype == torch.float32 and out.log_probs.dtype == torch.float32
     assert all(p.dtype == torch.float32 for p in model.sampler.parameters())
     assert torch.isfinite(out.log_probs).all()
+
+
+def _matmul_dtypes(module: torch.nn.Module, run) -> set[torch.dtype]:
+    """The output dtypes of every nn.Linear inside ``module`` during ``run()``."""
+    seen: set[torch.dtype] = set()
+    hooks = [
+        m.register_forward_hook(lambda _m, _i, out: seen.add(out.dtype))
+        for m in module.modules()
+        if isinstance(m, torch.nn.Linear)
+    ]
+    run()
+    for hook in hooks:
+        hook.remove()
+    return seen
+
+
+def test_sampler_precision_bf16_runs_the_block_in_bf16_and_keeps_the_logits_fp32():
+    torch.manual_seed(0)
+    fp32 = TokenSampler(dim=64, num_tokens=32, num_heads=8, dropout=0.0)
+    bf16 = TokenSampler(dim=64, num_tokens=32, num_heads=8, dropout=0.0, precision="bf16")
+    bf16.load_state_dict(fp32.state_dict())
+    with torch.no_grad():
+        fp32.pos_embed_probs.normal_()
+        bf16.pos_embed_probs.copy_(fp32.pos_embed_probs)
+    tokens = torch.randn(2, 32, 64)
+
+    block_dtypes = _matmul_dtypes(bf16.block, lambda: bf16(tokens))
+    assert block_dtypes == {torch.bfloat16}  # the block's matmuls ran in bf16 ...
+    assert _matmul_dtypes(bf16.head, lambda: bf16(tokens)) == {torch.float32}  # ... the head did not
+    assert _matmul_dtypes(fp32, lambda: fp32(tokens)) == {torch.float32}
+    with torch.autocast("cpu", dtype=torch.bfloat16):  # the fp32 default stays fp32 inside a bf16 backbone
+        assert _matmul_dtypes(fp32, lambda: fp32(tokens)) == {torch.float32}
+
+    reference, cheap = fp32(tokens), bf16(tokens)
+    assert cheap.dtype == torch.float32
+    assert not torch.equal(reference, cheap)
+    torch.testing.assert_close(cheap, reference, atol=0.05, rtol=0.05)  # bf16's 8-bit mantissa, not a bug
+    cheap.sum().backward()
+    assert all(p.grad is not None and p.grad.dtype == torch.float32 for p in bf16.parameters())
+
+
+def test_sampler_precision_tf32_equals_fp32_on_the_cpu_and_bad_values_are_refused():
+    torch.manual_seed(0)
+    fp32 = TokenSampler(dim=64, num_tokens=32, num_heads=8, dropout=0.0)
+    tf32 = TokenSampler(dim=64, num_tokens=32, num_heads=8, dropout=0.0, precision="tf32")
+    tf32.load_state_dict(fp32.state_dict())
+    tokens = torch.randn(2, 32, 64)
+    assert torch.equal(fp32(tokens), tf32(tokens))  # CPUs have no TF32: the fp32 result, bit for bit
+    try:
+        config_for("vit_tiny", sampler_precision="fp16")
+    except ValueError as err:
+        assert "model.sampler_precision" in str(err) and "fp16" in str(err)
+    else:
+        raise AssertionError("sampler_precision=fp16 was accepted")

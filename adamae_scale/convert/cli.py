@@ -125,13 +125,14 @@ def build_parser() -> argparse.ArgumentParser:
     consolidate = commands.add_parser(
         "consolidate",
         formatter_class=formatter,
-        help="DeepSpeed ZeRO 0-3 checkpoint -> one model.safetensors of the fp32 master weights",
+        help="DeepSpeed ZeRO 0-3 (or engine=fairscale) checkpoint -> one model.safetensors of the fp32 master weights",
         description="Reassemble a DeepSpeed ZeRO 0-3 checkpoint of any world size (written by adamae-pretrain) into "
         "one "
         "model.safetensors holding the optimizer's fp32 master weights bit for bit (or bf16 with --dtype "
         "bf16), plus config.json describing the model (format 'adamae-full'). ZeRO-1/2/3 go through "
         "DeepSpeed's own zero_to_fp32, with files memory-mapped and tensors written one at a time: peak "
-        "memory is about one fp32 copy of the model.",
+        "memory is about one fp32 copy of the model. An engine=fairscale checkpoint (fairscale.json in the tag "
+        "folder) already holds the full fp32 weights in its model.safetensors; they are copied bit for bit.",
         epilog="examples:\n  adamae-convert consolidate runs/try/checkpoints exported/try\n"
         "  adamae-convert consolidate runs/try/checkpoints/step_00000030 exported/try-30 --dtype bf16",
     )

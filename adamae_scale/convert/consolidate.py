@@ -1,4 +1,5 @@
-"""``consolidate``: a DeepSpeed ZeRO 0-3 checkpoint (any world size) → one ``model.safetensors``.
+"""``consolidate``: a DeepSpeed ZeRO 0-3 or an engine=fairscale checkpoint (any world size) → one
+``model.safetensors``.
 
 The output holds the optimizer's fp32 master weights, bit for bit:
 
@@ -11,6 +12,8 @@ The output holds the optimizer's fp32 master weights, bit for bit:
   otherwise concatenates every rank's partition into a second full copy of the model.
 - ZeRO-0: there is no partitioned copy; the ``module`` state in ``mp_rank_00_model_states.pt`` is
   what the optimizer updates (fp32: this project trains bf16 under autocast with fp32 parameters).
+- engine=fairscale: its ``model.safetensors`` already holds the full fp32 weights (OSS updates the module's
+  own parameters; FSDP's are gathered before saving), read lazily from the checkpoint.
 
 Memory: the checkpoint files are memory-mapped and tensors are written to the output one at a time,
 so the process touches each master weight once (about one fp32 copy of the model in resident
@@ -32,13 +35,14 @@ from typing import Any
 
 import torch
 
+from ..engine import fairscale_engine
 from ..engine.checkpoint import MANIFEST
 from ..engine.checkpoint import verify as verify_checkpoint
 from ..models import AdaMAEConfig
 from .arch import check_shapes, describe, expected_shapes, infer_config, with_overrides
 from .errors import ConvertError
 from .folder import FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
-from .io import TensorLike, atomic_output_dir, lazy_map, safe_torch_load
+from .io import SafetensorsReader, TensorLike, atomic_output_dir, lazy_map, safe_torch_load
 
 # Every class a DeepSpeed 0.19 checkpoint of this project pickles besides tensors and containers
 # (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints).
@@ -61,7 +65,8 @@ class CheckpointLocation:
 
 
 def _has_model_states(folder: Path) -> bool:
-    return folder.is_dir() and any(folder.glob("*_model_states.pt"))
+    """A checkpoint tag folder: DeepSpeed's (``*_model_states.pt``) or engine=fairscale's (``fairscale.json``)."""
+    return folder.is_dir() and (any(folder.glob("*_model_states.pt")) or fairscale_engine.is_checkpoint(folder))
 
 
 def locate_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> CheckpointLocation:
@@ -153,6 +158,8 @@ class _CheckpointFacts:
     global_steps: int | None = None
     ds_version: str | None = None
     files: list[str] = field(default_factory=list)
+    engine: str = "deepspeed"
+    sharding: str | None = None  # engine=fairscale: oss | oss_sdp | fsdp
 
     def note(self, path: Path, state: Any) -> None:
         self.files.append(path.name)
@@ -252,6 +259,27 @@ def _zero0_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _Check
     return dict(module), facts
 
 
+def _fairscale_state(
+    loc: CheckpointLocation, reader_stack: contextlib.ExitStack
+) -> tuple[dict[str, TensorLike], _CheckpointFacts]:
+    """engine=fairscale: ``model.safetensors`` already holds the full fp32 weights (rank 0 wrote the live module's
+    parameters, or FSDP's gathered ones); read lazily, one tensor at a time."""
+    try:
+        meta = fairscale_engine.read_meta(loc.path)
+    except ValueError as err:  # JSONDecodeError included
+        raise ConvertError(f"checkpoint {loc.path}: {err}") from err
+    reader = reader_stack.enter_context(SafetensorsReader(loc.path / meta.get("model_file", "model.safetensors")))
+    facts = _CheckpointFacts(
+        world_size=meta.get("world_size"),
+        global_steps=meta.get("global_steps"),
+        files=[reader.path.name],
+        engine="fairscale",
+        sharding=meta.get("sharding"),
+    )
+    state: dict[str, TensorLike] = dict(reader.lazy_dict())
+    return state, facts
+
+
 def read_run_config(loc: CheckpointLocation) -> dict[str, Any] | None:
     path = loc.path / RUN_CONFIG_FILE
     if not path.is_file():
@@ -295,8 +323,13 @@ def consolidate(
     if problem is not None:
         raise ConvertError(f"checkpoint {loc.path} is damaged: {problem}")
     run_config = read_run_config(loc)
-    partitioned = any(loc.path.glob("*_optim_states.pt"))
-    state, facts = _zero_partitioned_state(loc) if partitioned else _zero0_state(loc)
+    readers = contextlib.ExitStack()
+    if fairscale_engine.is_checkpoint(loc.path):
+        state, facts = _fairscale_state(loc, readers)
+    elif any(loc.path.glob("*_optim_states.pt")):
+        state, facts = _zero_partitioned_state(loc)
+    else:
+        state, facts = _zero0_state(loc)
     shapes = {name: torch.Size(value.shape) for name, value in state.items()}
     cfg = resolve_config(run_config, shapes, model, overrides or {})
     check_shapes(shapes, cfg, f"checkpoint {loc.path}")
@@ -312,17 +345,18 @@ def consolidate(
         "ds": (run_config or {}).get("ds"),
         "loss_target": (run_config or {}).get("loss_target"),
         "source": {
-            "kind": "deepspeed",
+            "kind": facts.engine,
             "checkpoint": str(loc.path),
             "tag": loc.tag,
             "zero_stage": facts.zero_stage,
             "world_size": facts.world_size,
             "global_steps": facts.global_steps,
             "ds_version": facts.ds_version,
+            **({"sharding": facts.sharding} if facts.sharding else {}),
         },
         "description": describe(cfg),
     }
-    with atomic_output_dir(out_dir, overwrite, inputs=[loc.path]) as tmp:
+    with readers, atomic_output_dir(out_dir, overwrite, inputs=[loc.path]) as tmp:
         written = write_folder(tmp, ordered, config, dtype)
     return written
 

@@ -59,6 +59,7 @@ def shard_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> ShardDataC
         "corrupt_check_after",
         "seed",
         "rand_augment",
+        "repeated_aug",
     )
     return ShardDataConfig(
         num_frames=model_cfg.num_frames, img_size=model_cfg.img_size, **{k: data[k] for k in keys if k in data}
@@ -80,12 +81,15 @@ def validate_data(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> None:
 def build_data(
     data: Mapping[str, Any], model_cfg: AdaMAEConfig, batch_size: int, rank: int, world_size: int
 ) -> SyntheticClips | ShardClips:
-    """The training stream named by ``data.name`` for this rank."""
+    """The training stream named by ``data.name`` for this rank. ``data.repeated_aug`` (set by fine-tuning from
+    ``finetune.repeated_aug``): ``batch_size`` counts views, ``repeated_aug`` of each clip."""
     if data["name"] == "synthetic":
         # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         threads = render_threads(int(data.get("render_threads", 0)), local_ranks, torch.cuda.is_available())
-        return SyntheticClips(synthetic_config(data, model_cfg), batch_size, rank, world_size, threads=threads)
+        repeats = int(data.get("repeated_aug", 1))
+        cfg = synthetic_config(data, model_cfg)
+        return SyntheticClips(cfg, batch_size, rank, world_size, threads=threads, repeated_aug=repeats)
     if data["name"] == "shards":
         from .pipeline import ShardClips
 

@@ -95,6 +95,9 @@ class ShardDataConfig:
     corrupt_check_after: int = 200
     seed: int = 0
     rand_augment: str | None = None  # timm RandAugment policy, the same for every frame of a clip (fine-tuning)
+    # Repeated augmentation (fine-tuning): each decoded window gives this many independently augmented views,
+    # consecutive samples of a batch with the same label and key. ``batch_size`` counts views.
+    repeated_aug: int = 1
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -107,6 +110,8 @@ class ShardDataConfig:
             raise ValueError(f"data.max_corrupt_fraction must be in [0, 1), got {self.max_corrupt_fraction}")
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
+        if self.repeated_aug < 1:
+            raise ValueError(f"finetune.repeated_aug must be >= 1, got {self.repeated_aug}")
 
 
 # -- where the shards are ------------------------------------------------------------------------------------
@@ -308,7 +313,10 @@ def mjpeg_frames(blob: bytes, offsets: Any, count: int, indices: np.ndarray) -> 
 
 
 def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: RngFor) -> Iterator[dict[str, Any]]:
-    """Window → ``{key, label, video [3, T, H, W] uint8}``, or the sample with an ``error``."""
+    """Window → ``{key, label, views: [video [3, T, H, W] uint8] * repeated_aug}``, or the sample with an ``error``.
+
+    The window is decoded once; each view draws its own crop (and RandAugment seed) from the sample's generators
+    in turn, so the first view is the clip ``repeated_aug=1`` gives and the views differ from each other."""
     for item in src:
         if "error" in item:
             yield item
@@ -319,13 +327,16 @@ def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: Rn
                     frames = reader.read_indices(item["indices"], skip_disposable=True)
             else:
                 frames = np.stack([decode_jpeg(data) for data in item["jpgs"]])
-            video = crop_resize(
-                frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip, rng_for(item["key"], "augment")
-            )  # uint8; normalised into the batch
-            if cfg.rand_augment:
-                seed = int(rng_for(item["key"], "rand_augment").integers(2**31))
-                video = rand_augment_clip(video, cfg.rand_augment, seed)
-            yield {"key": item["key"], "label": item["label"], "video": video}
+            crop_rng = rng_for(item["key"], "augment")
+            augment_rng = rng_for(item["key"], "rand_augment") if cfg.rand_augment else None
+            views = []
+            for _ in range(cfg.repeated_aug):
+                # uint8; normalised into the batch
+                video = crop_resize(frames, cfg.img_size, cfg.crop_scales, cfg.max_distort, cfg.flip, crop_rng)
+                if cfg.rand_augment and augment_rng is not None:
+                    video = rand_augment_clip(video, cfg.rand_augment, int(augment_rng.integers(2**31)))
+                views.append(video)
+            yield {"key": item["key"], "label": item["label"], "views": views}
         except Exception as err:  # bad bytes: counted, never fatal on their own
             yield {"key": item["key"], "url": item["url"], "error": f"{type(err).__name__}: {err}"[:300]}
 
@@ -348,7 +359,8 @@ class ResumePoint:
 
 class EpochClips(IterableDataset):
     """One rank's epoch (or, resampled, its endless stream) of worker batches:
-    ``{"worker", "slots", "corrupt", "video" [b, 3, T, H, W], "label", "key"}`` or a marker ``{"worker"}``."""
+    ``{"worker", "slots", "corrupt", "video" [b, 3, T, H, W], "label", "key"}`` or a marker ``{"worker"}``.
+    A worker batch reads ``batch_size / repeated_aug`` slots, so it holds up to ``batch_size`` views."""
 
     def __init__(
         self,
@@ -431,12 +443,12 @@ class EpochClips(IterableDataset):
         samples = iter(wds.DataPipeline(*self.stages(worker, workers)))
         printed = 0
         while True:
-            slots = list(islice(samples, self.batch_size))
+            slots = list(islice(samples, self.batch_size // self.cfg.repeated_aug))
             errors, self.tar_errors = self.tar_errors, []
             unreadable, self.found = self.found, []
             if not slots and not errors and not unreadable:
                 return
-            good = [s for s in slots if "video" in s]
+            good = [s for s in slots if "views" in s]
             bad = [f"{s.get('url', '?')} {s['key']}: {s['error']}" for s in slots if "error" in s] + errors
             for line in bad:
                 if printed < MAX_PRINTED_ERRORS:
@@ -454,9 +466,9 @@ class EpochClips(IterableDataset):
                 "unreadable": unreadable,  # counted and printed once per rank by the main process
             }
             if good:
-                batch["video"] = _normalized_batch([s["video"] for s in good])
-                batch["label"] = torch.tensor([s["label"] for s in good], dtype=torch.long)
-                batch["key"] = [s["key"] for s in good]
+                batch["video"] = _normalized_batch([view for s in good for view in s["views"]])
+                batch["label"] = torch.tensor([s["label"] for s in good for _ in s["views"]], dtype=torch.long)
+                batch["key"] = [s["key"] for s in good for _ in s["views"]]
             yield batch
 
 
@@ -492,11 +504,18 @@ class _Current:
 
 class ShardClips:
     """Infinite batches ``{"video": [B, 3, T, H, W] normalised, "label": [B], "epoch": [B], "key": [str]}``
-    for one rank; ``state_dict``/``load_state_dict`` resume it exactly (JSON-able, no pickles)."""
+    for one rank; ``state_dict``/``load_state_dict`` resume it exactly (JSON-able, no pickles). With
+    ``repeated_aug = r``, ``B`` counts views: ``B / r`` clips, each clip's ``r`` views next to each other (worker
+    batches hold whole clips and ``B`` is a multiple of ``r``, so a clip's views never straddle two batches)."""
 
     def __init__(self, cfg: ShardDataConfig, batch_size: int, rank: int = 0, world_size: int = 1):
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.urls = shard_urls(cfg.urls)
+        if batch_size % cfg.repeated_aug:
+            raise ValueError(
+                f"train.micro_batch_size={batch_size}: it counts views, finetune.repeated_aug={cfg.repeated_aug} "
+                "of each clip, so it must be a multiple of it"
+            )
         if not cfg.resampled and len(self.urls) < world_size:
             raise ValueError(
                 f"data.urls: {len(self.urls)} shards for {world_size} ranks; every rank needs at least "
@@ -667,6 +686,7 @@ class ShardClips:
             "world_size": self.world_size,
             "workers": self.workers,
             "batch_size": self.batch_size,
+            "repeated_aug": self.cfg.repeated_aug,
             "resampled": self.cfg.resampled,
             "seed": self.cfg.seed,
             "ranks": ranks,
@@ -683,6 +703,7 @@ class ShardClips:
             state["world_size"] == self.world_size
             and state["workers"] == self.workers
             and state["batch_size"] == self.batch_size
+            and state.get("repeated_aug", 1) == self.cfg.repeated_aug
             and state["resampled"] == self.cfg.resampled
             and len(state["ranks"]) == self.world_size
         )
@@ -708,7 +729,8 @@ class ShardClips:
             warnings.warn(
                 f"data: resuming with another layout (world {state['world_size']}->{self.world_size}, "
                 f"workers {state['workers']}->{self.workers}, batch {state['batch_size']}->"
-                f"{self.batch_size}): starting epoch {self.epoch} from its beginning",
+                f"{self.batch_size}, repeated_aug {state.get('repeated_aug', 1)}->{self.cfg.repeated_aug}): "
+                f"starting epoch {self.epoch} from its beginning",
                 stacklevel=2,
             )
             return

@@ -174,6 +174,10 @@ class SyntheticClips:
     thread renders the next ``prefetch`` batches while the current one trains, each batch's clips on
     ``threads`` threads (torch ops release the GIL: one thread makes a batch of 32 16x224^2 clips in
     ~0.4 s, slower than one H200 trains ViT-B on it).
+
+    ``repeated_aug = r`` (fine-tuning's repeated augmentation): a batch holds ``B / r`` rendered clips, each
+    ``r`` times in a row; the views then differ by what the objective draws per sample (random erasing, mixup
+    partners), as this source has no crop or RandAugment of its own.
     """
 
     def __init__(
@@ -184,8 +188,15 @@ class SyntheticClips:
         world_size: int = 1,
         prefetch: int = 2,
         threads: int = 1,
+        repeated_aug: int = 1,
     ):
+        if repeated_aug < 1 or batch_size % repeated_aug:
+            raise ValueError(
+                f"train.micro_batch_size={batch_size}: it counts views, finetune.repeated_aug={repeated_aug} "
+                "of each clip, so it must be a multiple of it"
+            )
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
+        self.repeated_aug = repeated_aug
         self.next_batch = 0
         self.prefetch = prefetch
         self._pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="synthetic") if prefetch > 0 else None
@@ -197,14 +208,17 @@ class SyntheticClips:
 
     def batch(self, index: int) -> dict[str, torch.Tensor]:
         """Batch ``index`` of this rank's stream (a pure function of the index)."""
-        first = (index * self.world_size + self.rank) * self.batch_size
+        count = self.batch_size // self.repeated_aug  # clips
+        first = (index * self.world_size + self.rank) * count
         render = functools.partial(render_clip, self.cfg)
-        indices = range(first, first + self.batch_size)
+        indices = range(first, first + count)
         clips = list(self._renderers.map(render, indices) if self._renderers else map(render, indices))
-        video = torch.stack([c[0] for c in clips])  # (B, 3, T, H, W) in [0, 1]
+        video = torch.stack([c[0] for c in clips])  # (B / r, 3, T, H, W) in [0, 1]
         batch = {"video": normalize_(video), "motion": torch.stack([c[1] for c in clips])}
         if self.cfg.label_task != "none":
             batch["label"] = torch.tensor([clip_label(self.cfg, i) for i in indices], dtype=torch.long)
+        if self.repeated_aug > 1:
+            batch = {key: value.repeat_interleave(self.repeated_aug, dim=0) for key, value in batch.items()}
         return batch
 
     def __next__(self) -> dict[str, torch.Tensor]:

@@ -342,4 +342,5 @@ def _read_client_state(tag_dir: Path) -> dict[str, Any]:
         raise FileNotFoundError(f"train.resume: no model_states file in {tag_dir}")
     # DeepSpeed stores it as a pickle: load it with the same allowlist the conversion tools use.
     state = safe_torch_load(files[0], DEEPSPEED_GLOBALS)
-    return {k: state[k] for k in ("step", "data") if k in state}
+    keys = ("step", "data", "nonfinite_steps_skipped", "ema")  # ema: fine-tuning's model EMA
+    return {k: state[k] for k in keys if k in state}

@@ -39,13 +39,13 @@ class NonFiniteGuard:
 
     calls: int = 0
     skipped: int = 0
-    refuse: bool = False
+    refuse: bool | torch.Tensor = False  # a 0-dim bool tensor is read only here, at the step (no earlier sync)
 
     def step(self, *args: Any, **kwargs: Any) -> Any:
         self.calls += 1
         grads = [p.grad for group in self.param_groups for p in group["params"] if p.grad is not None]  # type: ignore[attr-defined]
         finite, device = all_finite(grads)
-        if any_rank(self.refuse or not finite, device):
+        if any_rank(bool(self.refuse) or not finite, device):
             self.skipped += 1
             return None
         return super().step(*args, **kwargs)  # type: ignore[misc]

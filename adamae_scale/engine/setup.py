@@ -86,17 +86,27 @@ def tune_host_allocator(ds_config: dict[str, Any]) -> bool:
     return limit_host_heap_growth()
 
 
-def init_distributed() -> None:
+def init_distributed(engine: str = "deepspeed") -> None:
     """Start the process group (gloo on CPU, NCCL on GPU) before the engine, so that pre-engine
-    work (checkpoint conversion) can synchronise ranks."""
-    select_accelerator()
+    work (checkpoint conversion) can synchronise ranks. DeepSpeed's own start-up for its engine; plain
+    ``torch.distributed`` for the others (fairscale), which then never import DeepSpeed."""
+    accelerator = select_accelerator()
+    if engine != "deepspeed":
+        import torch.distributed as dist
+
+        if not dist.is_initialized():
+            dist.init_process_group(backend="nccl" if accelerator == "cuda" else "gloo")
+        return
     import deepspeed
 
     deepspeed.init_distributed()
 
 
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
-    """``zero0`` … ``zero3`` (shipped in ``ds_configs/``) or a path to a DeepSpeed JSON file."""
+    """``zero0`` … ``zero3`` (shipped in ``ds_configs/``) or a path to a DeepSpeed JSON file. ``auto`` is
+    resolved to one of them first (``stage.resolve_ds``); here it reads as ``zero0`` for validation."""
+    if name_or_path == "auto":
+        name_or_path = "zero0"
     path = Path(name_or_path)
     if path.suffix == ".json":
         if not path.is_file():
@@ -171,6 +181,26 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module], every: int) -> i
     return wrapped
 
 
+def compile_blocks(blocks: Iterable[nn.Module]) -> int:
+    """``torch.compile`` each block's ``forward`` in place. Call it before ``apply_activation_checkpointing``,
+    which then checkpoints the compiled function (the other order leaves nothing compiled: dynamo does not trace
+    into ``torch.utils.checkpoint`` called from a module's ``__call__``). Parameter names, and so checkpoints, are
+    unchanged. Blocks, not the whole model: the sampler's data-dependent top-k and the token gathers would break
+    one big graph, and all blocks of one width share a compiled graph. Returns how many blocks were compiled.
+
+    Inductor's own random numbers would give dropout (the sampler's) other masks than eager mode: with
+    ``fallback_random`` a compiled run draws exactly what the eager run draws, so seeds, exact resume and
+    the eager/compiled comparison keep holding."""
+    import torch._inductor.config
+
+    torch._inductor.config.fallback_random = True
+    count = 0
+    for block in blocks:
+        block.forward = torch.compile(block.forward)
+        count += 1
+    return count
+
+
 def build_module(builder: Callable[[], nn.Module], ds_config: dict[str, Any]) -> nn.Module:
     """Construct the model. Under ZeRO-3 it is built inside ``deepspeed.zero.Init``: each parameter is
     sharded as soon as its module exists, so no rank ever holds the whole model (ViT-H/g on many ranks)."""
@@ -219,7 +249,7 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
 
 def shutdown() -> None:
     """Destroy the process group (an exit with it alive occasionally aborts the process)."""
-    import deepspeed.comm as dist
+    import torch.distributed as dist  # DeepSpeed's process group is torch's
 
     if dist.is_initialized():
         dist.barrier()

@@ -77,14 +77,15 @@ class Trainer:
 
     # -- state -------------------------------------------------------------------------------
     def state_dict(self) -> dict[str, Any]:
-        state: dict[str, Any] = {"step": self.step, "skipped_steps": self.skipped_steps}
+        # Not "skipped_steps": DeepSpeed keeps its own key of that name and drops it from the client state it returns.
+        state: dict[str, Any] = {"step": self.step, SKIPPED_KEY: self.skipped_steps}
         if hasattr(self.data, "state_dict"):
             state["data"] = self.data.state_dict()
         return state
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         self.step = int(state["step"])
-        self.skipped_steps = int(state.get("skipped_steps", 0))
+        self.skipped_steps = int(state.get(SKIPPED_KEY, 0))
         if "data" in state and hasattr(self.data, "load_state_dict"):
             self.data.load_state_dict(state["data"])
 
@@ -110,9 +111,12 @@ class Trainer:
         whether the step was skipped (a non-finite loss or gradient on any rank: weights and optimizer state
         are left as they were)."""
         set_lr(self.engine.optimizer, self.lr_schedule(self.step))
+        # Scalars stay on the device until the step ends: one host sync per step, not one per value and micro-batch
+        # (on a GPU each sync stalls the queue between forward and backward).
+        tensor_totals: dict[str, torch.Tensor] = {}
         totals: dict[str, float] = {}
         calls_before, skipped_before = (self.guard.calls, self.guard.skipped) if self.guard is not None else (0, 0)
-        nonfinite = False
+        nonfinite = torch.zeros((), dtype=torch.bool, device=self.engine.device)
         for micro in range(self.accumulation):
             torch.manual_seed(step_seed(self.seed, self.step, micro, self.rank))
             batch = dict(next(self.data))
@@ -120,19 +124,24 @@ class Trainer:
             batch = self._to_device(batch)
             outputs = self.loss_fn(self.engine, batch)
             loss = outputs["loss"]
-            if not torch.isfinite(loss):
-                if self.guard is None:
+            nonfinite = nonfinite | ~torch.isfinite(loss.detach())
+            if self.guard is None:
+                if nonfinite:
                     raise FloatingPointError(f"step {self.step + 1}: the loss is {loss.item()}; stopping")
-                nonfinite = True
-            if self.guard is not None:
-                self.guard.refuse = nonfinite  # at the boundary, the optimizer refuses the step on every rank
+            else:
+                # Read (one sync) at the boundary, where the optimizer refuses the step on every rank.
+                self.guard.refuse = nonfinite
             self.engine.backward(loss)
             self.engine.step()
             for key, value in outputs.items():
-                if torch.is_tensor(value) and value.ndim > 0:
-                    continue
-                value = value.detach() if torch.is_tensor(value) else value
-                totals[key] = totals.get(key, 0.0) + float(value) / self.accumulation
+                if torch.is_tensor(value):
+                    if value.ndim == 0:
+                        tensor_totals[key] = tensor_totals.get(key, 0.0) + value.detach().double() / self.accumulation
+                else:
+                    totals[key] = totals.get(key, 0.0) + float(value) / self.accumulation
+        if tensor_totals:
+            keys = list(tensor_totals)
+            totals.update(zip(keys, torch.stack([tensor_totals[k] for k in keys]).tolist(), strict=True))
         skipped = False
         if self.guard is not None:
             self.guard.refuse = False
@@ -200,7 +209,7 @@ class Trainer:
         """All-reduce a few scalars (``op``: ``sum`` or ``max``) over the ranks."""
         if self.world_size == 1 or not values:
             return values
-        import deepspeed.comm as dist
+        import torch.distributed as dist  # DeepSpeed's process group is torch's
 
         packed = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
         dist.all_reduce(packed, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
@@ -280,6 +289,9 @@ class Trainer:
                 signal.signal(sig, handler)
             bar.close()
         return last
+
+
+SKIPPED_KEY = "nonfinite_steps_skipped"
 
 
 class TrainingDiverged(RuntimeError):

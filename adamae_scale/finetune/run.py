@@ -2,8 +2,13 @@
 same engine, trainer, checkpoints and launchers as pre-training.
 
 source (init=) → classifier (encoder over all tokens, mean pooling, fc_norm, head) → layer-decayed AdamW →
-DeepSpeed engine → Trainer (mixup/cutmix, label smoothing) → checkpoints → multi-view evaluation
-(``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``).
+DeepSpeed engine → Trainer (repeated augmentation, mixup/cutmix, label smoothing, optional model EMA) →
+checkpoints → multi-view evaluation (``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``).
+
+Repeated augmentation: ``train.micro_batch_size`` counts views, ``finetune.repeated_aug`` of each decoded clip
+(``micro_batch_size / repeated_aug`` clips per micro-batch), as the reference's loader hands out
+``batch_size × num_sample`` views; the lr is scaled by the global batch in clips, as the reference scales it
+by its ``batch_size``.
 """
 
 from __future__ import annotations
@@ -27,7 +32,7 @@ from ..convert.io import atomic_output_dir
 from ..data import build_data, synthetic_config, validate_data
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..data.transforms import normalize_
-from ..engine import optim, setup
+from ..engine import optim, setup, stage
 from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
 from ..engine.collectives import any_rank, gather_objects
 from ..engine.disk import InsufficientSpaceError
@@ -37,6 +42,7 @@ from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
 from ..pretrain import engine_config
 from . import evaluate
+from .ema import ClassifierEma
 from .recipe import ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, classifier_config, classifier_state, load_source
 
@@ -45,6 +51,7 @@ def validate(cfg: Mapping[str, Any], weights: bool = True) -> tuple[EncoderSourc
     """Every check before a process group exists: (the source, the classifier's architecture, classes).
     ``weights=False``: the source's architecture only, not its tensors (the command's check before Hydra)."""
     schema.check_finetune(cfg)
+    check_options(cfg)
     source = load_source(cfg["init"], weights)
     if source.cfg is not None and cfg.get("model"):
         raise ValueError(
@@ -55,6 +62,31 @@ def validate(cfg: Mapping[str, Any], weights: bool = True) -> tuple[EncoderSourc
     model_cfg = schema.model_config(model_cfg.to_dict())
     validate_data(cfg["data"], model_cfg)
     return source, model_cfg, num_classes(cfg)
+
+
+def check_options(cfg: Mapping[str, Any]) -> None:
+    """``finetune.repeated_aug`` and ``finetune.model_ema*``: one-line errors naming the field."""
+    tune = cfg["finetune"]
+    repeats = tune["repeated_aug"]
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"finetune.repeated_aug={repeats!r}: expected an integer >= 1 (1 = off)")
+    micro = cfg["train"]["micro_batch_size"]
+    if tune["mode"] == "full" and micro % repeats:
+        raise ValueError(
+            f"train.micro_batch_size={micro}: it counts views, finetune.repeated_aug={repeats} of each clip, so it "
+            "must be a multiple of it (or set finetune.repeated_aug=1)"
+        )
+    if not isinstance(tune["model_ema"], bool):
+        raise ValueError(f"finetune.model_ema={tune['model_ema']!r}: expected true or false")
+    decay = tune["model_ema_decay"]
+    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
+        raise ValueError(f"finetune.model_ema_decay={decay!r}: expected a number in [0, 1)")
+    stage = setup.load_ds_config(cfg["ds"]).get("zero_optimization", {}).get("stage", 0)
+    if tune["model_ema"] and stage == 3:
+        raise ValueError(
+            f"finetune.model_ema=true needs the full weights on every rank, which ds={cfg['ds']} (ZeRO-3) partitions: "
+            "use ds=zero2 or finetune.model_ema=false"
+        )
 
 
 def num_classes(cfg: Mapping[str, Any]) -> int:
@@ -78,11 +110,27 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     source, model_cfg, classes = validate(cfg)
     env = setup.dist_env()
     train, tune = cfg["train"], cfg["finetune"]
-    global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size
-    peak_lr = optim.scaled_lr(train["base_lr"], global_batch)
-    min_lr = optim.scaled_lr(train["min_lr"], global_batch)
+    full = tune["mode"] == "full"
+    repeats = tune["repeated_aug"] if full else 1  # the linear probe has no augmentation to repeat
+    global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size  # views
+    peak_lr = optim.scaled_lr(train["base_lr"], global_batch // repeats)  # by clips, as the reference
+    min_lr = optim.scaled_lr(train["min_lr"], global_batch // repeats)
     warmup_steps = round(train["warmup_fraction"] * train["steps"])
     run_dir = Path(cfg["run_dir"])
+
+    with torch.device("meta"):
+        num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes).parameters())
+    ds, why = stage.resolve_ds(
+        cfg["ds"],
+        num_params,
+        env.world_size,
+        int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
+        stage.recorded_ds(train["resume"], run_dir / "checkpoints"),
+    )
+    if why is not None and env.rank == 0:
+        print(f"[adamae] ds={cfg['ds']} → {ds}: {why}", flush=True)
+    cfg = {**cfg, "ds": ds}
+    check_options(cfg)  # again, with the stage auto chose (model EMA needs whole weights)
 
     setup.init_distributed()
     metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": cfg["ds"]}
@@ -100,16 +148,25 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     state, report = classifier_state(source, expected)
     setup.load_weights(model, state, ds_config)
     groups = param_groups(model, tune["mode"], train["weight_decay"], tune["layer_decay"])
+    ema = None
+    if tune["model_ema"]:  # from the fp32 weights, before the engine casts them (and before checkpointing wraps)
+        ema = ClassifierEma(model, tune["model_ema_decay"], torch.bfloat16 if cfg["precision"] == "bf16" else None)
     optimizer = optim.adamw(groups, peak_lr, train["betas"], train["eps"], setup.offloads_optimizer(ds_config))
     setup.apply_activation_checkpointing(model.block_list(), tune["checkpoint_every"])
     engine = setup.initialize(model, optimizer, ds_config)
+    if ema is not None:
+        ema.to(engine.device)
     if env.rank == 0:
         trainable = sum(p.numel() for g in groups for p in g["params"])
+        batch = f"{global_batch}"
+        if repeats > 1:
+            batch += f" views ({global_batch // repeats} clips x {repeats})"
+        extras = f", model EMA {tune['model_ema_decay']}" if ema is not None else ""
         print(
             f"[adamae] finetune ({tune['mode']}) {model_cfg.name}: {classes} classes, "
             f"{trainable / 1e6:.2f}M trainable, "
             f"clip {model_cfg.num_frames}x{model_cfg.img_size[0]}x{model_cfg.img_size[1]}; world {env.world_size}, "
-            f"global batch {global_batch}, peak lr {peak_lr:.3g}, {cfg['precision']}, ds={cfg['ds']}\n"
+            f"global batch {batch}, peak lr {peak_lr:.3g}{extras}, {cfg['precision']}, ds={cfg['ds']}\n"
             f"[adamae] {report.summary()}",
             flush=True,
         )
@@ -117,14 +174,16 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
     mix = None
-    if tune["mode"] == "full" and (tune["mixup"] > 0 or tune["cutmix"] > 0):
+    if full and (tune["mixup"] > 0 or tune["cutmix"] > 0):
         mix = ClipMixup(tune["mixup"], tune["cutmix"], tune["mixup_switch_prob"], tune["label_smoothing"], classes)
-    full = tune["mode"] == "full"
     objective = ClassificationObjective(classes, tune["label_smoothing"], mix, tune["random_erasing"] if full else 0.0)
-    train_data = {**cfg["data"], "rand_augment": tune["rand_augment"] if full else None}
+    train_data = {**cfg["data"], "rand_augment": tune["rand_augment"] if full else None, "repeated_aug": repeats}
     data = build_data(train_data, model_cfg, train["micro_batch_size"], env.rank, env.world_size)
     resume_step = resume_from.step if resume_from is not None else 0
-    trainer = Trainer(
+    hooks: list[Any] = [ema.step_hook] if ema is not None else []  # first: validation sees the updated average
+    if cfg["eval"]["every"] > 0:
+        hooks.append(ValidationHook(cfg, model_cfg, env, ema))
+    trainer = FinetuneTrainer(
         engine,
         objective,
         data,
@@ -135,10 +194,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         global_batch,
         cfg["seed"],
         train["log_every"],
-        hooks=[ValidationHook(cfg, model_cfg, env)] if cfg["eval"]["every"] > 0 else [],
+        hooks=hooks,
         max_skipped_in_a_row=train["max_skipped_in_a_row"],
         loss_spike_factor=train["loss_spike_factor"],
         name="finetune",
+        ema=ema,
     )
     trainer.resume(resume_from)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": trainer.step}
@@ -150,7 +210,11 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     elif trainer.step >= train["steps"] or cfg["eval_only"]:
         if not cfg["eval_only"]:
             save_classifier(engine, model_cfg, classes, run_dir / "model", env)
-        summary["eval"] = final_evaluation(engine, cfg, model_cfg, classes, env, run_dir)
+            if ema is not None and env.rank == 0:
+                write_classifier(ema.state_dict(), model_cfg, classes, run_dir / "model_ema", tune["model_ema_decay"])
+        # eval_only without a checkpoint holding an average: there is no EMA to report.
+        tested_ema = ema if ema is not None and (trainer.ema_restored or not cfg["eval_only"]) else None
+        summary["eval"] = final_evaluation(engine, cfg, model_cfg, classes, env, run_dir, tested_ema)
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.logger.close()
@@ -169,15 +233,57 @@ def save_classifier(engine: Any, model_cfg: AdaMAEConfig, classes: int, out_dir:
             if env.rank == 0:
                 state[name] = param.detach().float().cpu().clone()
     if env.rank == 0:
-        config = {
-            "format": FORMAT_CLASSIFIER,
-            "format_version": FORMAT_VERSION,
-            "model": model_cfg.to_dict(),
-            "num_classes": classes,
-            "source": {"kind": "adamae-finetune", "run_dir": str(out_dir.parent.absolute())},
-        }
-        with atomic_output_dir(out_dir, overwrite=True) as tmp:
-            write_folder(tmp, state, config, torch.float32)
+        write_classifier(state, model_cfg, classes, out_dir)
+
+
+def write_classifier(
+    state: dict[str, torch.Tensor],
+    model_cfg: AdaMAEConfig,
+    classes: int,
+    out_dir: Path,
+    ema_decay: float | None = None,
+) -> None:
+    """``state`` as a classifier weight folder (``RUN_DIR/model``, or ``RUN_DIR/model_ema`` for the average)."""
+    source: dict[str, Any] = {"kind": "adamae-finetune", "run_dir": str(out_dir.parent.absolute())}
+    if ema_decay is not None:
+        source["model_ema_decay"] = ema_decay
+    config = {
+        "format": FORMAT_CLASSIFIER,
+        "format_version": FORMAT_VERSION,
+        "model": model_cfg.to_dict(),
+        "num_classes": classes,
+        "source": source,
+    }
+    with atomic_output_dir(out_dir, overwrite=True) as tmp:
+        write_folder(tmp, state, config, torch.float32)
+
+
+class FinetuneTrainer(Trainer):
+    """The trainer, with the model EMA (if any) in its checkpointed state: a resumed run averages on exactly as
+    the uninterrupted one. The average travels in DeepSpeed's client state, written by rank 0 only (under ZeRO
+    0-2 the model-states file is rank 0's, and every rank holds the same average)."""
+
+    def __init__(self, *args: Any, ema: ClassifierEma | None = None, **kwargs: Any):
+        super().__init__(*args, **kwargs)
+        self.ema = ema
+        self.ema_restored = False
+
+    def state_dict(self) -> dict[str, Any]:
+        state = super().state_dict()
+        if self.ema is not None and self.rank == 0:
+            state["ema"] = self.ema.state_dict()
+        return state
+
+    def load_state_dict(self, state: Mapping[str, Any]) -> None:
+        super().load_state_dict(state)
+        if self.ema is None:
+            return
+        if "ema" in state:
+            self.ema.load_state_dict(state["ema"])
+            self.ema_restored = True
+            return
+        self.ema.reset(self.engine.module)
+        self._say(f"[adamae] resume: the checkpoint holds no model EMA; the average starts at step {self.step}")
 
 
 def _full_shape(param: torch.nn.Parameter) -> torch.Size:
@@ -235,16 +341,18 @@ def final_evaluation(
     classes: int,
     env: setup.DistEnv,
     run_dir: Path,
+    ema: ClassifierEma | None = None,
 ) -> dict[str, Any]:
     """The multi-view test: softmax averaged over each video's views; rank 0 gathers every rank's predictions,
-    writes ``eval.json`` and ``predictions.jsonl``; every rank returns the metrics."""
+    writes ``eval.json`` and ``predictions.jsonl``; every rank returns the metrics. With ``ema``, the averaged
+    weights are tested on the same decoded views too: ``ema_top1`` … in ``eval.json``, ``predictions_ema.jsonl``."""
     views_cfg = cfg["eval"]
     views = views_cfg["temporal_views"] * views_cfg["spatial_views"]
     chunk = views_cfg["micro_batch_size"]
     skipped: list[str] = []
     items = rank_views(cfg, model_cfg, env, skipped)
     idle = torch.zeros(1, model_cfg.in_chans, model_cfg.num_frames, *model_cfg.img_size)
-    local = []
+    local, local_ema = [], []
     engine.eval()
     while True:
         item = next(items, None)
@@ -257,9 +365,16 @@ def final_evaluation(
         if item is not None:
             index, key, label, _ = item
             local.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
+            if ema is not None:  # a plain module on this rank: no lock step needed
+                logits = torch.cat([ema(part.to(engine.device)) for part in clips.split(chunk)]).float()
+                local_ema.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
     engine.train()
     predictions = evaluate.gather_predictions(local)
     metrics, rows = evaluate.summarize(predictions, classes)
+    ema_rows: list[dict[str, Any]] = []
+    if ema is not None:
+        ema_metrics, ema_rows = evaluate.summarize(evaluate.gather_predictions(local_ema), classes)
+        metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "videos"})
     skipped_all = [line for part in gather_objects(skipped) for line in part]
     metrics.update(
         {
@@ -271,34 +386,45 @@ def final_evaluation(
     if env.rank == 0:
         (run_dir / "eval.json").write_text(json.dumps({**metrics, "skipped_videos": skipped_all[:100]}, indent=2))
         (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+        if ema is not None:
+            (run_dir / "predictions_ema.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ema_rows))
     return metrics
 
 
 class ValidationHook:
-    """Every ``eval.every`` steps: single-view top-1 on ``eval.batches`` held-out batches, logged as ``val_top1``."""
+    """Every ``eval.every`` steps: single-view top-1 on ``eval.batches`` held-out batches, logged as ``val_top1``
+    (and ``val_ema_top1`` for the model EMA's weights)."""
 
-    def __init__(self, cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv):
+    def __init__(
+        self, cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, ema: ClassifierEma | None = None
+    ):
         held_out = {**cfg["data"], "seed": cfg["data"].get("eval_seed", 1_000_003)}
         stream = build_data(held_out, model_cfg, cfg["eval"]["micro_batch_size"], env.rank, env.world_size)
         self.batches = [next(stream) for _ in range(cfg["eval"]["batches"])]
         self.every = cfg["eval"]["every"]
+        self.ema = ema
 
     @torch.no_grad()
     def __call__(self, trainer: Trainer, last_step: bool) -> None:
         if trainer.step % self.every:
             return
         trainer.engine.eval()
-        hits = total = 0
+        hits = ema_hits = total = 0
         for batch in self.batches:
-            logits = trainer.engine(batch["video"].to(trainer.engine.device))
-            hits += int((logits.argmax(-1).cpu() == batch["label"]).sum())
+            video = batch["video"].to(trainer.engine.device)
+            hits += int((trainer.engine(video).argmax(-1).cpu() == batch["label"]).sum())
+            if self.ema is not None:
+                ema_hits += int((self.ema(video).argmax(-1).cpu() == batch["label"]).sum())
             total += len(batch["label"])
         trainer.engine.train()
-        counts = torch.tensor([float(hits), float(total)])
+        counts = torch.tensor([float(hits), float(ema_hits), float(total)])
         if torch.distributed.is_initialized() and trainer.world_size > 1:
             counts = counts.to(trainer.engine.device)
             torch.distributed.all_reduce(counts)
-        trainer.logger.log(trainer.step, {"val_top1": float(counts[0] / counts[1].clamp(min=1.0))})
+        values = {"val_top1": float(counts[0] / counts[2].clamp(min=1.0))}
+        if self.ema is not None:
+            values["val_ema_top1"] = float(counts[1] / counts[2].clamp(min=1.0))
+        trainer.logger.log(trainer.step, values)
 
 
 # -- entry point ---------------------------------------------------------------------------------------------------
@@ -320,7 +446,9 @@ def _hydra_main(cfg: DictConfig) -> None:
             print(
                 f"[adamae] done: {summary['steps']} steps; {ev['videos']} videos, "
                 f"{ev['temporal_views']}x{ev['spatial_views']} views: top-1 {ev['top1']:.3f}, top-5 {ev['top5']:.3f}, "
-                f"mean class {ev['mean_class_accuracy']:.3f}; {summary['run_dir']}/eval.json",
+                f"mean class {ev['mean_class_accuracy']:.3f}"
+                + (f"; EMA top-1 {ev['ema_top1']:.3f}, top-5 {ev['ema_top5']:.3f}" if "ema_top1" in ev else "")
+                + f"; {summary['run_dir']}/eval.json",
                 flush=True,
             )
         else:

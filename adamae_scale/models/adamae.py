@@ -15,7 +15,7 @@ from torch import nn
 
 from .layers import Block, Linear, TubeletEmbed, sincos_table_1d, sincos_table_3d, trunc_normal
 from .masking import STRATEGIES, TokenLayout, num_visible_tokens, sample_mask, split_indices
-from .sampler import TokenSampler, token_log_probs
+from .sampler import SAMPLER_PRECISIONS, TokenSampler, token_log_probs
 
 
 @dataclass
@@ -45,6 +45,7 @@ class AdaMAEConfig:
     mask_ratio: float = 0.95
     sampler_num_heads: int = 8
     sampler_dropout: float = 0.1
+    sampler_precision: str = "fp32"  # fp32 (reference) | tf32 | bf16: the sampler block only (models/sampler.py)
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -52,6 +53,10 @@ class AdaMAEConfig:
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
         if self.masking not in STRATEGIES:
             raise ValueError(f"masking.strategy must be one of {STRATEGIES}, got {self.masking!r}")
+        if self.sampler_precision not in SAMPLER_PRECISIONS:
+            raise ValueError(
+                f"model.sampler_precision must be one of {SAMPLER_PRECISIONS}, got {self.sampler_precision!r}"
+            )
         if self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
         for axis, size in zip(("height", "width"), self.img_size, strict=True):
@@ -157,7 +162,9 @@ class AdaMAE(nn.Module):
         self.cfg = cfg
         self.encoder = Encoder(cfg)
         self.sampler = (
-            TokenSampler(cfg.embed_dim, cfg.num_tokens, cfg.sampler_num_heads, cfg.sampler_dropout)
+            TokenSampler(
+                cfg.embed_dim, cfg.num_tokens, cfg.sampler_num_heads, cfg.sampler_dropout, cfg.sampler_precision
+            )
             if cfg.masking == "adaptive"
             else None
         )

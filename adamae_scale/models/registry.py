@@ -12,7 +12,7 @@ from omegaconf import DictConfig, ListConfig, OmegaConf
 from .adamae import AdaMAE, AdaMAEConfig
 
 # Keys of a model config that configure how the engine runs the model, not the network itself.
-ENGINE_KEYS = ("checkpoint_every",)
+ENGINE_KEYS = ("checkpoint_every", "checkpoint_offload")
 
 
 def config_dir():

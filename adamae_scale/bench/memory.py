@@ -1,18 +1,9 @@
-"""How much memory a model needs per rank under a ZeRO stage, and a measured check of it.
+"""``adamae-bench memory``: how much memory a model needs per rank under a ZeRO stage, and a measured check.
 
-Model states per rank for P parameters on N ranks, as this project trains them (fp32 weights with
-bf16 autocast, or fp32; AdamW):
-
-| state | bytes | partitioned over N from |
-| --- | --- | --- |
-| parameters (fp32) | 4P | ZeRO-3 |
-| gradients (fp32) | 4P | ZeRO-2 |
-| optimizer: fp32 master partition + Adam exp_avg + exp_avg_sq | 4P + 8P (ZeRO >= 1), 8P (ZeRO-0) | ZeRO-1 |
-
-ZeRO keeps its own fp32 copy of each rank's partition beside the module's weights (it cannot alias
-them), hence the master term. Offload moves parameters and/or optimizer states to host memory.
-Activations are not modelled: they depend on batch, tokens and checkpointing; ``run=true`` measures
-the whole peak.
+The model-state figures (parameters, gradients, AdamW and ZeRO's fp32 master, as ``engine.stage`` counts them
+to choose ``ds=auto``) come from the model's size alone. Activations are not modelled: they depend on batch,
+tokens and checkpointing; ``run=true`` measures the whole peak of real ``adamae-pretrain`` steps, which is why
+this benchmark launches training and lives beside the other benchmarks rather than in the engine.
 """
 
 from __future__ import annotations
@@ -23,8 +14,12 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+from ..engine.setup import load_ds_config
+from ..engine.stage import model_state_bytes, resolve_ds
 from ..metrics import read_metrics
-from .setup import load_ds_config
+from .settings import flag, integer
+
+DEFAULTS = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "false", "steps": "2"}
 
 
 def zero_stage_and_offload(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:
@@ -34,26 +29,9 @@ def zero_stage_and_offload(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:
     return int(zero.get("stage", 0)), offload_opt, offload_param
 
 
-def model_state_bytes(
-    num_params: int, world_size: int, stage: int, offload_optimizer: bool = False, offload_param: bool = False
-) -> dict[str, dict[str, int]]:
-    """Bytes per rank of parameters, gradients and optimizer states, on the device and on the host."""
-    n = max(world_size, 1)
-    params = 4 * num_params // (n if stage >= 3 else 1)
-    grads = 4 * num_params // (n if stage >= 2 else 1)
-    optimizer = (12 if stage >= 1 else 8) * num_params // (n if stage >= 1 else 1)
-    device = {
-        "params": 0 if offload_param else params,
-        "grads": grads,
-        "optimizer": 0 if offload_optimizer else optimizer,
-    }
-    host = {"params": params if offload_param else 0, "grads": 0, "optimizer": optimizer if offload_optimizer else 0}
-    device["total"] = sum(device.values())
-    host["total"] = sum(host.values())
-    return {"device": device, "host": host}
-
-
 def estimate(model: str, ds: str, world_size: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Model states per rank of ``model`` under ``ds`` (``auto`` resolved as ``adamae-pretrain`` would on
+    ``world_size`` ranks of this machine) on ``world_size`` ranks."""
     import torch
 
     from ..models import build_model, config_for
@@ -61,6 +39,7 @@ def estimate(model: str, ds: str, world_size: int, overrides: dict[str, Any] | N
     cfg = config_for(model, **(overrides or {}))
     with torch.device("meta"):
         num_params = build_model(cfg).num_params()
+    ds, _ = resolve_ds(ds, num_params, world_size, world_size)
     stage, offload_opt, offload_param = zero_stage_and_offload(load_ds_config(ds))
     states = model_state_bytes(num_params, world_size, stage, offload_opt, offload_param)
     return {
@@ -122,20 +101,18 @@ def measure(model: str, ds: str, world_size: int, overrides: list[str], steps: i
     }
 
 
-DEFAULTS = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "false", "steps": "2"}
-
-
 def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     """The model's figures for ``options`` (see ``DEFAULTS``), and the measured peak when ``run`` is true;
     ``overrides`` go to adamae-pretrain (``model.*`` ones also shape the model)."""
+    world_size = integer("memory", options, "world_size", 1)
+    steps = integer("memory", options, "steps", 1)
+    measured = flag("memory", options, "run")
     model_overrides = {
         k.split(".", 1)[1]: _literal(v) for k, _, v in (o.partition("=") for o in overrides) if k.startswith("model.")
     }
-    report = estimate(options["model"], options["ds"], int(options["world_size"]), model_overrides)
-    if options["run"].lower() in ("1", "true", "yes"):
-        report.update(
-            measure(options["model"], options["ds"], int(options["world_size"]), overrides, int(options["steps"]))
-        )
+    report = estimate(options["model"], options["ds"], world_size, model_overrides)
+    if measured:
+        report.update(measure(options["model"], report["ds"], world_size, overrides, steps))
     return report
 
 
