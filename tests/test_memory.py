@@ -25,14 +25,15 @@ def test_zero_stages_partition_what_they_should():
     assert z3["device"]["total"] == 4 * p // n  # only the gradient partition stays on the device
 
 
-def test_bench_memory_reports_model_and_measured_peak():
+@pytest.mark.parametrize("engine", [["ds=zero2"], ["engine=fairscale", "sharding=oss"]], ids=["deepspeed", "fairscale"])
+def test_bench_memory_reports_model_and_measured_peak(engine):
     cmd = [
         sys.executable,
         "-m",
         "adamae_scale.bench",
         "memory",
         "model=vit_tiny",
-        "ds=zero2",
+        *engine,
         "world_size=2",
         "run=true",
         "steps=2",
@@ -46,8 +47,13 @@ def test_bench_memory_reports_model_and_measured_peak():
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads(proc.stdout.strip().splitlines()[-1])
-    assert report["zero_stage"] == 2 and report["world_size"] == 2
-    assert 1_000_000 < report["params"] < 3_000_000
+    assert report["world_size"] == 2 and 1_000_000 < report["params"] < 3_000_000
+    p = report["params"]
+    if report["engine"] == "deepspeed":  # ZeRO-2: grads and AdamW + fp32 master sharded
+        assert report["zero_stage"] == 2 and report["bytes_per_rank"]["optimizer"] == 12 * p // 2
+    else:  # OSS: AdamW moments sharded, no separate master copy, gradients whole
+        assert report["sharding"] == "oss" and report["zero_stage"] == 1
+        assert report["bytes_per_rank"]["optimizer"] == 8 * p // 2 and report["bytes_per_rank"]["grads"] == 4 * p
     assert report["bytes_per_rank"]["total"] == sum(
         report["bytes_per_rank"][k] for k in ("params", "grads", "optimizer")
     )
@@ -58,8 +64,13 @@ def test_bench_memory_reports_model_and_measured_peak():
 def test_bench_memory_rejects_bad_settings_in_one_line(capsys):
     from adamae_scale.bench import main
 
-    for setting, expected in (("run=maybe", "run=maybe: expected true or false"), ("world_size=0", "world_size=0")):
-        assert main(["memory", setting]) == 2
+    for setting, expected in (
+        ("run=maybe", "run=maybe: expected true or false"),
+        ("world_size=0", "world_size=0"),
+        ("engine=horovod", "engine='horovod': expected deepspeed or fairscale"),
+        ("engine=fairscale sharding=zero9", "sharding='zero9': expected one of"),
+    ):
+        assert main(["memory", *setting.split()]) == 2
         line = one_line_error(capsys.readouterr().err, "adamae-bench")
         assert line.startswith("adamae-bench: error: memory: ") and expected in line
 

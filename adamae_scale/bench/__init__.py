@@ -91,7 +91,8 @@ def register_memory(sub: argparse._SubParsersAction) -> None:
         help="per-rank memory of a model under a ZeRO stage (model and, with run=true, measured)",
         description="Prints params and bytes_per_rank (params, grads, optimizer, total) implied by the ZeRO stage "
         "and precision; with run=true also measured_peak_bytes_per_rank from real pre-training steps "
-        "(micro-batch 1, launched with torchrun for world_size > 1). Settings: model=NAME ds=NAME "
+        "(micro-batch 1, launched with torchrun for world_size > 1). Settings: model=NAME "
+        "engine=deepspeed|fairscale ds=NAME (DeepSpeed) sharding=oss|oss_sdp|fsdp (fairscale) "
         "world_size=N run=true|false steps=K; any other key=value is passed to adamae-pretrain "
         "(e.g. precision=bf16 model.checkpoint_every=1).",
     )

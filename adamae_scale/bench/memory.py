@@ -19,7 +19,17 @@ from ..engine.stage import model_state_bytes, resolve_ds
 from ..metrics import read_metrics
 from .settings import flag, integer
 
-DEFAULTS = {"model": "vit_large", "ds": "zero3", "world_size": "1", "run": "false", "steps": "2"}
+DEFAULTS = {
+    "model": "vit_large",
+    "engine": "deepspeed",
+    "ds": "zero3",
+    "sharding": "oss_sdp",
+    "world_size": "1",
+    "run": "false",
+    "steps": "2",
+}
+# engine=fairscale: the ZeRO stage each sharding matches (what is partitioned over the ranks).
+FAIRSCALE_STAGES = {"oss": 1, "oss_sdp": 2, "fsdp": 3}
 
 
 def zero_stage_and_offload(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:
@@ -29,9 +39,16 @@ def zero_stage_and_offload(ds_config: dict[str, Any]) -> tuple[int, bool, bool]:
     return int(zero.get("stage", 0)), offload_opt, offload_param
 
 
-def estimate(model: str, ds: str, world_size: int, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Model states per rank of ``model`` under ``ds`` (``auto`` resolved as ``adamae-pretrain`` would on
-    ``world_size`` ranks of this machine) on ``world_size`` ranks."""
+def estimate(
+    model: str,
+    ds: str,
+    world_size: int,
+    overrides: dict[str, Any] | None = None,
+    engine: str = "deepspeed",
+    sharding: str = "oss_sdp",
+) -> dict[str, Any]:
+    """Model states per rank of ``model`` on ``world_size`` ranks under DeepSpeed's ``ds`` (``auto`` resolved as
+    ``adamae-pretrain`` would on ``world_size`` ranks of this machine) or fairscale's ``sharding``."""
     import torch
 
     from ..models import build_model, config_for
@@ -39,27 +56,42 @@ def estimate(model: str, ds: str, world_size: int, overrides: dict[str, Any] | N
     cfg = config_for(model, **(overrides or {}))
     with torch.device("meta"):
         num_params = build_model(cfg).num_params()
-    ds, _ = resolve_ds(ds, num_params, world_size, world_size)
-    stage, offload_opt, offload_param = zero_stage_and_offload(load_ds_config(ds))
-    states = model_state_bytes(num_params, world_size, stage, offload_opt, offload_param)
+    if engine == "fairscale":
+        if sharding not in FAIRSCALE_STAGES:
+            raise ValueError(f"memory: sharding={sharding!r}: expected one of {sorted(FAIRSCALE_STAGES)}")
+        stage = FAIRSCALE_STAGES[sharding]
+        states = model_state_bytes(num_params, world_size, stage, master_copy=False)
+        where = {"engine": engine, "sharding": sharding}
+        note = "model states only (fp32 weights, fp32 grads, AdamW moments); activations excluded"
+    elif engine == "deepspeed":
+        ds, _ = resolve_ds(ds, num_params, world_size, world_size)
+        stage, offload_opt, offload_param = zero_stage_and_offload(load_ds_config(ds))
+        states = model_state_bytes(num_params, world_size, stage, offload_opt, offload_param)
+        where = {"engine": engine, "ds": ds}
+        note = "model states only (fp32 weights, fp32 grads, AdamW + ZeRO fp32 master); activations excluded"
+    else:
+        raise ValueError(f"memory: engine={engine!r}: expected deepspeed or fairscale")
     return {
         "model": model,
-        "ds": ds,
+        **where,
         "zero_stage": stage,
         "world_size": world_size,
         "params": num_params,
         "bytes_per_rank": {**states["device"]},
         "host_bytes_per_rank": {**states["host"]},
-        "note": "model states only (fp32 weights, fp32 grads, AdamW + ZeRO fp32 master); activations excluded",
+        "note": note,
     }
 
 
-def measure(model: str, ds: str, world_size: int, overrides: list[str], steps: int = 2) -> dict[str, Any]:
-    """Peak memory per rank of ``steps`` real pre-training steps (resident set size on CPU)."""
+def measure(
+    model: str, engine_args: list[str], world_size: int, overrides: list[str], steps: int = 2
+) -> dict[str, Any]:
+    """Peak memory per rank of ``steps`` real pre-training steps (resident set size on CPU); ``engine_args``:
+    ``ds=...`` or ``engine=fairscale engine.sharding=...``."""
     with tempfile.TemporaryDirectory(prefix="adamae-mem-") as run_dir:
         args = [
             f"model={model}",
-            f"ds={ds}",
+            *engine_args,
             f"train.steps={steps}",
             "train.micro_batch_size=1",
             "train.ckpt_every=0",
@@ -110,9 +142,15 @@ def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
     model_overrides = {
         k.split(".", 1)[1]: _literal(v) for k, _, v in (o.partition("=") for o in overrides) if k.startswith("model.")
     }
-    report = estimate(options["model"], options["ds"], world_size, model_overrides)
+    engine = options["engine"]
+    report = estimate(options["model"], options["ds"], world_size, model_overrides, engine, options["sharding"])
     if measured:
-        report.update(measure(options["model"], report["ds"], world_size, overrides, steps))
+        engine_args = (
+            [f"ds={report['ds']}"]
+            if engine == "deepspeed"
+            else ["engine=fairscale", f"engine.sharding={report['sharding']}"]
+        )
+        report.update(measure(options["model"], engine_args, world_size, overrides, steps))
     return report
 
 

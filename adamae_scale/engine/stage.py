@@ -34,13 +34,20 @@ STATE_BUDGET = 0.4
 
 
 def model_state_bytes(
-    num_params: int, world_size: int, stage: int, offload_optimizer: bool = False, offload_param: bool = False
+    num_params: int,
+    world_size: int,
+    stage: int,
+    offload_optimizer: bool = False,
+    offload_param: bool = False,
+    master_copy: bool = True,
 ) -> dict[str, dict[str, int]]:
-    """Bytes per rank of parameters, gradients and optimizer states, on the device and on the host."""
+    """Bytes per rank of parameters, gradients and optimizer states, on the device and on the host.
+    ``master_copy=False``: a sharding that steps the module's own fp32 weights (fairscale's OSS and FSDP) and
+    keeps no separate fp32 partition."""
     n = max(world_size, 1)
     params = 4 * num_params // (n if stage >= 3 else 1)
     grads = 4 * num_params // (n if stage >= 2 else 1)
-    optimizer = (12 if stage >= 1 else 8) * num_params // (n if stage >= 1 else 1)
+    optimizer = (12 if stage >= 1 and master_copy else 8) * num_params // (n if stage >= 1 else 1)
     device = {
         "params": 0 if offload_param else params,
         "grads": grads,
