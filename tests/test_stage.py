@@ -11,7 +11,7 @@ def test_one_rank_runs_without_zero_and_several_ranks_take_the_cheapest_stage_th
     assert choose_stage(86_000_000, 1, 80 * GIB)[0] == "zero0"
     assert choose_stage(10_000_000_000, 1, 80 * GIB)[0] == "zero0"  # one rank: sharding frees nothing
     vit_h = 632_000_000  # 16 B/param unsharded = 10 GB
-    assert choose_stage(vit_h, 8, 80 * GIB)[0] == "zero1"
+    assert choose_stage(vit_h, 8, 80 * GIB)[0] == "zero0"  # 10 GB of states fit: no sharding, no bookkeeping
     # 40% of 16 GiB = 6.4 GiB: ZeRO-1 on 8 ranks needs 4+4+12/8 = 9.5 B/param = 5.6 GiB
     assert choose_stage(vit_h, 8, 16 * GIB)[0] == "zero1"
     stage, why = choose_stage(vit_h, 8, 10 * GIB)  # 4 GiB budget: ZeRO-2 (4 + 16/8 B/param = 3.5 GiB)

@@ -244,6 +244,10 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
         ZERO_SUPPORTED_OPTIMIZERS.append(cls)
 
     engine, *_ = deepspeed.initialize(model=model, optimizer=optimizer, config=ds_config, dist_init_required=True)
+    if engine.zero_optimization_stage() == 0 and engine.dp_world_size == 1:
+        # One data-parallel rank: DeepSpeed would still flatten every gradient into buckets, "all-reduce" them
+        # alone, divide by 1 and copy them back each step (ViT-L: 1.3 GB of copies, a third of a CPU step).
+        engine.enable_backward_allreduce = False
     return engine
 
 

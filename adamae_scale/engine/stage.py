@@ -4,7 +4,9 @@ ZeRO buys memory with bookkeeping. On one rank there is nothing to shard, and th
 ZeRO-1 on one CPU rank copies every gradient into and out of flat buckets, divides them and steps AdamW over
 a flat fp32 partition, which made a ViT-B step 2.2× the plain-torch step (``PERF_NOTES.md``: 1.41 s of
 copies alone), while ZeRO-0 runs within a few percent of it. With several ranks, the cheapest stage whose
-model states fit is chosen, in the order ZeRO-1, ZeRO-2, ZeRO-3 (measured in README, "Performance").
+model states fit is chosen, in the order ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3: on 2 CPU ranks a ViT-B step took
+4.35 / 5.04 / 5.59 s under ZeRO-0 / 1 / 2 (README, "Performance"), so sharding is bought only when memory
+needs it.
 
 Model states per rank for P parameters on N ranks, as this project trains them (fp32 weights with
 bf16 autocast, or fp32; AdamW):
@@ -72,7 +74,7 @@ def choose_stage(num_params: int, world_size: int, memory_bytes: int) -> tuple[s
     if world_size == 1:
         return "zero0", "one rank: nothing to shard, and ZeRO's flat-buffer bookkeeping would only cost time"
     budget = STATE_BUDGET * memory_bytes
-    for stage in (1, 2, 3):
+    for stage in (0, 1, 2, 3):
         need = model_state_bytes(num_params, world_size, stage)["device"]["total"]
         if need <= budget or stage == 3:
             fits = "fit" if need <= budget else "do not fit even sharded; try ds=zero3_offload"
