@@ -56,15 +56,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     engine_name = engines.engine_name(cfg)
     if engine_name == "deepspeed":
-        ds, why = stage.resolve_ds(
-            cfg["ds"],
-            num_params,
-            env.world_size,
-            int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
-            stage.recorded_ds(train["resume"], run_dir / "checkpoints"),
+        ds = stage.resolve_for_run(
+            cfg["ds"], num_params, env.world_size, env.rank, train["resume"], run_dir / "checkpoints"
         )
-        if why is not None and env.rank == 0:
-            print(f"[adamae] ds={cfg['ds']} → {ds}: {why}", flush=True)
         cfg = {**cfg, "ds": ds}
         engine_label = f"ds={ds}"
     else:

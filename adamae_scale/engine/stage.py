@@ -115,3 +115,13 @@ def resolve_ds(
     if recorded is not None:
         return recorded, "the stage the resumed checkpoint was written with"
     return choose_stage(num_params, world_size, rank_memory_bytes(local_world_size))
+
+
+def resolve_for_run(ds: str, num_params: int, world_size: int, rank: int, resume: Any, checkpoints: Path) -> str:
+    """``resolve_ds`` for a run about to start (``train.resume`` and its checkpoint folder say what it continues),
+    printing the choice on rank 0 when ``auto`` made one."""
+    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
+    resolved, why = resolve_ds(ds, num_params, world_size, local_world_size, recorded_ds(resume, checkpoints))
+    if why is not None and rank == 0:
+        print(f"[adamae] ds={ds} → {resolved}: {why}", flush=True)
+    return resolved

@@ -120,15 +120,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
 
     with torch.device("meta"):
         num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes).parameters())
-    ds, why = stage.resolve_ds(
-        cfg["ds"],
-        num_params,
-        env.world_size,
-        int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size)),
-        stage.recorded_ds(train["resume"], run_dir / "checkpoints"),
+    ds = stage.resolve_for_run(
+        cfg["ds"], num_params, env.world_size, env.rank, train["resume"], run_dir / "checkpoints"
     )
-    if why is not None and env.rank == 0:
-        print(f"[adamae] ds={cfg['ds']} → {ds}: {why}", flush=True)
     cfg = {**cfg, "ds": ds}
     check_options(cfg)  # again, with the stage auto chose (model EMA needs whole weights)
 
