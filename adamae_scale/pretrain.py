@@ -55,11 +55,13 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     check_free_space(run_dir, checkpoint_bytes, "the first checkpoint")
 
     engine_name = engines.engine_name(cfg)
+    engine_fields: dict[str, Any] = {"engine": engine_name}  # recorded with every checkpoint
     if engine_name == "deepspeed":
         ds = stage.resolve_for_run(
             cfg["ds"], num_params, env.world_size, env.rank, train["resume"], run_dir / "checkpoints"
         )
         cfg = {**cfg, "ds": ds}
+        engine_fields["ds"] = ds
         engine_label = f"ds={ds}"
     else:
         engine_label = f"engine={engine_name} ({cfg['engine'].get('sharding')})"
@@ -68,11 +70,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     metadata = {
         "model": model_cfg.to_dict(),
         "precision": cfg["precision"],
-        "engine": engine_name,
+        **engine_fields,
         "loss_target": cfg["loss"]["target"],  # how to read the decoder's output (visualisation)
     }
-    if engine_name == "deepspeed":
-        metadata["ds"] = cfg["ds"]
     checkpointer = Checkpointer(
         run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"], checkpoint_bytes
     )
@@ -169,13 +169,18 @@ def build_engine(cfg: dict[str, Any], model_cfg: AdaMAEConfig, ds_config: dict[s
         cpu_offload=backend.offloads_optimizer(),
         constant_lr_prefixes=train["constant_lr_params"],
     )
-    if train.get("compile", False):  # before checkpointing, which then recomputes the compiled blocks
-        setup.compile_blocks([*model.blocks(), *([model.sampler.block] if model.sampler is not None else [])])
+    compile_if_asked(cfg, model)  # before checkpointing, which then recomputes the compiled blocks
     model_section = cfg["model"]
     backend.checkpoint_activations(
         model.blocks(), model_section.get("checkpoint_every", 0), model_section.get("checkpoint_offload", False)
     )
     return backend.initialize(model, optimizer)
+
+
+def compile_if_asked(cfg: dict[str, Any], model: AdaMAE) -> None:
+    """``train.compile``: the transformer blocks, the sampler's included (``setup.compile_blocks``)."""
+    if cfg["train"].get("compile", False):
+        setup.compile_blocks([*model.blocks(), *([model.sampler.block] if model.sampler is not None else [])])
 
 
 def focus_report(engine: Any, cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv) -> dict[str, float]:

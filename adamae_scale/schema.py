@@ -290,7 +290,7 @@ def check_resume(resume: Any) -> None:
     path = Path(str(resume))
     if not path.is_dir():
         raise ValueError(f"train.resume={resume}: no such folder (expected auto, none or a checkpoint folder)")
-    if not any(path.glob("*model_states.pt")) and not fairscale_engine.is_checkpoint(path):
+    if not engines.is_checkpoint_folder(path):
         raise ValueError(
             f"train.resume={resume}: not a checkpoint folder (no *model_states.pt or {fairscale_engine.META_FILE} "
             "inside; expected RUN_DIR/checkpoints/step_NNNNNNNN)"

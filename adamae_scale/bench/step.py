@@ -29,7 +29,6 @@ on a busy machine compare figures from one run, and repeat runs to see the sprea
 from __future__ import annotations
 
 import gc
-import os
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -43,7 +42,7 @@ from torch import nn
 from .. import schema
 from ..data import synthetic_config
 from ..data.synthetic import SyntheticClips
-from ..engine import collectives, optim, setup, stage
+from ..engine import collectives, engines, optim, setup, stage
 from ..engine.trainer import peak_memory_bytes
 from ..models import AdaMAE, AdaMAEConfig, build_model
 from ..objective import AdaMAEObjective
@@ -118,8 +117,7 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
     env = setup.dist_env()
     with torch.device("meta"):
         num_params = build_model(model_cfg).num_params()
-    local_world = int(os.environ.get("LOCAL_WORLD_SIZE", env.world_size))
-    ds, _ = stage.resolve_ds(cfg["ds"], num_params, env.world_size, local_world)
+    ds, _ = stage.resolve_ds(cfg["ds"], num_params, env.world_size, stage.local_world_size(env.world_size))
     requested_ds, cfg = cfg["ds"], {**cfg, "ds": ds}
     setup.init_distributed()
 
@@ -140,7 +138,7 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
 
     micro = int(cfg["train"]["micro_batch_size"])
     seconds = timed.seconds
-    engine_name = _engine_name(cfg)
+    engine_name = engines.engine_name(cfg)
     report: dict[str, Any] = {
         "benchmark": "step",
         "model": model_cfg.name,
@@ -235,6 +233,8 @@ def time_plain(
     cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, opts: StepOptions, device: torch.device
 ) -> float:
     """Seconds per step of the same model, loss, AdamW, clipping, batch and precision in plain torch."""
+    from ..pretrain import compile_if_asked
+
     train = cfg["train"]
     torch.manual_seed(cfg["seed"])  # the engine's initial weights
     model = build_model(model_cfg).to(device)
@@ -246,8 +246,7 @@ def time_plain(
         train["eps"],
         constant_lr_prefixes=train["constant_lr_params"],
     )
-    if train.get("compile", False):  # before checkpointing, as pretrain.build_engine does
-        setup.compile_blocks([*model.blocks(), *([model.sampler.block] if model.sampler is not None else [])])
+    compile_if_asked(cfg, model)  # before checkpointing, as pretrain.build_engine does
     setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
     forward = autocast_forward(model, cfg["precision"], device)
     batch = fixed_batch(cfg, model_cfg, env, device)
@@ -408,11 +407,6 @@ def _random_masking(overrides: list[str], ratio: float) -> list[str]:
 
 def _objective(cfg: dict[str, Any], model_cfg: AdaMAEConfig) -> AdaMAEObjective:
     return AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
-
-
-def _engine_name(cfg: dict[str, Any]) -> str:
-    engine = cfg.get("engine") or {}
-    return str(engine.get("name", "deepspeed")) if isinstance(engine, dict) else str(engine)
 
 
 def _peak_lr(cfg: dict[str, Any], env: setup.DistEnv) -> float:

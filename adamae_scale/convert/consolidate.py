@@ -35,7 +35,7 @@ from typing import Any
 
 import torch
 
-from ..engine import fairscale_engine
+from ..engine import engines, fairscale_engine
 from ..engine.checkpoint import MANIFEST
 from ..engine.checkpoint import verify as verify_checkpoint
 from ..models import AdaMAEConfig
@@ -64,11 +64,6 @@ class CheckpointLocation:
         return self.root / self.tag
 
 
-def _has_model_states(folder: Path) -> bool:
-    """A checkpoint tag folder: DeepSpeed's (``*_model_states.pt``) or engine=fairscale's (``fairscale.json``)."""
-    return folder.is_dir() and (any(folder.glob("*_model_states.pt")) or fairscale_engine.is_checkpoint(folder))
-
-
 def locate_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> CheckpointLocation:
     """Accepts a tag folder (``.../checkpoints/step_00000030``), a checkpoints folder with a ``latest``
     file, or a run folder (``RUN_DIR`` holding ``checkpoints/``); ``tag`` picks a tag explicitly."""
@@ -77,15 +72,15 @@ def locate_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> Checkpoin
         raise ConvertError(f"CKPT_DIR {path}: no such folder")
     if not path.is_dir():
         raise ConvertError(f"CKPT_DIR {path} is a file; expected a DeepSpeed checkpoint folder")
-    if tag is None and _has_model_states(path):
+    if tag is None and engines.is_checkpoint_folder(path):
         return CheckpointLocation(path.parent, path.name)
     for root in (path, path / "checkpoints"):
-        if tag is not None and _has_model_states(root / tag):
+        if tag is not None and engines.is_checkpoint_folder(root / tag):
             return CheckpointLocation(root, tag)
         latest = root / "latest"
         if tag is None and latest.is_file():
             found = latest.read_text().strip()
-            if not _has_model_states(root / found):
+            if not engines.is_checkpoint_folder(root / found):
                 raise ConvertError(f"{latest} names tag {found!r}, but {root / found} holds no *_model_states.pt")
             return CheckpointLocation(root, found)
     if tag is not None:
@@ -94,7 +89,7 @@ def locate_checkpoint(ckpt_dir: str | Path, tag: str | None = None) -> Checkpoin
             for root in (path, path / "checkpoints")
             if root.is_dir()
             for p in root.iterdir()
-            if _has_model_states(p)
+            if engines.is_checkpoint_folder(p)
         )
         raise ConvertError(f"CKPT_DIR {path} has no checkpoint tag {tag!r} (found: {tags or 'none'})")
     raise ConvertError(f"CKPT_DIR {path} is not a DeepSpeed checkpoint: no *_model_states.pt and no 'latest' file")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 from torch import nn
@@ -85,6 +86,11 @@ class FairscaleBackend:
         # Another world size needs nothing here: OSS re-partitions the saved state (FSDP refuses it on load).
         _refuse_foreign(ref, "fairscale")
         return ref
+
+
+def is_checkpoint_folder(folder: Path) -> bool:
+    """A checkpoint tag folder of either engine: DeepSpeed's (``*model_states.pt``) or fairscale's."""
+    return folder.is_dir() and (any(folder.glob("*model_states.pt")) or fairscale_engine.is_checkpoint(folder))
 
 
 def written_by(folder: Any) -> str:

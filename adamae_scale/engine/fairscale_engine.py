@@ -43,6 +43,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from . import setup
 from .checkpoint import NoUsableCheckpoint, atomic_write_text
 from .collectives import barrier
 
@@ -68,9 +69,8 @@ def read_meta(folder: str | os.PathLike[str]) -> dict[str, Any]:
 
 
 def device_type() -> str:
-    """The accelerator the run trains on (``DS_ACCELERATOR`` if set, as for DeepSpeed; else CUDA when present)."""
-    chosen = os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
-    return "cuda" if chosen == "cuda" else "cpu"
+    """``cuda`` or ``cpu``: the accelerator the run trains on, chosen as for DeepSpeed (``setup.accelerator``)."""
+    return "cuda" if setup.accelerator() == "cuda" else "cpu"
 
 
 @dataclass(frozen=True)
@@ -108,21 +108,18 @@ def checkpoint_blocks(blocks: Iterable[nn.Module], every: int, offload_to_cpu: b
     flush from the first gradient hook that fires; AdaMAE's decoder head and the sampler are never wrapped,
     so that hook fires in the outer backward and the flush waits for every block's gradients.
     """
-    if every <= 0:
+    chosen = setup.checkpointed_blocks(blocks, every)
+    if not chosen:
         return 0
     from fairscale.nn.checkpoint import checkpoint_wrapper
 
-    wrapped = 0
-    for index, block in enumerate(blocks):
-        if index % every:
-            continue
+    for block in chosen:
         # fairscale wraps the class's forward; one set on the instance (``setup.compile_blocks``) is kept inside.
         object.__setattr__(block, "_inner_forward", block.__dict__.get("forward"))
         block.__class__ = _autocast_replaying(type(block))
         checkpoint_wrapper(block, offload_to_cpu=offload_to_cpu)
         block.forward = functools.partial(_with_autocast_state, block.forward)
-        wrapped += 1
-    return wrapped
+    return len(chosen)
 
 
 def _with_autocast_state(checkpointed: Callable[..., Any], *args: Any, **kwargs: Any) -> Any:

@@ -49,10 +49,15 @@ def dist_env() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
+def accelerator() -> str:
+    """The accelerator a run trains on: ``DS_ACCELERATOR`` if set, else CUDA when present, else the CPU."""
+    return os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+
+
 def select_accelerator() -> str:
-    """DeepSpeed's accelerator: ``DS_ACCELERATOR`` if set, else CUDA when present, else the CPU.
-    Must run before DeepSpeed is first imported."""
-    os.environ.setdefault("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
+    """``accelerator()``, recorded in ``DS_ACCELERATOR`` for DeepSpeed. Must run before DeepSpeed is first
+    imported."""
+    os.environ.setdefault("DS_ACCELERATOR", accelerator())
     return os.environ["DS_ACCELERATOR"]
 
 
@@ -170,15 +175,16 @@ def apply_activation_checkpointing(blocks: Iterable[nn.Module], every: int) -> i
     gathers their parameters again. RNG state is replayed, so dropout masks match. Returns how many
     blocks were wrapped.
     """
-    if every <= 0:
-        return 0
-    wrapped = 0
-    for index, block in enumerate(blocks):
-        if index % every:
-            continue
+    chosen = checkpointed_blocks(blocks, every)
+    for block in chosen:
         block.forward = functools.partial(torch.utils.checkpoint.checkpoint, block.forward, use_reentrant=False)
-        wrapped += 1
-    return wrapped
+    return len(chosen)
+
+
+def checkpointed_blocks(blocks: Iterable[nn.Module], every: int) -> list[nn.Module]:
+    """The blocks ``model.checkpoint_every=every`` recomputes, whatever the engine: the 1st, the ``every+1``-th ...
+    (none for ``every <= 0``)."""
+    return [block for index, block in enumerate(blocks) if every > 0 and index % every == 0]
 
 
 def compile_blocks(blocks: Iterable[nn.Module]) -> int:

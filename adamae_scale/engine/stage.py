@@ -2,11 +2,11 @@
 
 ZeRO buys memory with bookkeeping. On one rank there is nothing to shard, and the bookkeeping is pure cost:
 ZeRO-1 on one CPU rank copies every gradient into and out of flat buckets, divides them and steps AdamW over
-a flat fp32 partition, which made a ViT-B step 2.2× the plain-torch step (``PERF_NOTES.md``: 1.41 s of
-copies alone), while ZeRO-0 runs within a few percent of it. With several ranks, the cheapest stage whose
-model states fit is chosen, in the order ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3: on 2 CPU ranks a ViT-B step took
-4.35 / 5.04 / 5.59 s under ZeRO-0 / 1 / 2 (README, "Performance"), so sharding is bought only when memory
-needs it.
+a flat fp32 partition, which made a ViT-B step 1.4–2.1× the plain-torch step depending on the sitting
+(``PERF_NOTES.md``: 1.41 s of copies alone), while ZeRO-0 runs within about 10% of it. With several ranks,
+the cheapest stage whose model states fit is chosen, in the order ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3: on 2 CPU
+ranks a ViT-B step took 4.35 / 5.04 / 5.59 s under ZeRO-0 / 1 / 2 (README, "Performance"), so sharding is
+bought only when memory needs it.
 
 Model states per rank for P parameters on N ranks, as this project trains them (fp32 weights with
 bf16 autocast, or fp32; AdamW):
@@ -59,6 +59,11 @@ def model_state_bytes(
     device["total"] = sum(device.values())
     host["total"] = sum(host.values())
     return {"device": device, "host": host}
+
+
+def local_world_size(world_size: int) -> int:
+    """Ranks on this node (torchrun's ``LOCAL_WORLD_SIZE``; without it, all ranks are taken to be here)."""
+    return int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
 
 
 def rank_memory_bytes(local_world_size: int) -> int:
@@ -120,8 +125,8 @@ def resolve_ds(
 def resolve_for_run(ds: str, num_params: int, world_size: int, rank: int, resume: Any, checkpoints: Path) -> str:
     """``resolve_ds`` for a run about to start (``train.resume`` and its checkpoint folder say what it continues),
     printing the choice on rank 0 when ``auto`` made one."""
-    local_world_size = int(os.environ.get("LOCAL_WORLD_SIZE", world_size))
-    resolved, why = resolve_ds(ds, num_params, world_size, local_world_size, recorded_ds(resume, checkpoints))
+    recorded = recorded_ds(resume, checkpoints)
+    resolved, why = resolve_ds(ds, num_params, world_size, local_world_size(world_size), recorded)
     if why is not None and rank == 0:
         print(f"[adamae] ds={ds} → {resolved}: {why}", flush=True)
     return resolved
