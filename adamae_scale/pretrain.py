@@ -116,6 +116,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if focus and start == 0:
         summary["eval_before_training"] = focus_report(engine, cfg, model_cfg, env)
     summary.update(trainer.fit(train.get("stop_after")))
+    data.close()  # no rendering or loading thread outlives the training loop
     summary["steps"] = trainer.step
     if trainer.stopped_by_signal:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
@@ -193,6 +194,7 @@ def focus_report(engine: Any, cfg: dict[str, Any], model_cfg: AdaMAEConfig, env:
         env.world_size,
     )
     batches = [next(held_out) for _ in range(cfg["eval"]["focus_batches"])]
+    held_out.close()
     engine.eval()
     report = evaluate_focus(engine, model_cfg, batches, engine.device)
     engine.train()

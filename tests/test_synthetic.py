@@ -1,5 +1,6 @@
 """The embedded synthetic clips: deterministic, resumable, with correct motion ground truth."""
 
+import threading
 from dataclasses import replace
 
 import torch
@@ -62,6 +63,18 @@ def test_parallel_rendering_gives_the_same_batches():
     assert render_threads(0, local_world_size=1, accelerated=False) == 1
     assert 1 <= render_threads(0, local_world_size=1, accelerated=True) <= 8
     assert render_threads(0, local_world_size=10_000, accelerated=True) == 1
+
+
+def test_close_joins_the_rendering_threads_and_the_stream_goes_on():
+    before = set(threading.enumerate())
+    clips = SyntheticClips(CFG, batch_size=4, threads=2)
+    next(clips)  # the prefetch thread is now rendering batches 1 and 2
+    assert any(t.name.startswith("synthetic") for t in set(threading.enumerate()) - before)
+    clips.close()
+    assert not any(t.name.startswith("synthetic") for t in set(threading.enumerate()) - before)
+    again = SyntheticClips(CFG, batch_size=4)
+    next(again)
+    assert torch.equal(next(clips)["video"], next(again)["video"])  # batch 1, rendered in the caller's thread
 
 
 def test_focus_ratio_definition():

@@ -238,7 +238,19 @@ class SyntheticClips:
         return {"next_batch": self.next_batch}
 
     def load_state_dict(self, state: dict[str, int]) -> None:
+        self._drop_pending()
+        self.next_batch = int(state["next_batch"])
+
+    def _drop_pending(self) -> None:
         for _, future in self._pending:
             future.cancel()
         self._pending.clear()
-        self.next_batch = int(state["next_batch"])
+
+    def close(self) -> None:
+        """Stop rendering ahead and join the threads, so none is still in a torch op when the process (and its
+        process group) goes away. The stream can be used again afterwards: it renders without prefetching."""
+        self._drop_pending()
+        for pool in (self._pool, self._renderers):
+            if pool is not None:
+                pool.shutdown(wait=True, cancel_futures=True)
+        self._pool = self._renderers = None

@@ -198,6 +198,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": trainer.step}
     if not cfg["eval_only"]:
         summary.update(trainer.fit(train.get("stop_after")))
+    data.close()
     summary["steps"] = trainer.step
     if trainer.stopped_by_signal:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
@@ -395,6 +396,7 @@ class ValidationHook:
         held_out = {**cfg["data"], "seed": cfg["data"].get("eval_seed", 1_000_003)}
         stream = build_data(held_out, model_cfg, cfg["eval"]["micro_batch_size"], env.rank, env.world_size)
         self.batches = [next(stream) for _ in range(cfg["eval"]["batches"])]
+        stream.close()
         self.every = cfg["eval"]["every"]
         self.ema = ema
 
