@@ -5,9 +5,11 @@ from dataclasses import replace
 
 import torch
 
+from adamae_scale.data import build_data
 from adamae_scale.data.synthetic import SyntheticClips, SyntheticConfig, render_clip, render_threads, token_coverage
 from adamae_scale.data.transforms import denormalize
 from adamae_scale.metrics import focus_ratio
+from adamae_scale.models import make_config
 
 CFG = SyntheticConfig(num_frames=8, img_size=(48, 64), patch_size=8, tubelet_size=2, seed=3)
 
@@ -86,3 +88,18 @@ def test_focus_ratio_definition():
     mask = torch.ones(2, 10, dtype=torch.bool)
     mask[:, [5, 6]] = False
     assert focus_ratio(mask, motion) == 0.0
+
+
+def test_training_stream_renders_in_turn_on_the_cpu():
+    # On the CPU a rendering-ahead thread takes cores from torch's own threads: build_data renders each batch
+    # when it is asked for (same batches, no thread).
+    model_cfg = make_config({"name": "vit_tiny", "num_frames": 4, "img_size": [32, 32], "patch_size": 8})
+    before = set(threading.enumerate())
+    stream = build_data({"name": "synthetic", "num_objects": [1, 2]}, model_cfg, 2, 0, 1)
+    first = next(stream)
+    assert stream.prefetch == (2 if torch.cuda.is_available() else 0)
+    if not torch.cuda.is_available():
+        assert not any(t.name.startswith("synthetic") for t in set(threading.enumerate()) - before)
+    ahead = SyntheticClips(replace(stream.cfg), batch_size=2)
+    assert torch.equal(first["video"], next(ahead)["video"])
+    ahead.close()

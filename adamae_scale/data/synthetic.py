@@ -171,7 +171,8 @@ class SyntheticClips:
 
     Rank ``r`` of ``world`` takes the clips ``(k * world + r) * B + i``; ``state_dict()`` is the index of
     the next batch, so a resumed run sees exactly the clips an uninterrupted one would. A background
-    thread renders the next ``prefetch`` batches while the current one trains, each batch's clips on
+    thread renders the next ``prefetch`` batches while the current one trains (``build_data`` asks for this only
+    with an accelerator: on the CPU the thread would slow the model more than rendering costs), each batch's clips on
     ``threads`` threads (torch ops release the GIL: one thread makes a batch of 32 16x224^2 clips in
     ~0.4 s, slower than one H200 trains ViT-B on it).
 
