@@ -34,6 +34,7 @@ def pretrain_and_probe(masking: str, out: Path, steps: int, probe_steps: int, se
         "-m",
         "adamae_scale.pretrain",
         "+experiment=demo",
+        "model.num_frames=8",  # the probe's motion classes (speed bands) are measured on 8-frame clips
         f"masking={masking}",
         f"train.steps={steps}",
         "train.ckpt_every=0",
