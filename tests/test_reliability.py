@@ -71,6 +71,41 @@ def test_guarded_adamw_skips_a_non_finite_step_and_leaves_its_state_alone():
     assert opt.skipped == 3 and not torch.equal(weight.detach(), after_one)
 
 
+def test_the_built_adamw_is_fused_guarded_and_matches_the_for_loop_update():
+    from adamae_scale.engine import optim
+
+    def model() -> torch.nn.Module:
+        torch.manual_seed(0)
+        return torch.nn.Sequential(torch.nn.Linear(16, 32), torch.nn.LayerNorm(32), torch.nn.Linear(32, 1))
+
+    fused_model, loop_model = model(), model()
+    fused = optim.build_adamw(fused_model, 1e-2, weight_decay=0.05)
+    assert fused.defaults["fused"] and isinstance(fused, GuardedAdamW)
+    assert not optim.fused_supported([{"params": [torch.zeros(2, dtype=torch.long)]}])
+    twin = dict(zip(fused_model.parameters(), loop_model.parameters(), strict=True))
+    loop = torch.optim.AdamW(
+        [
+            {**{k: v for k, v in g.items() if k not in ("fused", "foreach")}, "params": [twin[p] for p in g["params"]]}
+            for g in fused.param_groups
+        ],
+        foreach=False,
+        fused=False,
+    )
+    assert not any(g["fused"] or g["foreach"] for g in loop.param_groups)
+    x = torch.randn(8, 16)
+    for step in range(6):
+        for m, opt in ((fused_model, fused), (loop_model, loop)):
+            m(x).pow(2).mean().backward()
+            if step == 3:  # a NaN gradient: the guard skips the step; the plain AdamW is not stepped either
+                next(m.parameters()).grad[0, 0] = float("nan")
+            if step != 3 or opt is fused:
+                opt.step()
+            opt.zero_grad()
+    assert fused.skipped == 1
+    for a, b in zip(fused_model.parameters(), loop_model.parameters(), strict=True):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
 def test_diverged_weights_never_become_latest_and_a_sane_rerun_recovers(tmp_path):
     run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
     common = [*FP32, "ds=zero1", "train.steps=6", "train.ckpt_every=1", f"run_dir={run_dir}"]
