@@ -6,6 +6,8 @@ from pathlib import Path
 
 import pytest
 
+from adamae_scale.models import AdaMAEConfig, config_for
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough for CI (2 cores) that still runs every stage of the real pipeline.
@@ -123,3 +125,17 @@ def one_line_error(err: str, prog: str = "adamae-convert") -> str:
     lines = [line for line in err.splitlines() if line.strip()]
     assert len(lines) == 1 and lines[0].startswith(f"{prog}: error: "), err
     return lines[0]
+
+
+def checkpointing_config() -> AdaMAEConfig:
+    """A 3-block model with drop path, for the checks that recomputed (checkpointed) blocks give equal gradients."""
+    return config_for(
+        "vit_tiny",
+        num_frames=4,
+        img_size=[32, 32],
+        patch_size=8,
+        depth=3,
+        decoder_depth=2,
+        mask_ratio=0.75,
+        drop_path=0.1,
+    )

@@ -19,11 +19,12 @@ from adamae_scale import pretrain, schema
 from adamae_scale.engine import engines, fairscale_engine
 from adamae_scale.engine.checkpoint import CheckpointRef, NoUsableCheckpoint, verify
 from adamae_scale.metrics import read_metrics
-from adamae_scale.models import build_model, config_for
+from adamae_scale.models import build_model
 
 from .conftest import (
     REPO,
     TINY_RUN,
+    checkpointing_config,
     cli_env,
     convert_cli,
     one_line_error,
@@ -168,16 +169,7 @@ def test_consolidate_of_a_fairscale_checkpoint_is_bit_identical_to_the_live_mode
 def test_checkpoint_wrapper_gives_equal_gradients(precision):
     """fairscale's ``checkpoint_wrapper`` (through ``checkpoint_blocks``, with and without offloading the inputs)
     recomputes exactly what the plain forward computed, bf16 autocast included: the same gradients, bit for bit."""
-    cfg = config_for(
-        "vit_tiny",
-        num_frames=4,
-        img_size=[32, 32],
-        patch_size=8,
-        depth=3,
-        decoder_depth=2,
-        mask_ratio=0.75,
-        drop_path=0.1,
-    )
+    cfg = checkpointing_config()
     video = torch.randn(2, 3, 4, 32, 32)
     noise = torch.rand(2, cfg.num_tokens)
     grads = []

@@ -16,9 +16,19 @@ from safetensors.torch import load_file
 
 from adamae_scale.engine.setup import apply_activation_checkpointing
 from adamae_scale.metrics import read_metrics
-from adamae_scale.models import build_model, config_for
+from adamae_scale.models import build_model
 
-from .conftest import REPO, TINY_RUN, cli_env, free_port, run_dumping_state, run_pretrain, run_ranks, torchrun_cmd
+from .conftest import (
+    REPO,
+    TINY_RUN,
+    checkpointing_config,
+    cli_env,
+    free_port,
+    run_dumping_state,
+    run_pretrain,
+    run_ranks,
+    torchrun_cmd,
+)
 
 # Same global batch of 4 whatever the layout; sampler dropout off so every random draw is keyed by
 # the sample's position in the stream (masks) rather than by the rank that processes it.
@@ -62,16 +72,7 @@ def test_accumulation_is_the_same_as_a_bigger_micro_batch(tmp_path):
 
 
 def test_activation_checkpointing_gives_equal_gradients():
-    cfg = config_for(
-        "vit_tiny",
-        num_frames=4,
-        img_size=[32, 32],
-        patch_size=8,
-        depth=3,
-        decoder_depth=2,
-        mask_ratio=0.75,
-        drop_path=0.1,
-    )
+    cfg = checkpointing_config()
     video = torch.randn(2, 3, 4, 32, 32)
     noise = torch.rand(2, cfg.num_tokens)
     grads = []
