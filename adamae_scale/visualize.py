@@ -21,6 +21,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .convert.cli import positive_int
 from .convert.consolidate import consolidate, locate_checkpoint
 from .convert.errors import ConvertError
 from .convert.folder import CONFIG_FILE, MODEL_FILE, load_model
@@ -174,7 +175,7 @@ def build_parser() -> argparse.ArgumentParser:
     inputs = parser.add_mutually_exclusive_group(required=True)
     inputs.add_argument("--video", action="append", metavar="FILE", help="a video file (repeat for several)")
     inputs.add_argument("--shards", metavar="URL", help="adamae-shards output (as data.urls): the first --num clips")
-    parser.add_argument("--num", type=_positive_int, default=4, help="clips to take from --shards (default 4)")
+    parser.add_argument("--num", type=positive_int, default=4, help="clips to take from --shards (default 4)")
     parser.add_argument("--out", required=True, metavar="DIR", help="output folder (created; files replaced)")
     parser.add_argument(
         "--mask",
@@ -184,7 +185,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--seed. Random/tube models always sample",
     )
     parser.add_argument("--seed", type=int, default=0, help="noise of sampled masks (clip i uses sample i)")
-    parser.add_argument("--sampling-rate", type=_positive_int, default=4, help="frames between clip frames (4)")
+    parser.add_argument("--sampling-rate", type=positive_int, default=4, help="frames between clip frames (4)")
     parser.add_argument(
         "--target",
         choices=TARGETS,
@@ -192,16 +193,6 @@ def build_parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
     return parser
-
-
-def _positive_int(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
-    return value
 
 
 def main(argv: Sequence[str] | None = None) -> int:

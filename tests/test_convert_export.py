@@ -227,7 +227,10 @@ def test_wrong_or_missing_paths_and_usage_errors_are_one_line(full, tmp_path, ca
             "the following arguments are required: CKPT_DIR, OUT_DIR (see 'adamae-convert consolidate --help')",
         ),
         (("convert-all", "a", "b"), "invalid choice: 'convert-all'"),
-        (("import", "a.pth", "out", "--num-frames", "zero"), "argument --num-frames: invalid _positive_int value"),
+        (
+            ("import", "a.pth", "out", "--num-frames", "zero"),
+            "argument --num-frames: expected a positive integer, got 'zero'",
+        ),
         (("export-encoder", str(folder), "out", "--key-layout", "hf"), "argument --key-layout: invalid choice"),
         (("import", "a.pth", "out", "--img-size", "1", "2", "3"), "--img-size takes one value or HEIGHT WIDTH"),
     ]:

@@ -43,10 +43,14 @@ class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
         return "\n".join(lines)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
+def positive_int(text: str) -> int:
+    """An argparse ``type`` for counts and sizes (also used by ``adamae-visualize``)."""
+    try:
+        value = int(text)
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text!r}") from None
     if value < 1:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
     return value
 
 
@@ -69,22 +73,22 @@ def _add_architecture_options(parser: argparse.ArgumentParser, for_import: bool)
     )
     group.add_argument(
         "--num-heads",
-        type=_positive_int,
+        type=positive_int,
         metavar="N",
         help="encoder attention heads (not visible in shapes; default: from --model"
         + (", args.model" if for_import else "")
         + " or the size of the same width)",
     )
-    group.add_argument("--decoder-num-heads", type=_positive_int, metavar="N", help="decoder attention heads")
-    group.add_argument("--num-frames", type=_positive_int, metavar="T", help="frames per clip the model was trained on")
+    group.add_argument("--decoder-num-heads", type=positive_int, metavar="N", help="decoder attention heads")
+    group.add_argument("--num-frames", type=positive_int, metavar="T", help="frames per clip the model was trained on")
     group.add_argument(
-        "--img-size", type=_positive_int, nargs="+", metavar="PX", help="frame size: one value (square) or HEIGHT WIDTH"
+        "--img-size", type=positive_int, nargs="+", metavar="PX", help="frame size: one value (square) or HEIGHT WIDTH"
     )
     group.add_argument(
-        "--tubelet-size", type=_positive_int, metavar="T", help="frames per token (must match the weights)"
+        "--tubelet-size", type=positive_int, metavar="T", help="frames per token (must match the weights)"
     )
     group.add_argument(
-        "--patch-size", type=_positive_int, metavar="PX", help="pixels per token side (must match the weights)"
+        "--patch-size", type=positive_int, metavar="PX", help="pixels per token side (must match the weights)"
     )
     group.add_argument(
         "--masking",
