@@ -82,6 +82,8 @@ def test_the_built_adamw_is_fused_guarded_and_matches_the_for_loop_update():
     fused = optim.build_adamw(fused_model, 1e-2, weight_decay=0.05)
     assert fused.defaults["fused"] and isinstance(fused, GuardedAdamW)
     assert not optim.fused_supported([{"params": [torch.zeros(2, dtype=torch.long)]}])
+    offloaded = optim.build_adamw(model(), 1e-2, cpu_offload=True)  # torch's, on a CPU-only machine: no compile
+    assert isinstance(offloaded, GuardedAdamW) != torch.cuda.is_available()
     twin = dict(zip(fused_model.parameters(), loop_model.parameters(), strict=True))
     loop = torch.optim.AdamW(
         [

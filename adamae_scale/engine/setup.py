@@ -164,6 +164,8 @@ def build_ds_config(
     config.pop("bf16", None)
     config.pop("fp16", None)
     config["torch_autocast"] = {"enabled": precision == "bf16", "dtype": "bfloat16"}
+    if offloads_optimizer(config):  # a CPU-only run offloads to torch's fused AdamW (``optim.adamw``)
+        config.setdefault("zero_force_ds_cpu_optimizer", False)
     return config
 
 
