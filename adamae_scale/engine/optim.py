@@ -10,6 +10,7 @@ from typing import cast
 import torch
 from torch import nn
 
+from . import setup
 from .guard import GuardedAdamW, guarded_cpu_adam
 
 # Parameters the reference exempts from weight decay by name (besides every bias and norm).
@@ -74,7 +75,7 @@ def adamw(
     skips non-finite steps; under ZeRO optimizer offload next to a GPU, DeepSpeed's CPU Adam (see ``build_adamw``)."""
     beta1, beta2 = betas
     beta_pair = (float(beta1), float(beta2))
-    if cpu_offload and torch.cuda.is_available():
+    if cpu_offload and setup.accelerator() != "cpu":
         return guarded_cpu_adam(groups, lr=lr, betas=beta_pair, eps=eps, adamw_mode=True)
     return GuardedAdamW(groups, lr=lr, betas=beta_pair, eps=eps, fused=fused_supported(groups))
 
