@@ -3,6 +3,7 @@ measured beside them (plain torch, matmul peak, breakdown, random masking)."""
 
 import json
 import subprocess
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -93,6 +94,25 @@ def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
     assert min(breakdown["sampler"], breakdown["encoder"], breakdown["backward"], breakdown["optimizer"]) > 0
     # Timed apart from the main steps (region boundaries synchronise), so only about the step's time.
     assert 0.5 * seconds < sum(breakdown.values()) < 1.3 * seconds
+
+
+def test_bench_step_reads_mfu_against_the_higher_of_two_peak_measurements():
+    """A peak measured in a slow moment of a shared machine would inflate mfu: the bench measures before the timed
+    steps and after everything, and keeps the higher."""
+    script = (
+        "import json, sys\n"
+        "from adamae_scale.bench import step\n"
+        "peaks, calls = iter([0.5, 0.2]), []\n"
+        "step.matmul_peak_tflops = lambda device, dtype: calls.append(dtype) or next(peaks)\n"
+        "report = step.measure(sys.argv[1:], step.StepOptions(steps=1, warmup=1, baseline=False, breakdown=False))\n"
+        "print(json.dumps({**report, 'peak_calls': [str(d) for d in calls]}))\n"
+    )
+    cmd = [sys.executable, "-c", script, *TINY, "ds=zero0"]
+    proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert report["peak_calls"] == ["torch.bfloat16", "torch.bfloat16"] and report["peak_tflops"] == 0.5
+    assert close(report["mfu"], report["tflops_per_s_per_rank"] / 0.5)
 
 
 def test_cpu_attention_flops_are_counted_as_torch_counts_its_cuda_kernels():

@@ -75,17 +75,41 @@ def test_bench_memory_rejects_bad_settings_in_one_line(capsys):
         assert line.startswith("adamae-bench: error: memory: ") and expected in line
 
 
-def test_host_heap_setting_is_for_cpu_zero3_and_yields_to_the_users_malloc_variables():
-    check = (
-        "from adamae_scale.engine.setup import tune_host_allocator as f; "
-        "print(f({'zero_optimization': {'stage': 3}}), f({'zero_optimization': {'stage': 1}}))"
-    )
+HEAP_STEPS = """
+import resource, sys, torch
+from adamae_scale.engine.setup import tune_host_allocator
+
+setting = tune_host_allocator(partitions_weights=sys.argv[1] == "partitioned")
+
+def step():  # a training step's pattern: large activations made, combined and freed
+    a = torch.ones(48 << 20, dtype=torch.uint8)
+    b = a * 2
+    return int(torch.cat([a, b])[-1])
+
+step(), step()
+before = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
+for _ in range(5):
+    step()
+print(setting, resource.getrusage(resource.RUSAGE_SELF).ru_minflt - before)
+"""
+
+
+def test_host_heap_setting_follows_the_weight_partitioning_and_yields_to_the_users_malloc_variables():
+    """Partitioned weights give freed buffers back; otherwise freed activations are reused rather than mapped and
+    page-faulted in afresh each step (glibc's default for buffers over 32 MB); a user's MALLOC_* variable wins."""
     env = {k: v for k, v in cli_env().items() if not k.startswith("MALLOC_")}
-    ours = subprocess.run([sys.executable, "-c", check], env=env, capture_output=True, text=True, check=True)
-    users = subprocess.run(
-        [sys.executable, "-c", check], env={**env, "MALLOC_ARENA_MAX": "4"}, capture_output=True, text=True, check=True
-    )
-    assert (ours.stdout.split(), users.stdout.split()) == (["True", "False"], ["False", "False"])
+
+    def run(partitioned: bool, extra_env: dict[str, str]) -> tuple[str, int]:
+        argv = [sys.executable, "-c", HEAP_STEPS, "partitioned" if partitioned else "replicated"]
+        out = subprocess.run(argv, env={**env, **extra_env}, capture_output=True, text=True, check=True).stdout
+        setting, faults = out.split()
+        return setting, int(faults)
+
+    pages = 5 * (48 + 48 + 96) * (1 << 20) // 4096  # every buffer of the 5 steps, faulted in afresh
+    (released, released_faults), (retained, retained_faults) = run(True, {}), run(False, {})
+    users, users_faults = run(False, {"MALLOC_ARENA_MAX": "4"})
+    assert (released, retained, users) == ("release", "retain", "None")
+    assert retained_faults < pages // 2 < 0.99 * pages < min(released_faults, users_faults)
 
 
 @pytest.mark.slow

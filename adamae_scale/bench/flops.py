@@ -72,8 +72,10 @@ def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int | Non
     cuda = device.type == "cuda"
     size = size or (8192 if cuda else 2048)
     inner = 10 if cuda else 1
-    a = torch.randn(size, size, device=device).to(dtype)
-    b = torch.randn(size, size, device=device).to(dtype)
+    # A generator of its own: measuring between a run's steps must not change the random numbers they draw.
+    generator = torch.Generator(device=device).manual_seed(0)
+    a = torch.randn(size, size, device=device, generator=generator).to(dtype)
+    b = torch.randn(size, size, device=device, generator=generator).to(dtype)
     out = torch.empty(size, size, device=device, dtype=dtype)
     best = float("inf")
     for rep in range(reps + 1):  # the first repetition warms up (allocations, kernel selection)

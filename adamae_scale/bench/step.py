@@ -20,7 +20,9 @@ A seconds-per-step figure alone does not say whether it is good, so one invocati
    on each rank: ``baseline=false`` for a model that only fits sharded;
 3. with ``compare_random=true``: the engine again with ``masking=random`` at the same ratio, everything else
    equal (``random_seconds_per_step``, ``adaptive_over_random``);
-4. a matmul peak in the step's dtype (``peak_tflops``, ``mfu`` = model FLOP/s ÷ peak).
+4. a matmul peak in the step's dtype (``peak_tflops``, ``mfu`` = model FLOP/s ÷ peak), measured just before the
+   engine's timed steps and again after everything, the higher kept: on a shared machine one short measurement
+   caught in a slow moment read 0.21 TFLOP/s instead of ~0.38 and doubled ``mfu``.
 
 The sequential order keeps one model in memory at a time (each engine is destroyed before the next build);
 on a busy machine compare figures from one run, and repeat runs to see the spread.
@@ -86,6 +88,7 @@ class EngineRun:
     flops: int = 0
     attention_flops: int = 0
     peak_memory: int = 0
+    peak_tflops: float = 0.0  # the matmul peak measured just before the timed steps (``detailed`` only)
     breakdown: dict[str, float] | None = None
 
 
@@ -130,8 +133,7 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
         random = time_engine({**random_cfg[0], "ds": ds}, random_cfg[1], env, opts, detailed=False)
         _free_memory(timed.device)
     collectives.barrier()  # every rank measures the peak at the same time, as they step
-    peak_dtype = "bf16" if cfg["precision"] == "bf16" else "fp32"
-    peak = matmul_peak_tflops(timed.device, torch.bfloat16 if peak_dtype == "bf16" else torch.float32)
+    peak = max(timed.peak_tflops, matmul_peak_tflops(timed.device, _peak_dtype(cfg)))
     setup.shutdown()
     if env.rank != 0:
         return None
@@ -164,7 +166,7 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
         "attention_tflop_per_step_per_rank": _significant(timed.attention_flops / 1e12),
         "tflops_per_s_per_rank": _significant(timed.flops / seconds / 1e12),
         "peak_tflops": _significant(peak),
-        "peak_dtype": peak_dtype,
+        "peak_dtype": "bf16" if _peak_dtype(cfg) == torch.bfloat16 else "fp32",
         "mfu": _significant(timed.flops / seconds / (peak * 1e12)),
     }
     if baseline is not None:
@@ -214,6 +216,8 @@ def time_engine(
         with flop_counter() as counter:  # forward + backward, one rank's micro-batch
             train_step()
         result.flops, result.attention_flops = counter.get_total_flops(), attention_flops(counter)
+    if detailed:
+        result.peak_tflops = matmul_peak_tflops(device, _peak_dtype(cfg))
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
     result.seconds, result.loss = time_steps(train_step, opts.steps, device)
@@ -407,6 +411,11 @@ def _random_masking(overrides: list[str], ratio: float) -> list[str]:
 
 def _objective(cfg: dict[str, Any], model_cfg: AdaMAEConfig) -> AdaMAEObjective:
     return AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
+
+
+def _peak_dtype(cfg: dict[str, Any]) -> torch.dtype:
+    """The dtype of the matmul peak a step is read against: bf16 for a bf16 (autocast) step, else fp32."""
+    return torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
 
 
 def _peak_lr(cfg: dict[str, Any], env: setup.DistEnv) -> float:

@@ -42,7 +42,7 @@ class DeepSpeedBackend:
     ds_config: dict[str, Any]
 
     def build_module(self, builder: Callable[[], nn.Module]) -> nn.Module:
-        setup.tune_host_allocator(self.ds_config)
+        setup.tune_host_allocator(partitions_weights=self.ds_config.get("zero_optimization", {}).get("stage") == 3)
         return setup.build_module(builder, self.ds_config)
 
     def offloads_optimizer(self) -> bool:
@@ -71,6 +71,7 @@ class FairscaleBackend:
     ds_config: dict[str, Any]  # read for batch, accumulation, clipping and precision only
 
     def build_module(self, builder: Callable[[], nn.Module]) -> nn.Module:
+        setup.tune_host_allocator(partitions_weights=self.cfg["engine"].get("sharding") == "fsdp")
         return builder().to(fairscale_engine.rank_device())
 
     def offloads_optimizer(self) -> bool:
