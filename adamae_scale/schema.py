@@ -76,6 +76,7 @@ def validate(cfg: Mapping[str, Any]) -> AdaMAEConfig:
     validate_data(cfg["data"], model_cfg)
     check_rand_augment("data.rand_augment", cfg["data"].get("rand_augment"))
     check_train(cfg["train"])
+    check_repeated_aug("data.repeated_aug", cfg["data"].get("repeated_aug", 1), cfg["train"]["micro_batch_size"])
     if cfg["precision"] not in setup.PRECISIONS:
         raise ValueError(f"precision={cfg['precision']!r}: expected one of {setup.PRECISIONS}")
     if cfg["loss"]["target"] not in LOSS_TARGETS:
@@ -294,6 +295,18 @@ def check_resume(resume: Any) -> None:
         raise ValueError(
             f"train.resume={resume}: not a checkpoint folder (no *model_states.pt or {fairscale_engine.META_FILE} "
             "inside; expected RUN_DIR/checkpoints/step_NNNNNNNN)"
+        )
+
+
+def check_repeated_aug(field: str, repeats: Any, micro_batch_size: int | None) -> None:
+    """Repeated augmentation (``field``: ``data.repeated_aug`` or ``finetune.repeated_aug``): an integer >= 1, and
+    ``train.micro_batch_size``, which counts views, a whole number of clips (``None``: no batch to check)."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"{field}={repeats!r}: expected an integer >= 1 (1 = off)")
+    if micro_batch_size is not None and micro_batch_size % repeats:
+        raise ValueError(
+            f"train.micro_batch_size={micro_batch_size}: it counts views, {field}={repeats} of each clip, so it "
+            f"must be a multiple of it (or set {field}=1)"
         )
 
 

@@ -134,6 +134,9 @@ def test_scratch_needs_a_model_and_bad_sources_are_one_line(tmp_path):
         validate(odd)
     probe = [*TINY_FT, "model=vit_tiny", "finetune.repeated_aug=3", "finetune.mode=linear"]
     validate(schema.compose(probe, config_name="finetune"))  # the linear probe has no augmentation to repeat
+    pretraining_field = schema.compose([*TINY_FT, "model=vit_tiny", "+data.repeated_aug=2"], config_name="finetune")
+    with pytest.raises(ValueError, match=r"^data.repeated_aug=2: fine-tuning repeats clips by finetune.repeated_aug"):
+        validate(pretraining_field)
     zero3 = schema.compose([*TINY_FT, "model=vit_tiny", "ds=zero3", "finetune.model_ema=true"], config_name="finetune")
     with pytest.raises(
         ValueError, match=r"^finetune.model_ema=true needs the full weights on every rank, .* \(ZeRO-3\)"
@@ -217,7 +220,7 @@ def test_synthetic_repeated_augmentation_renders_each_clip_once_for_its_views():
     views = SyntheticClips(cfg, 6, rank=1, world_size=2, prefetch=0, repeated_aug=2).batch(1)  # the same clips
     for key in ("video", "label", "motion"):
         assert torch.equal(views[key], plain[key].repeat_interleave(2, dim=0)), key
-    with pytest.raises(ValueError, match="train.micro_batch_size=5: it counts views, finetune.repeated_aug=2"):
+    with pytest.raises(ValueError, match="train.micro_batch_size=5: it counts views, repeated_aug=2"):
         SyntheticClips(cfg, 5, repeated_aug=2)
 
 
@@ -463,5 +466,5 @@ def check_repeated_views(urls, monkeypatch):
     for want in expected:
         got = next(resumed)
         assert got["key"] == want["key"] and torch.equal(got["video"], want["video"])
-    with pytest.raises(ValueError, match="train.micro_batch_size=4: it counts views, finetune.repeated_aug=3"):
+    with pytest.raises(ValueError, match="train.micro_batch_size=4: it counts views, repeated_aug=3"):
         ShardClips(cfg, batch_size=4)

@@ -430,6 +430,31 @@ def test_pretrain_from_shards_logs_corrupt_count_and_resumes_exactly(shards, tmp
     assert "data.max_corrupt_fraction=0.01" in errors[0]
 
 
+def test_pretrain_with_repeated_sampling_crops_each_decoded_clip_twice(shards, tmp_path, tiny_run):
+    """data.repeated_aug=2 in pre-training: a micro-batch of 4 holds 2 decoded clips, each cropped twice (same key,
+    different pixels, next to each other); a micro-batch that is not a whole number of clips fails before training."""
+    from adamae_scale import schema
+
+    overrides = [*pretrain_overrides(tiny_run, shards["mp4"]), "data.repeated_aug=2", "data.workers=0"]
+    cfg = schema.compose([*overrides, f"run_dir={tmp_path / 'x'}"])
+    model_cfg = schema.validate(cfg)
+    data = build_data(cfg["data"], model_cfg, cfg["train"]["micro_batch_size"], 0, 1)
+    batch = next(data)
+    data.close()
+    keys, video = batch["key"], batch["video"]
+    assert video.shape[0] == 4 and keys[0] == keys[1] != keys[2] == keys[3]
+    assert not torch.equal(video[0], video[1]) and not torch.equal(video[2], video[3])
+
+    run_pretrain(*overrides, "train.steps=2", f"run_dir={tmp_path / 'run'}")
+    assert [r["step"] for r in read_metrics(tmp_path / "run" / "metrics.jsonl")] == [1, 2]
+    proc = run_pretrain(*overrides, "data.repeated_aug=3", f"run_dir={tmp_path / 'bad'}", check=False)
+    assert proc.returncode == 2 and not (tmp_path / "bad").exists()
+    assert (
+        "adamae-pretrain: error: train.micro_batch_size=4: it counts views, data.repeated_aug=3 of each clip"
+        in proc.stderr
+    )
+
+
 def test_bench_data_prints_one_json_object_per_format(shards, tmp_path):
     videos = tmp_path / "videos"
     make_videos(videos, 3)

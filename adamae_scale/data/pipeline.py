@@ -95,7 +95,7 @@ class ShardDataConfig:
     corrupt_check_after: int = 200
     seed: int = 0
     rand_augment: str | None = None  # timm RandAugment policy, the same for every frame of a clip (fine-tuning)
-    # Repeated augmentation (fine-tuning): each decoded window gives this many independently augmented views,
+    # Repeated augmentation: each decoded window gives this many independently augmented views,
     # consecutive samples of a batch with the same label and key. ``batch_size`` counts views.
     repeated_aug: int = 1
 
@@ -111,7 +111,7 @@ class ShardDataConfig:
         if self.workers < 0:
             raise ValueError(f"data.workers must be >= 0, got {self.workers}")
         if self.repeated_aug < 1:
-            raise ValueError(f"finetune.repeated_aug must be >= 1, got {self.repeated_aug}")
+            raise ValueError(f"repeated_aug must be >= 1, got {self.repeated_aug}")
 
 
 # -- where the shards are ------------------------------------------------------------------------------------
@@ -513,7 +513,7 @@ class ShardClips:
         self.urls = shard_urls(cfg.urls)
         if batch_size % cfg.repeated_aug:
             raise ValueError(
-                f"train.micro_batch_size={batch_size}: it counts views, finetune.repeated_aug={cfg.repeated_aug} "
+                f"train.micro_batch_size={batch_size}: it counts views, repeated_aug={cfg.repeated_aug} "
                 "of each clip, so it must be a multiple of it"
             )
         if not cfg.resampled and len(self.urls) < world_size:

@@ -193,7 +193,7 @@ class SyntheticClips:
     ):
         if repeated_aug < 1 or batch_size % repeated_aug:
             raise ValueError(
-                f"train.micro_batch_size={batch_size}: it counts views, finetune.repeated_aug={repeated_aug} "
+                f"train.micro_batch_size={batch_size}: it counts views, repeated_aug={repeated_aug} "
                 "of each clip, so it must be a multiple of it"
             )
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size

@@ -67,15 +67,13 @@ def validate(cfg: Mapping[str, Any], weights: bool = True) -> tuple[EncoderSourc
 def check_options(cfg: Mapping[str, Any]) -> None:
     """``finetune.repeated_aug`` and ``finetune.model_ema*``: one-line errors naming the field."""
     tune = cfg["finetune"]
-    repeats = tune["repeated_aug"]
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"finetune.repeated_aug={repeats!r}: expected an integer >= 1 (1 = off)")
-    micro = cfg["train"]["micro_batch_size"]
-    if tune["mode"] == "full" and micro % repeats:
+    if cfg["data"].get("repeated_aug", 1) != 1:
         raise ValueError(
-            f"train.micro_batch_size={micro}: it counts views, finetune.repeated_aug={repeats} of each clip, so it "
-            "must be a multiple of it (or set finetune.repeated_aug=1)"
+            f"data.repeated_aug={cfg['data']['repeated_aug']!r}: fine-tuning repeats clips by finetune.repeated_aug"
         )
+    # The linear probe has no augmentation to repeat: any micro-batch then.
+    micro = cfg["train"]["micro_batch_size"] if tune["mode"] == "full" else None
+    schema.check_repeated_aug("finetune.repeated_aug", tune["repeated_aug"], micro)
     if not isinstance(tune["model_ema"], bool):
         raise ValueError(f"finetune.model_ema={tune['model_ema']!r}: expected true or false")
     decay = tune["model_ema_decay"]
