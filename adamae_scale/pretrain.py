@@ -129,6 +129,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.logger.close()
+    del trainer, engine  # they hold the process group: let setup.shutdown destroy it for good
     setup.shutdown()
     return summary
 

@@ -283,9 +283,15 @@ def initialize(model: nn.Module, optimizer: torch.optim.Optimizer, ds_config: di
 
 
 def shutdown() -> None:
-    """Destroy the process group (an exit with it alive occasionally aborts the process)."""
+    """Destroy the process group (an exit with it alive occasionally aborts the process). Engines and their
+    wrappers (DDP, fairscale's ShardedDDP, DeepSpeed) keep references to it: the caller drops them and they are
+    collected here first, so the group's gloo threads end now rather than during interpreter teardown, where a
+    2-rank run's rank 1 sometimes aborted after finishing ("terminate called without an active exception")."""
+    import gc
+
     import torch.distributed as dist  # DeepSpeed's process group is torch's
 
+    gc.collect()
     if dist.is_initialized():
         dist.barrier()
         dist.destroy_process_group()
