@@ -104,8 +104,9 @@ def tune_host_allocator(partitions_weights: bool) -> str | None:
       2-rank vit_huge run grew past 11 GB per rank and was OOM-killed, and peaks at 9.2 GB per rank with this.
     - Every other stage and engine (``"retain"``, ``keep_freed_host_buffers``) allocates the same large
       activations every step: reusing them instead of faulting fresh pages in took a ViT-B step (bf16,
-      micro-batch 8, 2 threads) from 15.5 to 13.0 s, for ~10% more peak memory. Mapping every buffer over
-      1 MB instead, as for ZeRO-3, costs a small model's CPU training ~30% in page faults.
+      micro-batch 8, 2 threads) from 15.8 to 11.8 s for 3% more peak memory, and ViT-L (micro-batch 4) from
+      15.4 to 11.1 s. Mapping every buffer over 1 MB instead, as for ZeRO-3, costs a small model's CPU
+      training ~30% in page faults.
     """
     if select_accelerator() != "cpu":
         return None
