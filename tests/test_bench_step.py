@@ -4,13 +4,17 @@ measured beside them (plain torch, matmul peak, breakdown, random masking)."""
 import json
 import subprocess
 import sys
+import time
+from types import SimpleNamespace
 
 import torch
 import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, flop_registry
 
+from adamae_scale.bench import flops
 from adamae_scale.bench.flops import attention_flops, flop_counter
 from adamae_scale.bench.step import BREAKDOWN_PARTS
+from adamae_scale.engine import setup
 from adamae_scale.models import build_model, config_for
 
 from .conftest import REPO, cli_env, one_line_error, torchrun_cmd
@@ -86,6 +90,9 @@ def test_bench_step_on_two_zero3_ranks_counts_forward_backward_and_recompute():
     for key in ("baseline_seconds_per_step", "peak_tflops", "mfu", "random_seconds_per_step"):
         assert isinstance(report[key], float) and report[key] > 0, key
     assert report["peak_dtype"] == "bf16" and report["precision"] == "bf16"
+    native = setup.native_bf16("cpu")  # an AVX2-only CPU emulates bf16: the run says so once, on rank 0
+    assert report["native_bf16"] is native
+    assert proc.stderr.count("[adamae] warning: precision=bf16 on this CPU") == (0 if native else 1)
     assert close(report["engine_overhead"], seconds / report["baseline_seconds_per_step"])
     assert close(report["mfu"], report["tflops_per_s_per_rank"] / report["peak_tflops"])
     assert close(report["adaptive_over_random"], seconds / report["random_seconds_per_step"])
@@ -153,3 +160,28 @@ def test_bench_step_rejects_bad_settings_in_one_line(capsys):
         assert main(["step", *settings]) == 2
         line = one_line_error(capsys.readouterr().err, "adamae-bench")
         assert line.startswith("adamae-bench: error: step: ") and expected in line
+
+
+def test_matmul_peak_of_a_slow_kernel_is_measured_at_a_size_that_fits_the_budget(monkeypatch):
+    """bf16 on an AVX2-only CPU runs ~0.02 TFLOP/s: measured at 2048² the peak took minutes (and held a 2-rank
+    bench past its time limit). The CPU size grows from 256² only while the next size fits ~0.25 s."""
+    seconds_at_256 = 0.02
+    sizes = []
+
+    def slow_linear(a, b):  # a kernel that takes 20 ms at 256² and 8x that per doubling
+        sizes.append(a.shape[0])
+        time.sleep(seconds_at_256 * (a.shape[0] / 256) ** 3)
+        return a
+
+    monkeypatch.setattr(flops, "F", SimpleNamespace(linear=slow_linear))
+    peak = flops.matmul_peak_tflops(torch.device("cpu"), torch.bfloat16, reps=2)
+    assert sorted(set(sizes)) == [256, 512]  # 256² probed (20 ms, next 160 ms fits), 512² probed and measured
+    assert sizes[-3:] == [512, 512, 512]  # one warm-up and two timed repetitions
+    assert close(peak, 2 * 512**3 / (8 * seconds_at_256) / 1e12, 0.25)
+
+
+def test_matmul_peak_of_a_native_kernel_is_measured_at_the_full_cpu_size():
+    generator = torch.Generator().manual_seed(0)
+    assert flops._cpu_matmul_size(torch.float32, generator, budget_seconds=float("inf")) == 2048
+    assert flops._cpu_matmul_size(torch.float32, generator, budget_seconds=0.0) == 256
+    assert 0 < flops.matmul_peak_tflops(torch.device("cpu"), torch.float32, size=256, reps=1) < 100

@@ -7,6 +7,7 @@ import re
 import pytest
 
 from adamae_scale import schema
+from adamae_scale.engine import setup
 from adamae_scale.metrics import read_metrics
 
 from .conftest import run_pretrain
@@ -19,6 +20,8 @@ def test_pretrain_logs_checkpoints_and_resumes(tmp_path, tiny_run):
     )
     assert "focus_ratio" in proc.stdout and str(run_dir) in proc.stdout
     assert "ds=auto → zero0: one rank" in proc.stdout  # the default on one rank: no ZeRO bookkeeping
+    # bf16 on a CPU that emulates it (AVX2 only) is many times slower than fp32: the run says so at start.
+    assert ("[adamae] warning: precision=bf16 on this CPU" in proc.stdout) is not setup.native_bf16("cpu")
     assert "where the sampler looks (2 held-out clips; rows: input, p, visible, reconstruction, error)" in proc.stdout
     for name in ("clip-0", "clip-1"):  # the adamae-visualize picture of held-out clips, ground truth outlined
         assert all((run_dir / "visualize" / f"{name}.{ext}").is_file() for ext in ("png", "gif", "json"))
@@ -60,3 +63,13 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path, tiny_run):
     for override, expected in (("ds=zero7", "ds='zero7'"), ("model.img_size=[30,32]", "multiple of patch_size")):
         with pytest.raises(ValueError, match=re.escape(expected)):
             schema.validate(schema.compose([*tiny_run, override, f"run_dir={tmp_path / 'y'}"]))
+
+
+def test_bf16_warning_names_the_device_and_the_remedy_only_where_bf16_is_emulated(monkeypatch):
+    monkeypatch.setattr(setup, "native_bf16", lambda device_type: False)
+    warning = setup.slow_bf16_warning("bf16", "cpu")
+    assert warning is not None and "precision=bf16 on this CPU (" in warning and "pass precision=fp32" in warning
+    assert "compute capability below 8.0" in (setup.slow_bf16_warning("bf16", "cuda") or "")
+    assert setup.slow_bf16_warning("fp32", "cpu") is None
+    monkeypatch.setattr(setup, "native_bf16", lambda device_type: True)
+    assert setup.slow_bf16_warning("bf16", "cpu") is None

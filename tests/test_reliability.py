@@ -21,7 +21,7 @@ from adamae_scale.engine.checkpoint import MANIFEST, Checkpointer, verify
 from adamae_scale.engine.guard import GuardedAdamW
 from adamae_scale.metrics import MetricsLogger, read_metrics
 
-from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain, torchrun_cmd
 
 FP32 = [*TINY_RUN, "precision=fp32", "eval.focus_batches=0"]
 FULL_DISK_SCRIPT = Path(__file__).with_name("pretrain_with_full_disk.py")
@@ -50,6 +50,60 @@ def rewind(ckpts: Path, to_step: int) -> None:
 
 
 # -- 1. divergence -------------------------------------------------------------------------------------------------
+ZERO3_PADDING_SCRIPT = """
+import json
+import sys
+from pathlib import Path
+
+import deepspeed, torch
+from torch import nn
+from adamae_scale.engine import setup
+from adamae_scale.engine.guard import owned_values, weights_finite
+
+env = setup.dist_env()
+setup.init_distributed()
+config = {
+    "train_micro_batch_size_per_gpu": 1,
+    "zero_optimization": {"stage": 3},
+    "optimizer": {"type": "AdamW", "params": {"lr": 1e-3, "torch_adam": True}},
+}
+torch.manual_seed(0)
+model = nn.Linear(3, 1)
+engine, *_ = deepspeed.initialize(model=model, config=config, model_parameters=model.parameters())
+weight = engine.module.weight  # 3 values in partitions of 2: rank 1 holds one value and one padding slot
+held = owned_values(weight).numel()
+if env.rank == 1:
+    weight.ds_tensor[1] = float("nan")  # the padding, which DeepSpeed never writes
+padding_ignored = weights_finite(engine.module)
+if env.rank == 1:
+    weight.ds_tensor[0] = float("nan")  # a real value
+real_value_caught = not weights_finite(engine.module)
+report = {"rank": env.rank, "partition": weight.ds_tensor.numel(), "held": held}
+report.update(padding_ignored=padding_ignored, real_value_caught=real_value_caught)
+(Path(sys.argv[1]) / f"rank{env.rank}.json").write_text(json.dumps(report))  # one file a rank: no interleaving
+setup.shutdown()
+"""
+
+
+def test_zero3_weight_check_reads_each_partitions_values_not_its_padding(tmp_path):
+    """The divergence check on ZeRO-3 partitions: the last partition's padding is uninitialised memory (a NaN bit
+    pattern there once stopped a healthy 2-rank run with "the weights are not finite"), so only held values count."""
+    script = tmp_path / "zero3_padding.py"
+    script.write_text(ZERO3_PADDING_SCRIPT)
+    proc = subprocess.run(
+        torchrun_cmd(2, str(tmp_path), target=(str(script),)),
+        cwd=REPO,
+        env=cli_env(),
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
+    assert [(r["rank"], r["partition"], r["held"]) for r in reports] == [(0, 2, 2), (1, 2, 1)]
+    assert all(r["padding_ignored"] and r["real_value_caught"] for r in reports)
+
+
 def test_guarded_adamw_skips_a_non_finite_step_and_leaves_its_state_alone():
     weight = torch.nn.Parameter(torch.ones(3))
     opt = GuardedAdamW([weight], lr=0.1)

@@ -14,6 +14,7 @@ import time
 from typing import Any
 
 import torch
+import torch.nn.functional as F
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
 aten = torch.ops.aten
@@ -67,26 +68,44 @@ def attention_flops(counter: FlopCounterMode) -> int:
 
 def matmul_peak_tflops(device: torch.device, dtype: torch.dtype, size: int | None = None, reps: int = 5) -> float:
     """The best TFLOP/s of square ``dtype`` matmuls on ``device`` over ``reps`` timed repetitions: the limit a
-    step's MFU is read against. 8192² on CUDA (10 matmuls a repetition, enough to keep the clocks up), 2048² on
-    the CPU with this process's threads (one matmul, ~50–100 ms at two threads)."""
+    step's MFU is read against. The matmul is ``F.linear``, the op the models' linears run (on a CPU without
+    native bf16, e.g. AVX2 only, torch's bf16 ``mm`` takes a reference loop ~15x slower than its bf16 ``linear``).
+    8192² on CUDA (10 matmuls a repetition, enough to keep the clocks up); on the CPU, with this process's
+    threads, the largest of 256² … 2048² that takes about 0.25 s at most (2048² where bf16 or fp32 is native)."""
     cuda = device.type == "cuda"
-    size = size or (8192 if cuda else 2048)
     inner = 10 if cuda else 1
     # A generator of its own: measuring between a run's steps must not change the random numbers they draw.
     generator = torch.Generator(device=device).manual_seed(0)
+    size = size or (8192 if cuda else _cpu_matmul_size(dtype, generator))
     a = torch.randn(size, size, device=device, generator=generator).to(dtype)
     b = torch.randn(size, size, device=device, generator=generator).to(dtype)
-    out = torch.empty(size, size, device=device, dtype=dtype)
     best = float("inf")
     for rep in range(reps + 1):  # the first repetition warms up (allocations, kernel selection)
         _synchronize(device)
         start = time.perf_counter()
         for _ in range(inner):
-            torch.mm(a, b, out=out)
+            F.linear(a, b)
         _synchronize(device)
         if rep:
             best = min(best, (time.perf_counter() - start) / inner)
     return 2 * size**3 / best / 1e12
+
+
+def _cpu_matmul_size(
+    dtype: torch.dtype, generator: torch.Generator, largest: int = 2048, budget_seconds: float = 0.25
+) -> int:
+    """The largest power-of-two size from 256 up to ``largest`` whose CPU matmul should fit ``budget_seconds``
+    (each doubling costs 8x): a slow kernel is measured at a small size instead of for minutes."""
+    size = 256
+    while size < largest:
+        a = torch.randn(size, size, generator=generator).to(dtype)
+        F.linear(a, a)  # first call: allocation and kernel selection
+        start = time.perf_counter()
+        F.linear(a, a)
+        if 8 * (time.perf_counter() - start) > budget_seconds:
+            break
+        size *= 2
+    return size
 
 
 def _synchronize(device: torch.device) -> None:

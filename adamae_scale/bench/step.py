@@ -31,6 +31,7 @@ on a busy machine compare figures from one run, and repeat runs to see the sprea
 from __future__ import annotations
 
 import gc
+import sys
 import time
 from collections import defaultdict
 from collections.abc import Callable, Iterator
@@ -123,6 +124,9 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
     ds, _ = stage.resolve_ds(cfg["ds"], num_params, env.world_size, stage.local_world_size(env.world_size))
     requested_ds, cfg = cfg["ds"], {**cfg, "ds": ds}
     setup.init_distributed()
+    warning = setup.slow_bf16_warning(cfg["precision"], setup.accelerator())
+    if warning and env.rank == 0:
+        print(warning, file=sys.stderr, flush=True)
 
     timed = time_engine(cfg, model_cfg, env, opts, detailed=True)
     _free_memory(timed.device)
@@ -167,6 +171,7 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
         "tflops_per_s_per_rank": _significant(timed.flops / seconds / 1e12),
         "peak_tflops": _significant(peak),
         "peak_dtype": "bf16" if _peak_dtype(cfg) == torch.bfloat16 else "fp32",
+        "native_bf16": setup.native_bf16(timed.device.type),
         "mfu": _significant(timed.flops / seconds / (peak * 1e12)),
     }
     if baseline is not None:

@@ -61,6 +61,31 @@ def select_accelerator() -> str:
     return os.environ["DS_ACCELERATOR"]
 
 
+def native_bf16(device_type: str) -> bool:
+    """Whether ``device_type`` runs bf16 matmuls in hardware: CUDA from compute capability 8.0 (A100, H100), CPUs
+    with AVX-512 or AMX (oneDNN's bf16 kernels). Elsewhere torch emulates them far below the fp32 speed."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    if device_type == "cpu":
+        return bool(torch.ops.mkldnn._is_mkldnn_bf16_supported())
+    return True
+
+
+def slow_bf16_warning(precision: str, device_type: str) -> str | None:
+    """The line to print at start when ``precision=bf16`` meets a device without native bf16 matmuls."""
+    if precision != "bf16" or native_bf16(device_type):
+        return None
+    where = (
+        f"this CPU ({torch.backends.cpu.get_cpu_capability()}: no AVX-512 or AMX)"
+        if device_type == "cpu"
+        else f"{device_type} device without native bf16 (compute capability below 8.0)"
+    )
+    return (
+        f"[adamae] warning: precision=bf16 on {where}: bf16 matmuls are emulated, a step takes many times longer "
+        "than with precision=fp32 (ViT-B on a 2-core AVX2 CPU: 44.9 s against 2.9 s); pass precision=fp32 here"
+    )
+
+
 # glibc mallopt parameters (malloc.h).
 _M_TRIM_THRESHOLD, _M_MMAP_THRESHOLD, _M_MMAP_MAX, _M_ARENA_MAX = -1, -3, -4, -8
 

@@ -162,6 +162,9 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             f"[adamae] {report.summary()}",
             flush=True,
         )
+        warning = setup.slow_bf16_warning(cfg["precision"], setup.accelerator())
+        if warning:
+            print(warning, flush=True)
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
