@@ -81,9 +81,11 @@ def torchrun_cmd(nproc: int, *overrides: str, port: int | None = None, target: t
     ]
 
 
-def run_torchrun(nproc: int, *overrides: str, check: bool = True, timeout: int = 400) -> subprocess.CompletedProcess:
-    """``torchrun --nproc_per_node N -m adamae_scale.pretrain``: N CPU ranks on gloo."""
-    return _run(torchrun_cmd(nproc, *overrides), check, timeout)
+def run_torchrun(
+    nproc: int, *overrides: str, check: bool = True, timeout: int = 400, target: tuple[str, ...] = PRETRAIN
+) -> subprocess.CompletedProcess:
+    """``torchrun --nproc_per_node N`` of ``target`` (``-m adamae_scale.pretrain`` unless told): N CPU ranks on gloo."""
+    return _run(torchrun_cmd(nproc, *overrides, target=target), check, timeout)
 
 
 def run_ranks(nproc: int, *overrides: str, **kwargs) -> subprocess.CompletedProcess:

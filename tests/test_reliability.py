@@ -21,7 +21,7 @@ from adamae_scale.engine.checkpoint import MANIFEST, Checkpointer, verify
 from adamae_scale.engine.guard import GuardedAdamW
 from adamae_scale.metrics import MetricsLogger, read_metrics
 
-from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain, torchrun_cmd
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain, run_torchrun
 
 FP32 = [*TINY_RUN, "precision=fp32", "eval.focus_batches=0"]
 FULL_DISK_SCRIPT = Path(__file__).with_name("pretrain_with_full_disk.py")
@@ -90,15 +90,7 @@ def test_zero3_weight_check_reads_each_partitions_values_not_its_padding(tmp_pat
     pattern there once stopped a healthy 2-rank run with "the weights are not finite"), so only held values count."""
     script = tmp_path / "zero3_padding.py"
     script.write_text(ZERO3_PADDING_SCRIPT)
-    proc = subprocess.run(
-        torchrun_cmd(2, str(tmp_path), target=(str(script),)),
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
+    run_torchrun(2, str(tmp_path), target=(str(script),), timeout=300)  # raises with the ranks' output on failure
     reports = [json.loads((tmp_path / f"rank{rank}.json").read_text()) for rank in (0, 1)]
     assert [(r["rank"], r["partition"], r["held"]) for r in reports] == [(0, 2, 2), (1, 2, 1)]
     assert all(r["padding_ignored"] and r["real_value_caught"] for r in reports)
