@@ -78,17 +78,16 @@ def find_guard(optimizer: Any) -> NonFiniteGuard | None:
     return None
 
 
-def owned_values(param: torch.Tensor, partition_rank: int | None = None) -> torch.Tensor:
+def owned_values(param: torch.Tensor) -> torch.Tensor:
     """The values of ``param`` this rank holds: under ZeRO-3 its partition (``ds_tensor``) without the padding that
     ends the last partitions, which DeepSpeed allocates with ``torch.empty`` and never writes (so it may hold
-    NaN bit patterns); otherwise the whole tensor. ``partition_rank``: this rank in the parameter's group."""
+    NaN bit patterns); otherwise the whole tensor."""
     part = getattr(param, "ds_tensor", None)
     if part is None:
         return param.detach()
-    if partition_rank is None:
-        import torch.distributed as dist
+    import torch.distributed as dist
 
-        partition_rank = dist.get_rank(group=getattr(param, "ds_process_group", None))
+    partition_rank = dist.get_rank(group=getattr(param, "ds_process_group", None))  # this rank in the param's group
     size = part.numel()
     held = min(size, max(0, int(param.ds_numel) - size * partition_rank))  # type: ignore[attr-defined]
     return part.detach().narrow(0, 0, held)

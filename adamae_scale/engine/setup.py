@@ -158,21 +158,19 @@ def init_distributed(engine: str = "deepspeed") -> None:
     deepspeed.init_distributed()
 
 
-def skip_cpu_inference_comm_op() -> bool:
+def skip_cpu_inference_comm_op() -> None:
     """Keep DeepSpeed's CPU backend from compiling its shared-memory all-reduce op when the process group starts
     (C++, 50-75 s on a 2-core machine at every fresh checkout, and again whenever another ``ninja`` is on the
     PATH): only tensor-parallel inference (``inference_all_reduce``) uses it, and without it that call falls
     back to the process group, as DeepSpeed does where the op is not compatible. Training never calls it.
-    Returns whether the op is now off (False with a DeepSpeed that no longer has this switch)."""
+    A DeepSpeed without this switch builds the op as before."""
     import deepspeed.ops
     from deepspeed.accelerator import get_accelerator
 
     builder = get_accelerator().create_op_builder("ShareMemCommBuilder")
     compatible = getattr(deepspeed.ops, "__compatible_ops__", None)
-    if builder is None or not isinstance(compatible, dict):
-        return False
-    compatible[builder.NAME] = False
-    return True
+    if builder is not None and isinstance(compatible, dict):
+        compatible[builder.NAME] = False
 
 
 def load_ds_config(name_or_path: str) -> dict[str, Any]:
