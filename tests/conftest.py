@@ -11,7 +11,7 @@ from adamae_scale.models import AdaMAEConfig, config_for
 REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough for CI (2 cores) that still runs every stage of the real pipeline.
-TINY_RUN = [
+TINY_MODEL = [
     "model=vit_tiny",
     "model.depth=2",
     "model.decoder_depth=1",
@@ -19,6 +19,9 @@ TINY_RUN = [
     "model.img_size=[32,32]",
     "model.patch_size=8",
     "masking.ratio=0.75",
+]
+TINY_RUN = [
+    *TINY_MODEL,
     "data=synthetic",
     "train.micro_batch_size=4",
     "train.base_lr=0.4",

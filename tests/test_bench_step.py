@@ -17,18 +17,9 @@ from adamae_scale.bench.step import BREAKDOWN_PARTS
 from adamae_scale.engine import setup
 from adamae_scale.models import build_model, config_for
 
-from .conftest import REPO, cli_env, one_line_error, torchrun_cmd
+from .conftest import REPO, TINY_MODEL, cli_env, one_line_error, torchrun_cmd
 
-TINY = [
-    "model=vit_tiny",
-    "model.depth=2",
-    "model.decoder_depth=1",
-    "model.num_frames=4",
-    "model.img_size=[32,32]",
-    "model.patch_size=8",
-    "masking.ratio=0.75",
-    "train.micro_batch_size=4",
-]
+TINY = [*TINY_MODEL, "train.micro_batch_size=4"]
 
 
 def attention_fwd_flops(batch: int, heads: int, queries: int, keys: int, head_dim: int) -> int:

@@ -8,7 +8,7 @@ import pytest
 
 from adamae_scale.engine.stage import model_state_bytes
 
-from .conftest import REPO, cli_env, one_line_error
+from .conftest import REPO, TINY_MODEL, cli_env, one_line_error
 
 
 def test_zero_stages_partition_what_they_should():
@@ -32,17 +32,11 @@ def test_bench_memory_reports_model_and_measured_peak(engine):
         "-m",
         "adamae_scale.bench",
         "memory",
-        "model=vit_tiny",
+        *TINY_MODEL,
         *engine,
         "world_size=2",
         "run=true",
         "steps=2",
-        "model.depth=2",
-        "model.decoder_depth=1",
-        "model.num_frames=4",
-        "model.img_size=[32,32]",
-        "model.patch_size=8",
-        "masking.ratio=0.75",
     ]
     proc = subprocess.run(cmd, cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=400)
     assert proc.returncode == 0, proc.stderr[-3000:]
