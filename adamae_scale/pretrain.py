@@ -88,9 +88,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             f"peak lr {peak_lr:.3g}, {cfg['precision']}, {engine_label}",
             flush=True,
         )
-        warning = setup.slow_bf16_warning(cfg["precision"], setup.accelerator())
-        if warning:
-            print(warning, flush=True)
+        setup.warn_if_slow_bf16(cfg["precision"])
 
     data = build_data(cfg["data"], model_cfg, train["micro_batch_size"], env.rank, env.world_size)
     objective = AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])

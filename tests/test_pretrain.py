@@ -3,6 +3,7 @@ resume, and errors that stop before any process group starts."""
 
 import json
 import re
+import sys
 
 import pytest
 
@@ -74,11 +75,17 @@ def test_bad_config_fails_before_training_with_one_line(tmp_path, tiny_run):
             schema.validate(schema.compose([*tiny_run, override, f"run_dir={tmp_path / 'y'}"]))
 
 
-def test_bf16_warning_names_the_device_and_the_remedy_only_where_bf16_is_emulated(monkeypatch):
+def test_bf16_warning_names_the_device_and_the_remedy_only_where_bf16_is_emulated(monkeypatch, capsys):
     monkeypatch.setattr(setup, "native_bf16", lambda device_type: False)
     warning = setup.slow_bf16_warning("bf16", "cpu")
     assert warning is not None and "precision=bf16 on this CPU (" in warning and "pass precision=fp32" in warning
     assert "compute capability below 8.0" in (setup.slow_bf16_warning("bf16", "cuda") or "")
     assert setup.slow_bf16_warning("fp32", "cpu") is None
+    setup.warn_if_slow_bf16("bf16", file=sys.stderr)
+    setup.warn_if_slow_bf16("fp32")
+    printed = capsys.readouterr()
+    assert printed.err == warning + "\n" and printed.out == ""
     monkeypatch.setattr(setup, "native_bf16", lambda device_type: True)
     assert setup.slow_bf16_warning("bf16", "cpu") is None
+    setup.warn_if_slow_bf16("bf16")
+    assert capsys.readouterr().out == ""

@@ -124,9 +124,8 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
     ds, _ = stage.resolve_ds(cfg["ds"], num_params, env.world_size, stage.local_world_size(env.world_size))
     requested_ds, cfg = cfg["ds"], {**cfg, "ds": ds}
     setup.init_distributed()
-    warning = setup.slow_bf16_warning(cfg["precision"], setup.accelerator())
-    if warning and env.rank == 0:
-        print(warning, file=sys.stderr, flush=True)
+    if env.rank == 0:
+        setup.warn_if_slow_bf16(cfg["precision"], file=sys.stderr)  # stdout is the JSON report
 
     timed = time_engine(cfg, model_cfg, env, opts, detailed=True)
     _free_memory(timed.device)

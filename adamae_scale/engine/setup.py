@@ -17,7 +17,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, TextIO
 
 import torch
 import torch.utils.checkpoint
@@ -84,6 +84,13 @@ def slow_bf16_warning(precision: str, device_type: str) -> str | None:
         f"[adamae] warning: precision=bf16 on {where}: bf16 matmuls are emulated, a step takes many times longer "
         "than with precision=fp32 (ViT-B on a 2-core AVX2 CPU: 44.9 s against 2.9 s); pass precision=fp32 here"
     )
+
+
+def warn_if_slow_bf16(precision: str, file: TextIO | None = None) -> None:
+    """Print ``slow_bf16_warning`` for this process's accelerator, if there is one, to ``file`` (stdout)."""
+    warning = slow_bf16_warning(precision, accelerator())
+    if warning:
+        print(warning, file=file or sys.stdout, flush=True)
 
 
 # glibc mallopt parameters (malloc.h).

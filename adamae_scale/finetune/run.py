@@ -162,9 +162,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
             f"[adamae] {report.summary()}",
             flush=True,
         )
-        warning = setup.slow_bf16_warning(cfg["precision"], setup.accelerator())
-        if warning:
-            print(warning, flush=True)
+        setup.warn_if_slow_bf16(cfg["precision"])
         run_dir.mkdir(parents=True, exist_ok=True)
         (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
 
