@@ -23,7 +23,7 @@ from adamae_scale.metrics import read_metrics
 from adamae_scale.models import config_for, make_config
 from adamae_scale.models.classifier import VideoClassifier
 
-from .conftest import TINY_RUN, _run, run_pretrain, torchrun_cmd
+from .conftest import TINY_RUN, _run, convert_cli, one_line_error, run_pretrain, torchrun_cmd
 from .test_convert_import import reference_args, reference_state_dict, save_reference_checkpoint
 
 FINETUNE = ("-m", "adamae_scale.finetune")
@@ -342,7 +342,7 @@ def test_finetune_from_an_encoder_export_trains_evaluates_and_resumes_exactly(pr
     assert json.loads((resumed / "eval.json").read_text()) == result
 
 
-def test_two_rank_zero2_finetune_counts_every_video_once(pretrained, tmp_path):
+def test_two_rank_zero2_finetune_counts_every_video_once(pretrained, tmp_path, capsys):
     run_dir = tmp_path / "run"
     overrides = [o for o in TINY_FT if not o.startswith("ds=")]
     run_finetune(
@@ -364,11 +364,32 @@ def test_two_rank_zero2_finetune_counts_every_video_once(pretrained, tmp_path):
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r] == [2, 4]
     assert [r["step"] for r in read_metrics(run_dir / "metrics.jsonl") if "val_ema_top1" in r] == [2, 4]
 
+    # The last ZeRO-2 checkpoint, consolidated, is the classifier the run wrote, bit for bit; with --ema, its EMA.
+    for flag, written in (((), "model"), (("--ema",), "model_ema")):
+        out = tmp_path / f"consolidated-{written}"
+        code, stdout, stderr = convert_cli(capsys, "consolidate", run_dir, out, *flag)
+        assert code == 0, stderr
+        assert "classifier vit_tiny" in stdout and "from ZeRO-2 checkpoint step_00000004 (world size 2" in stdout
+        assert_same_classifier(out, run_dir / written)
+        config = json.loads((out / "config.json").read_text())
+        assert config["source"]["model_ema"] is bool(flag) and config["source"]["zero_stage"] == 2
 
-def test_linear_probe_trains_only_the_head(pretrained, tmp_path):
+
+def assert_same_classifier(folder, reference):
+    """``folder`` holds the classifier ``reference`` (a RUN_DIR/model) holds: config and weights, bit for bit."""
+    config, expected = (json.loads((f / "config.json").read_text()) for f in (folder, reference))
+    assert config["format"] == expected["format"] == "adamae-classifier"
+    assert (config["model"], config["num_classes"]) == (expected["model"], expected["num_classes"])
+    weights, reference_weights = (load_file(f / "model.safetensors") for f in (folder, reference))
+    assert list(weights) == list(reference_weights)
+    assert all(torch.equal(weights[name], reference_weights[name]) for name in weights), folder
+
+
+def test_linear_probe_trains_only_the_head(pretrained, tmp_path, capsys):
     run_dir = tmp_path / "probe"
     proc = run_finetune(
-        *TINY_FT,
+        *[o for o in TINY_FT if not o.startswith("ds=")],
+        "ds=zero1",  # the frozen encoder is kept outside ZeRO's partitions: consolidate must still find it
         f"init={pretrained / 'full'}",
         "finetune.mode=linear",
         "train.steps=3",
@@ -385,6 +406,16 @@ def test_linear_probe_trains_only_the_head(pretrained, tmp_path):
     assert torch.equal(weights["blocks.0.mlp.fc1.weight"], full["encoder.blocks.0.mlp.fc1.weight"])  # frozen
     assert torch.equal(weights["fc_norm.weight"], torch.ones_like(weights["fc_norm.weight"]))  # frozen at identity
     assert weights["head.weight"].abs().max() > 0.001 * 0.05  # trained away from its tiny initial scale
+
+    code, _, stderr = convert_cli(capsys, "consolidate", run_dir, tmp_path / "probe-model")
+    assert code == 0, stderr
+    assert_same_classifier(tmp_path / "probe-model", run_dir / "model")
+    # --ema needs a run that kept one, and a fine-tuning checkpoint at all: one line each, nothing written.
+    code, _, stderr = convert_cli(capsys, "consolidate", run_dir, tmp_path / "no-ema", "--ema")
+    assert code == 2 and "holds no model EMA (the run had finetune.model_ema=false)" in one_line_error(stderr)
+    code, _, stderr = convert_cli(capsys, "consolidate", pretrained / "run", tmp_path / "no-ema", "--ema")
+    assert code == 2 and "is not a fine-tuning checkpoint" in one_line_error(stderr)
+    assert not (tmp_path / "no-ema").exists()
 
 
 def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monkeypatch):

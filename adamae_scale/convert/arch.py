@@ -13,6 +13,7 @@ from omegaconf import OmegaConf
 
 from .. import schema
 from ..models import AdaMAE, AdaMAEConfig, config_for, make_config, model_names
+from ..models.classifier import VideoClassifier
 from ..models.registry import config_dir
 from .errors import ArchitectureMismatchError, ConvertError
 
@@ -45,9 +46,31 @@ def _listing(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def check_shapes(found: Mapping[str, Sequence[int]], cfg: AdaMAEConfig, source: str) -> None:
-    """Raise ``ArchitectureMismatchError`` unless ``found`` has exactly the model's names and shapes."""
-    expected = expected_shapes(cfg)
+def describe_classifier(cfg: AdaMAEConfig, num_classes: int) -> str:
+    h, w = cfg.img_size
+    return (
+        f"classifier {cfg.name} (encoder {cfg.embed_dim} wide x {cfg.depth} blocks over all {cfg.num_tokens} tokens "
+        f"of {cfg.num_frames}x{h}x{w} clips, mean pooling, {num_classes} classes)"
+    )
+
+
+def classifier_shapes(cfg: AdaMAEConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
+    """``{parameter name: shape}`` of ``VideoClassifier(cfg, num_classes).state_dict()``, in the model's order."""
+    with torch.device("meta"):
+        model = VideoClassifier(cfg, num_classes)
+    return {name: tuple(t.shape) for name, t in model.state_dict().items()}
+
+
+def check_shapes(
+    found: Mapping[str, Sequence[int]],
+    cfg: AdaMAEConfig,
+    source: str,
+    num_classes: int | None = None,
+) -> None:
+    """Raise ``ArchitectureMismatchError`` unless ``found`` has exactly the model's names and shapes: the AdaMAE
+    model's, or with ``num_classes`` the fine-tuning classifier's."""
+    expected = expected_shapes(cfg) if num_classes is None else classifier_shapes(cfg, num_classes)
+    target = describe(cfg) if num_classes is None else describe_classifier(cfg, num_classes)
     wrong = [name for name in expected if name in found and tuple(found[name]) != expected[name]]
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
@@ -64,7 +87,7 @@ def check_shapes(found: Mapping[str, Sequence[int]], cfg: AdaMAEConfig, source: 
         problems.append(f"missing {_listing(missing)}")
     if unexpected:
         problems.append(f"not in the model: {_listing(unexpected)}")
-    raise ArchitectureMismatchError(f"{source} does not match {describe(cfg)}: " + "; ".join(problems))
+    raise ArchitectureMismatchError(f"{source} does not match {target}: " + "; ".join(problems))
 
 
 def named_config(name: str, **overrides: Any) -> AdaMAEConfig:
@@ -256,4 +279,13 @@ def infer_config(
     return cfg
 
 
-__all__ = ["check_shapes", "describe", "expected_shapes", "infer_config", "named_config", "with_overrides"]
+__all__ = [
+    "check_shapes",
+    "classifier_shapes",
+    "describe",
+    "describe_classifier",
+    "expected_shapes",
+    "infer_config",
+    "named_config",
+    "with_overrides",
+]

@@ -136,9 +136,12 @@ def build_parser() -> argparse.ArgumentParser:
         "bf16), plus config.json describing the model (format 'adamae-full'). ZeRO-1/2/3 go through "
         "DeepSpeed's own zero_to_fp32, with files memory-mapped and tensors written one at a time: peak "
         "memory is about one fp32 copy of the model. An engine=fairscale checkpoint (fairscale.json in the tag "
-        "folder) already holds the full fp32 weights in its model.safetensors; they are copied bit for bit.",
+        "folder) already holds the full fp32 weights in its model.safetensors; they are copied bit for bit. "
+        "A checkpoint of adamae-finetune becomes a classifier folder (format 'adamae-classifier', what the run "
+        "writes to RUN_DIR/model when it finishes), or with --ema its model EMA (RUN_DIR/model_ema).",
         epilog="examples:\n  adamae-convert consolidate runs/try/checkpoints exported/try\n"
-        "  adamae-convert consolidate runs/try/checkpoints/step_00000030 exported/try-30 --dtype bf16",
+        "  adamae-convert consolidate runs/try/checkpoints/step_00000030 exported/try-30 --dtype bf16\n"
+        "  adamae-convert consolidate runs/ft exported/ft-ema --ema",
     )
     consolidate.add_argument(
         "ckpt_dir",
@@ -152,6 +155,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--allow-nonfinite",
         action="store_true",
         help="write weights holding NaN/inf instead of refusing (the checkpoint's manifest is still verified)",
+    )
+    consolidate.add_argument(
+        "--ema",
+        action="store_true",
+        help="a fine-tuning checkpoint's model EMA (finetune.model_ema=true) instead of its trained weights",
     )
     _add_output_options(
         consolidate, "fp32", "dtype of the written weights (default fp32, bit-identical to the masters)"
@@ -275,6 +283,7 @@ def run(args: argparse.Namespace) -> str:
             overrides=overrides,
             overwrite=args.overwrite,
             allow_nonfinite=args.allow_nonfinite,
+            ema=args.ema,
         )
         source = config["source"]
         return (

@@ -1,5 +1,6 @@
 """``consolidate``: a DeepSpeed ZeRO 0-3 or an engine=fairscale checkpoint (any world size) → one
-``model.safetensors``.
+``model.safetensors``: the AdaMAE model of a pre-training checkpoint, the classifier (or its model EMA) of a
+fine-tuning one.
 
 The output holds the optimizer's fp32 master weights, bit for bit:
 
@@ -39,9 +40,17 @@ from ..engine import engines, fairscale_engine
 from ..engine.checkpoint import MANIFEST
 from ..engine.checkpoint import verify as verify_checkpoint
 from ..models import AdaMAEConfig
-from .arch import check_shapes, describe, expected_shapes, infer_config, with_overrides
+from .arch import (
+    check_shapes,
+    classifier_shapes,
+    describe,
+    describe_classifier,
+    expected_shapes,
+    infer_config,
+    with_overrides,
+)
 from .errors import ConvertError
-from .folder import FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
+from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
 from .io import SafetensorsReader, TensorLike, atomic_output_dir, lazy_map, safe_torch_load
 
 # Every class a DeepSpeed 0.19 checkpoint of this project pickles besides tensors and containers
@@ -223,7 +232,19 @@ def _zero_partitioned_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLi
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(loc.root), tag=loc.tag, lazy_mode=True)
         except (FileNotFoundError, ValueError, KeyError, IndexError, NotImplementedError) as err:
             raise ConvertError(f"checkpoint {loc.path}: DeepSpeed cannot reassemble it ({err})") from err
-    return dict(state), facts
+    return _with_frozen_module_weights(loc, dict(state)), facts
+
+
+def _with_frozen_module_weights(loc: CheckpointLocation, state: dict[str, TensorLike]) -> dict[str, TensorLike]:
+    """``state`` plus the parameters the optimizer never held (frozen ones, e.g. a linear probe's encoder), from
+    the module state: ``zero_to_fp32`` finds them only at stages 2-3 (``frozen_param_fragments``), while a ZeRO-1
+    checkpoint keeps them in ``mp_rank_00_model_states.pt`` alone (never updated, so that copy is exact)."""
+    path = loc.path / "mp_rank_00_model_states.pt"
+    if not path.is_file():  # ZeRO-3 names its files per rank and records frozen parameters itself
+        return state
+    module = safe_torch_load(path, DEEPSPEED_GLOBALS, mmap=True).get("module") or {}
+    missing = {name: tensor for name, tensor in module.items() if name not in state and tensor.numel() > 0}
+    return {**state, **missing}
 
 
 def _zero0_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _CheckpointFacts]:
@@ -308,52 +329,116 @@ def consolidate(
     overrides: Mapping[str, Any] | None = None,
     overwrite: bool = False,
     allow_nonfinite: bool = False,
+    ema: bool = False,
 ) -> dict[str, Any]:
     """Consolidate a DeepSpeed checkpoint into ``out_dir``; returns the written ``config.json``.
 
-    The checkpoint is verified against its ``manifest.json`` (sizes and sha256) first, and a weight holding
-    NaN/inf stops the write (nothing is left behind) unless ``allow_nonfinite``."""
+    A pre-training checkpoint becomes an ``adamae-full`` folder; a fine-tuning one (its config.json says
+    ``task: classification``) an ``adamae-classifier`` folder, like ``adamae-finetune``'s ``RUN_DIR/model``, or
+    with ``ema`` its ``RUN_DIR/model_ema`` (the model EMA kept in the checkpoint). The checkpoint is verified
+    against its ``manifest.json`` (sizes and sha256) first, and a weight holding NaN/inf stops the write (nothing
+    is left behind) unless ``allow_nonfinite``."""
     loc = locate_checkpoint(ckpt_dir, tag)
     problem = verify_checkpoint(loc.path) if (loc.path / MANIFEST).is_file() else None
     if problem is not None:
         raise ConvertError(f"checkpoint {loc.path} is damaged: {problem}")
     run_config = read_run_config(loc)
+    num_classes = _num_classes(loc, run_config)
+    if ema and num_classes is None:
+        raise ConvertError(
+            f"--ema: checkpoint {loc.path} is not a fine-tuning checkpoint; only adamae-finetune runs with "
+            "finetune.model_ema=true keep a model EMA"
+        )
     readers = contextlib.ExitStack()
-    if fairscale_engine.is_checkpoint(loc.path):
+    if ema:
+        state, facts = _ema_state(loc)
+    elif fairscale_engine.is_checkpoint(loc.path):
         state, facts = _fairscale_state(loc, readers)
     elif any(loc.path.glob("*_optim_states.pt")):
         state, facts = _zero_partitioned_state(loc)
     else:
         state, facts = _zero0_state(loc)
     shapes = {name: torch.Size(value.shape) for name, value in state.items()}
-    cfg = resolve_config(run_config, shapes, model, overrides or {})
-    check_shapes(shapes, cfg, f"checkpoint {loc.path}")
-    ordered: dict[str, TensorLike] = {name: state[name] for name in expected_shapes(cfg)}
+    if num_classes is None:
+        cfg = resolve_config(run_config, shapes, model, overrides or {})
+        expected = expected_shapes(cfg)
+    else:
+        if model is not None:
+            raise ConvertError(f"--model: checkpoint {loc.path} is a fine-tuning checkpoint; its config.json names it")
+        cfg = with_overrides(folder_model_config(run_config or {}), **(overrides or {}))
+        expected = classifier_shapes(cfg, num_classes)
+    what = f"the model EMA in checkpoint {loc.path}" if ema else f"checkpoint {loc.path}"
+    check_shapes(shapes, cfg, what, num_classes)
+    ordered: dict[str, TensorLike] = {name: state[name] for name in expected}
     if not allow_nonfinite:
         ordered = {name: lazy_map(value, functools.partial(_finite, name, loc.path)) for name, value in ordered.items()}
 
-    config = {
-        "format": FORMAT_FULL,
-        "format_version": FORMAT_VERSION,
-        "model": cfg.to_dict(),
-        "precision": (run_config or {}).get("precision"),
-        "ds": (run_config or {}).get("ds"),
-        "loss_target": (run_config or {}).get("loss_target"),
-        "source": {
-            "kind": facts.engine,
-            "checkpoint": str(loc.path),
-            "tag": loc.tag,
-            "zero_stage": facts.zero_stage,
-            "world_size": facts.world_size,
-            "global_steps": facts.global_steps,
-            "ds_version": facts.ds_version,
-            **({"sharding": facts.sharding} if facts.sharding else {}),
-        },
-        "description": describe(cfg),
+    source = {
+        "kind": facts.engine,
+        "checkpoint": str(loc.path),
+        "tag": loc.tag,
+        "zero_stage": facts.zero_stage,
+        "world_size": facts.world_size,
+        "global_steps": facts.global_steps,
+        "ds_version": facts.ds_version,
+        **({"sharding": facts.sharding} if facts.sharding else {}),
     }
+    config: dict[str, Any]
+    if num_classes is None:
+        config = {
+            "format": FORMAT_FULL,
+            "format_version": FORMAT_VERSION,
+            "model": cfg.to_dict(),
+            "precision": (run_config or {}).get("precision"),
+            "ds": (run_config or {}).get("ds"),
+            "loss_target": (run_config or {}).get("loss_target"),
+            "source": source,
+            "description": describe(cfg),
+        }
+    else:
+        config = {
+            "format": FORMAT_CLASSIFIER,
+            "format_version": FORMAT_VERSION,
+            "model": cfg.to_dict(),
+            "num_classes": num_classes,
+            "ds": (run_config or {}).get("ds"),
+            "source": {**source, "model_ema": ema},
+            "description": ("model EMA of " if ema else "") + describe_classifier(cfg, num_classes),
+        }
     with readers, atomic_output_dir(out_dir, overwrite, inputs=[loc.path]) as tmp:
         written = write_folder(tmp, ordered, config, dtype)
     return written
+
+
+def _num_classes(loc: CheckpointLocation, run_config: Mapping[str, Any] | None) -> int | None:
+    """The class count of a fine-tuning checkpoint (``adamae-finetune`` records ``task: classification``), else
+    ``None``."""
+    if (run_config or {}).get("task") != "classification":
+        return None
+    classes = (run_config or {}).get("num_classes")
+    if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
+        raise ConvertError(f"{loc.path / RUN_CONFIG_FILE}: num_classes={classes!r}, expected a positive integer")
+    return classes
+
+
+def _ema_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _CheckpointFacts]:
+    """The model EMA ``adamae-finetune`` keeps in rank 0's client state (ZeRO 0-2: the average is whole there)."""
+    files = sorted(loc.path.glob("*model_states.pt"))
+    if not files:
+        raise ConvertError(f"checkpoint {loc.path}: no *model_states.pt, so no model EMA")
+    state = safe_torch_load(files[0], DEEPSPEED_GLOBALS, mmap=True)
+    facts = _CheckpointFacts()
+    facts.note(files[0], state)
+    ema = state.get("ema") if isinstance(state, dict) else None
+    if not isinstance(ema, dict) or not ema:
+        raise ConvertError(
+            f"--ema: checkpoint {loc.path} holds no model EMA (the run had finetune.model_ema=false); "
+            "leave out --ema for the trained weights"
+        )
+    ds_config = state.get("ds_config") or {}
+    facts.zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
+    facts.world_size = state.get("dp_world_size")
+    return dict(ema), facts
 
 
 def _finite(name: str, checkpoint: Path, tensor: torch.Tensor) -> torch.Tensor:
