@@ -22,7 +22,7 @@ import torch
 from PIL import Image
 
 from .convert.cli import positive_int
-from .convert.consolidate import consolidate, locate_checkpoint
+from .convert.consolidate import consolidate, locate_checkpoint, read_run_config
 from .convert.errors import ConvertError
 from .convert.folder import CONFIG_FILE, MODEL_FILE, load_model
 from .data.eval_clips import shard_clips, video_clip
@@ -62,6 +62,11 @@ def load_source(src: str | Path) -> tuple[AdaMAE, str | None]:
             f"SRC {src} is neither a weight folder ({MODEL_FILE} + {CONFIG_FILE}, from 'adamae-convert consolidate' "
             "or 'import') nor a DeepSpeed checkpoint (RUN_DIR, RUN_DIR/checkpoints or a step_N folder)"
         ) from None
+    if (read_run_config(location) or {}).get("task") == "classification":
+        raise VisualizeError(
+            f"SRC {src} is a fine-tuning checkpoint: a classifier has no token sampler or decoder to draw; "
+            "pass a pre-training run"
+        )
     with tempfile.TemporaryDirectory(prefix="adamae-visualize-") as tmp:
         consolidate(location.root, Path(tmp) / "model", tag=location.tag)
         return load_model(Path(tmp) / "model"), _loss_target(Path(tmp) / "model")

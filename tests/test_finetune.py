@@ -410,6 +410,14 @@ def test_linear_probe_trains_only_the_head(pretrained, tmp_path, capsys):
     code, _, stderr = convert_cli(capsys, "consolidate", run_dir, tmp_path / "probe-model")
     assert code == 0, stderr
     assert_same_classifier(tmp_path / "probe-model", run_dir / "model")
+    # A fine-tuned classifier is an init= source too (say, for another label set): encoder and fc_norm, a new head.
+    source = load_source(str(tmp_path / "probe-model"))
+    other_task = VideoClassifier(classifier_config(source, None, {}, 0.0), 7)
+    state, report = classifier_state(source, {n: p.shape for n, p in other_task.named_parameters()})
+    probe = load_file(run_dir / "model" / "model.safetensors")
+    assert sorted(state) == sorted(n for n in probe if not n.startswith("head."))
+    assert all(torch.equal(state[name], probe[name]) for name in state)
+    assert report.new == ["head"] and sorted(report.dropped) == ["head.bias", "head.weight"]
     # --ema needs a run that kept one, and a fine-tuning checkpoint at all: one line each, nothing written.
     code, _, stderr = convert_cli(capsys, "consolidate", run_dir, tmp_path / "no-ema", "--ema")
     assert code == 2 and "holds no model EMA (the run had finetune.model_ema=false)" in one_line_error(stderr)

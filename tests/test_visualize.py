@@ -181,4 +181,11 @@ def test_bad_source_or_video_is_one_line(weights, tmp_path, capsys):
     junk.write_bytes(b"not a video at all" * 10)
     assert main([str(weights), "--video", str(junk), "--out", str(tmp_path / "o")]) == 2
     assert f"--video {junk}: not a readable video" in one_line_error(capsys.readouterr().err, PROG)
+    # A fine-tuning run's checkpoint (config.json says so) holds a classifier: no sampler, nothing to draw.
+    finetuned = tmp_path / "ft" / "checkpoints" / "step_00000001"
+    finetuned.mkdir(parents=True)
+    torch.save({}, finetuned / "mp_rank_00_model_states.pt")
+    (finetuned / "config.json").write_text(json.dumps({"task": "classification", "num_classes": 4}))
+    assert main([str(finetuned), "--video", str(video), "--out", str(tmp_path / "o")]) == 2
+    assert "is a fine-tuning checkpoint" in one_line_error(capsys.readouterr().err, PROG)
     assert not (tmp_path / "o").exists()  # nothing written

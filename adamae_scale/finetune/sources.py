@@ -3,6 +3,8 @@
 - a ``consolidate``/``import`` folder (``format: adamae-full``): its ``encoder.*`` tensors;
 - an ``export-encoder`` folder (``format: adamae-encoder``), either key layout (``timm``'s ``attn.qkv.bias`` is
   split back into ``q_bias``/``v_bias``; its ``pos_embed`` is the fixed table and is dropped);
+- a fine-tuned classifier folder (``format: adamae-classifier``: ``adamae-finetune``'s ``RUN_DIR/model`` or a
+  consolidated fine-tuning checkpoint): its encoder and ``fc_norm``; its head is dropped (a new one is trained);
 - a reference AdaMAE / VideoMAE pre-training checkpoint (``checkpoint-*.pth``), read by the importer's safe
   loader (``weights_only`` plus an explicit allowlist);
 - ``none``: from scratch (the model comes from ``model=``).
@@ -22,7 +24,14 @@ from typing import Any
 import torch
 
 from ..convert.errors import ConvertError
-from ..convert.folder import FORMAT_ENCODER, FORMAT_FULL, MODEL_FILE, folder_model_config, read_folder_config
+from ..convert.folder import (
+    FORMAT_CLASSIFIER,
+    FORMAT_ENCODER,
+    FORMAT_FULL,
+    MODEL_FILE,
+    folder_model_config,
+    read_folder_config,
+)
 from ..convert.io import SafetensorsReader, safe_torch_load
 from ..convert.reference import (
     REFERENCE_ALLOWED_GLOBALS,
@@ -103,6 +112,15 @@ def _from_folder(path: Path, weights: bool) -> EncoderSource:
                 tensors[name[len("encoder.") :]] = tensor
             else:
                 report.dropped[name] = _why_dropped(name)
+        return EncoderSource(cfg, tensors, report)
+    if config["format"] == FORMAT_CLASSIFIER:
+        report = KeyReport(str(path), f"fine-tuned classifier ({config.get('num_classes')} classes)")
+        tensors = {}
+        for name, tensor in state.items():
+            if name.startswith("head."):
+                report.dropped[name] = "the source's classification head (a new one is trained)"
+            else:
+                tensors[name] = tensor
         return EncoderSource(cfg, tensors, report)
     assert config["format"] == FORMAT_ENCODER
     layout = config.get("key_layout", "adamae")
