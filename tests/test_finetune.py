@@ -423,6 +423,8 @@ def test_linear_probe_trains_only_the_head(pretrained, tmp_path, capsys):
     assert code == 2 and "holds no model EMA (the run had finetune.model_ema=false)" in one_line_error(stderr)
     code, _, stderr = convert_cli(capsys, "consolidate", pretrained / "run", tmp_path / "no-ema", "--ema")
     assert code == 2 and "is not a fine-tuning checkpoint" in one_line_error(stderr)
+    code, _, stderr = convert_cli(capsys, "consolidate", run_dir, tmp_path / "no-ema", "--model", "vit_small")
+    assert code == 2 and "is a fine-tuning checkpoint; its config.json names it" in one_line_error(stderr)
     assert not (tmp_path / "no-ema").exists()
 
 
