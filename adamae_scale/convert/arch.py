@@ -66,16 +66,16 @@ def check_shapes(
     cfg: AdaMAEConfig,
     source: str,
     num_classes: int | None = None,
-) -> None:
+) -> dict[str, tuple[int, ...]]:
     """Raise ``ArchitectureMismatchError`` unless ``found`` has exactly the model's names and shapes: the AdaMAE
-    model's, or with ``num_classes`` the fine-tuning classifier's."""
+    model's, or with ``num_classes`` the fine-tuning classifier's. Returns those shapes, in the model's order."""
     expected = expected_shapes(cfg) if num_classes is None else classifier_shapes(cfg, num_classes)
     target = describe(cfg) if num_classes is None else describe_classifier(cfg, num_classes)
     wrong = [name for name in expected if name in found and tuple(found[name]) != expected[name]]
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]
     if not (wrong or missing or unexpected):
-        return
+        return expected
     problems = []
     if wrong:
         first = wrong[0]

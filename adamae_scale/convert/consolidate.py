@@ -40,15 +40,7 @@ from ..engine import engines, fairscale_engine
 from ..engine.checkpoint import MANIFEST
 from ..engine.checkpoint import verify as verify_checkpoint
 from ..models import AdaMAEConfig
-from .arch import (
-    check_shapes,
-    classifier_shapes,
-    describe,
-    describe_classifier,
-    expected_shapes,
-    infer_config,
-    with_overrides,
-)
+from .arch import check_shapes, describe, describe_classifier, infer_config, with_overrides
 from .errors import ConvertError
 from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
 from .io import SafetensorsReader, TensorLike, atomic_output_dir, lazy_map, safe_torch_load
@@ -155,7 +147,8 @@ class _LazyConcat:
 
 @dataclass
 class _CheckpointFacts:
-    """What the parsed files said about themselves, for the output's ``config.json``."""
+    """What the parsed files said about themselves, for the output's ``config.json``; and rank 0's module state
+    (``mp_rank_00_model_states.pt``, memory-mapped), which holds the parameters no optimizer partition has."""
 
     zero_stage: int | None = None
     world_size: int | None = None
@@ -164,6 +157,7 @@ class _CheckpointFacts:
     files: list[str] = field(default_factory=list)
     engine: str = "deepspeed"
     sharding: str | None = None  # engine=fairscale: oss | oss_sdp | fsdp
+    module_state: dict[str, Any] | None = None
 
     def note(self, path: Path, state: Any) -> None:
         self.files.append(path.name)
@@ -174,6 +168,14 @@ class _CheckpointFacts:
             self.zero_stage = int(optim["zero_stage"])
             count = optim.get("partition_count")
             self.world_size = max(count) if isinstance(count, list) else count
+        # A model-states file says the run's stage and world size too; the optimizer files, when parsed, set them
+        # for the partitions above whatever the order.
+        if self.zero_stage is None:
+            self.zero_stage = int(((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0))
+        if self.world_size is None:
+            self.world_size = state.get("dp_world_size")
+        if path.name == "mp_rank_00_model_states.pt" and isinstance(state.get("module"), dict):
+            self.module_state = state["module"]
         if "global_steps" in state:
             self.global_steps = int(state["global_steps"])
         if state.get("ds_version") is not None:
@@ -232,23 +234,20 @@ def _zero_partitioned_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLi
             state = zero_to_fp32.get_fp32_state_dict_from_zero_checkpoint(str(loc.root), tag=loc.tag, lazy_mode=True)
         except (FileNotFoundError, ValueError, KeyError, IndexError, NotImplementedError) as err:
             raise ConvertError(f"checkpoint {loc.path}: DeepSpeed cannot reassemble it ({err})") from err
-    return _with_frozen_module_weights(loc, dict(state)), facts
+    return _with_frozen_module_weights(dict(state), facts.module_state or {}), facts
 
 
-def _with_frozen_module_weights(loc: CheckpointLocation, state: dict[str, TensorLike]) -> dict[str, TensorLike]:
+def _with_frozen_module_weights(state: dict[str, TensorLike], module: Mapping[str, Any]) -> dict[str, TensorLike]:
     """``state`` plus the parameters the optimizer never held (frozen ones, e.g. a linear probe's encoder), from
     the module state: ``zero_to_fp32`` finds them only at stages 2-3 (``frozen_param_fragments``), while a ZeRO-1
-    checkpoint keeps them in ``mp_rank_00_model_states.pt`` alone (never updated, so that copy is exact)."""
-    path = loc.path / "mp_rank_00_model_states.pt"
-    if not path.is_file():  # ZeRO-3 names its files per rank and records frozen parameters itself
-        return state
-    module = safe_torch_load(path, DEEPSPEED_GLOBALS, mmap=True).get("module") or {}
+    checkpoint keeps them in ``mp_rank_00_model_states.pt`` alone (never updated, so that copy is exact). ZeRO-3
+    names its files per rank (no such module state) and records frozen parameters itself."""
     missing = {name: tensor for name, tensor in module.items() if name not in state and tensor.numel() > 0}
     return {**state, **missing}
 
 
 def _zero0_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _CheckpointFacts]:
-    facts = _CheckpointFacts(zero_stage=0)
+    facts = _CheckpointFacts()
     path = loc.path / "mp_rank_00_model_states.pt"
     if not path.is_file():
         raise ConvertError(f"checkpoint {loc.path}: no mp_rank_00_model_states.pt and no *_optim_states.pt")
@@ -257,10 +256,9 @@ def _zero0_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _Check
     module = state.get("module") if isinstance(state, dict) else None
     if not isinstance(module, dict):
         raise ConvertError(f"{path} has no 'module' weights")
-    stage = ((state.get("ds_config") or {}).get("zero_optimization") or {}).get("stage", 0)
-    if stage:
+    if facts.zero_stage:
         raise ConvertError(
-            f"checkpoint {loc.path} was saved with ZeRO stage {stage} but has no *_optim_states.pt "
+            f"checkpoint {loc.path} was saved with ZeRO stage {facts.zero_stage} but has no *_optim_states.pt "
             "files (an incomplete copy?)"
         )
     low_precision = sorted(
@@ -271,7 +269,6 @@ def _zero0_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _Check
             f"checkpoint {loc.path} holds {', '.join(low_precision)} module weights and no fp32 master "
             "copy; consolidate expects this project's fp32-parameter checkpoints"
         )
-    facts.world_size = state.get("dp_world_size")
     return dict(module), facts
 
 
@@ -359,52 +356,41 @@ def consolidate(
     else:
         state, facts = _zero0_state(loc)
     shapes = {name: torch.Size(value.shape) for name, value in state.items()}
+    run = run_config or {}
     if num_classes is None:
         cfg = resolve_config(run_config, shapes, model, overrides or {})
-        expected = expected_shapes(cfg)
+        fields = {"precision": run.get("precision"), "ds": run.get("ds"), "loss_target": run.get("loss_target")}
+        description = describe(cfg)
     else:
         if model is not None:
             raise ConvertError(f"--model: checkpoint {loc.path} is a fine-tuning checkpoint; its config.json names it")
-        cfg = with_overrides(folder_model_config(run_config or {}), **(overrides or {}))
-        expected = classifier_shapes(cfg, num_classes)
+        cfg = with_overrides(folder_model_config(run), **(overrides or {}))
+        fields = {"num_classes": num_classes, "ds": run.get("ds")}
+        description = ("model EMA of " if ema else "") + describe_classifier(cfg, num_classes)
     what = f"the model EMA in checkpoint {loc.path}" if ema else f"checkpoint {loc.path}"
-    check_shapes(shapes, cfg, what, num_classes)
+    expected = check_shapes(shapes, cfg, what, num_classes)
     ordered: dict[str, TensorLike] = {name: state[name] for name in expected}
     if not allow_nonfinite:
         ordered = {name: lazy_map(value, functools.partial(_finite, name, loc.path)) for name, value in ordered.items()}
 
-    source = {
-        "kind": facts.engine,
-        "checkpoint": str(loc.path),
-        "tag": loc.tag,
-        "zero_stage": facts.zero_stage,
-        "world_size": facts.world_size,
-        "global_steps": facts.global_steps,
-        "ds_version": facts.ds_version,
-        **({"sharding": facts.sharding} if facts.sharding else {}),
+    config = {
+        "format": FORMAT_FULL if num_classes is None else FORMAT_CLASSIFIER,
+        "format_version": FORMAT_VERSION,
+        "model": cfg.to_dict(),
+        **fields,
+        "source": {
+            "kind": facts.engine,
+            "checkpoint": str(loc.path),
+            "tag": loc.tag,
+            "zero_stage": facts.zero_stage,
+            "world_size": facts.world_size,
+            "global_steps": facts.global_steps,
+            "ds_version": facts.ds_version,
+            **({"sharding": facts.sharding} if facts.sharding else {}),
+            **({"model_ema": ema} if num_classes is not None else {}),
+        },
+        "description": description,
     }
-    config: dict[str, Any]
-    if num_classes is None:
-        config = {
-            "format": FORMAT_FULL,
-            "format_version": FORMAT_VERSION,
-            "model": cfg.to_dict(),
-            "precision": (run_config or {}).get("precision"),
-            "ds": (run_config or {}).get("ds"),
-            "loss_target": (run_config or {}).get("loss_target"),
-            "source": source,
-            "description": describe(cfg),
-        }
-    else:
-        config = {
-            "format": FORMAT_CLASSIFIER,
-            "format_version": FORMAT_VERSION,
-            "model": cfg.to_dict(),
-            "num_classes": num_classes,
-            "ds": (run_config or {}).get("ds"),
-            "source": {**source, "model_ema": ema},
-            "description": ("model EMA of " if ema else "") + describe_classifier(cfg, num_classes),
-        }
     with readers, atomic_output_dir(out_dir, overwrite, inputs=[loc.path]) as tmp:
         written = write_folder(tmp, ordered, config, dtype)
     return written
@@ -435,9 +421,6 @@ def _ema_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _Checkpo
             f"--ema: checkpoint {loc.path} holds no model EMA (the run had finetune.model_ema=false); "
             "leave out --ema for the trained weights"
         )
-    ds_config = state.get("ds_config") or {}
-    facts.zero_stage = int((ds_config.get("zero_optimization") or {}).get("stage", 0))
-    facts.world_size = state.get("dp_world_size")
     return dict(ema), facts
 
 
