@@ -15,19 +15,30 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, Protocol
 
 import torch
 from torch import nn
 
+from .config.compose import pinned_run_dir
 from .config.run import RunSection
 from .config.sections import EngineSection, TrainSection
-from .engine import engines, setup, stage
+from .engine import engines, run_lock, setup, stage
 from .engine.checkpoint import Checkpointer, CheckpointRef
 from .engine.engines import Backend, EngineSpec
 from .engine.optim import Schedule
 from .engine.trainer import LossFn, StepHook, Trainer
 from .metrics import MetricsLogger
+
+
+def claim_run_dir(run_dir: Path, overrides: Sequence[str]) -> list[str]:
+    """What an entry point does with a checked config before Hydra writes into ``run_dir``: global rank 0 locks
+    the folder for the process's lifetime (``run_lock``; ``RunDirBusy`` when another run holds it). Returns the
+    overrides that make Hydra use this very folder (``config.compose.pinned_run_dir``)."""
+    if setup.launch_rank() == 0:
+        run_lock.hold(run_dir)
+    return pinned_run_dir(overrides, run_dir)
 
 
 class RunConfig(Protocol):
@@ -58,6 +69,8 @@ class RunBuilder:
         """The rank layout, the global batch and the lr schedule (scaled by the global batch in clips: views
         divided by ``views_per_clip``), and, for DeepSpeed, the stage ``ds=auto`` picks for ``num_params``."""
         env = setup.dist_env()
+        if env.rank == 0:  # already held when the command line started the run (``claim_run_dir``)
+            run_lock.hold(cfg.run.run_dir)
         train = cfg.train
         global_batch = train.global_batch(env.world_size)
         ds = cfg.run.ds

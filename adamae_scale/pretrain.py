@@ -18,13 +18,14 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from . import config
-from .builder import RunBuilder, assemble_engine
+from .builder import RunBuilder, assemble_engine, claim_run_dir
 from .config import PretrainConfig
 from .data import SyntheticData, build_data
 from .engine import optim, setup
 from .engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.engines import Backend
+from .engine.run_lock import RunDirBusy
 from .engine.trainer import Trainer, TrainingDiverged
 from .image_hook import panel_hooks, write_pictures
 from .models import AdaMAE, build_model
@@ -204,11 +205,12 @@ def _hydra_main(cfg: DictConfig) -> None:
 
     try:
         summary = run(typed)
-    except (InsufficientSpaceError, CheckpointWriteError, NoUsableCheckpoint, TrainingDiverged) as err:
-        # A run that cannot go on (full disk, divergence, no usable checkpoint): one line, nothing half-written.
+    except (InsufficientSpaceError, CheckpointWriteError, NoUsableCheckpoint, TrainingDiverged, RunDirBusy) as err:
+        # A run that cannot go on (full disk, divergence, no usable checkpoint, its folder in use): one line,
+        # nothing half-written.
         if int(os.environ.get("RANK", "0")) == 0:
             print(f"adamae-pretrain: error: {err}", file=sys.stderr, flush=True)
-        sys.exit(2 if isinstance(err, (InsufficientSpaceError, NoUsableCheckpoint)) else 1)
+        sys.exit(2 if isinstance(err, (InsufficientSpaceError, NoUsableCheckpoint, RunDirBusy)) else 1)
     except CorruptDataError as err:  # raised by the rank that counted too many corrupt samples (named in it)
         print(f"adamae-pretrain: error: {err}", file=sys.stderr, flush=True)
         sys.exit(1)
@@ -224,10 +226,11 @@ def main() -> None:
     sys.argv = [a for a in sys.argv if not a.startswith("--local_rank")]
     overrides = sys.argv[1:]
     if not any(a.startswith("-") for a in overrides):  # plain overrides (Hydra's own flags go straight to it)
-        # Checked before Hydra creates run_dir and its log there: a bad value leaves nothing behind.
+        # Checked before Hydra creates run_dir and its log there: a bad value leaves nothing behind, and a folder
+        # another run is using is left alone.
         try:
-            validate(config.compose(overrides))
-        except (ValueError, FileNotFoundError) as err:
+            sys.argv += claim_run_dir(validate(config.compose(overrides)).run.run_dir, overrides)
+        except (ValueError, FileNotFoundError, RunDirBusy) as err:
             print(f"adamae-pretrain: error: {err}", file=sys.stderr)
             sys.exit(2)
     config.register()

@@ -3,6 +3,8 @@ Hydra creates ``run_dir``, and what tools and tests compose."""
 
 from __future__ import annotations
 
+import os
+import re
 from collections.abc import Sequence
 from typing import Any, cast
 
@@ -23,6 +25,18 @@ def compose(overrides: Sequence[str], config_name: str = "config") -> dict[str, 
         return cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     except (HydraException, OmegaConfBaseException) as err:
         raise ValueError(one_line(str(err))) from err
+
+
+def pinned_run_dir(overrides: Sequence[str], run_dir: str | os.PathLike[str]) -> list[str]:
+    """The override that makes Hydra use ``run_dir``, the folder the entry point checked and locked, unless the
+    command line names one itself: a default such as ``runs/demo-${now:%Y%m%d-%H%M%S}`` resolves again, maybe to
+    another second, when Hydra composes the config once more."""
+    if any(o.split("=", 1)[0].lstrip("+~") == "run_dir" for o in overrides):
+        return []
+    text = str(run_dir)
+    if not re.fullmatch(r"[\w./:@%+-]+", text):
+        text = "'" + text.replace("\\", "\\\\").replace("'", "\\'") + "'"
+    return [f"run_dir={text}"]
 
 
 def one_line(hydra_message: str) -> str:

@@ -11,6 +11,7 @@ import copy
 import ctypes
 import functools
 import json
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterable
@@ -49,6 +50,14 @@ def dist_env() -> DistEnv:
     return DistEnv(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
 
 
+def launch_rank() -> int:
+    """This process's global rank as its launcher set it (``RANK``; ``SLURM_PROCID`` under srun), read without
+    changing the environment: 0 for a single process."""
+    if "RANK" in os.environ:
+        return int(os.environ["RANK"])
+    return int(os.environ.get("SLURM_PROCID", "0"))
+
+
 def accelerator() -> str:
     """The accelerator a run trains on: ``DS_ACCELERATOR`` if set, else CUDA when present, else the CPU."""
     return os.environ.get("DS_ACCELERATOR", "cuda" if torch.cuda.is_available() else "cpu")
@@ -58,7 +67,15 @@ def select_accelerator() -> str:
     """``accelerator()``, recorded in ``DS_ACCELERATOR`` for DeepSpeed. Must run before DeepSpeed is first
     imported."""
     os.environ.setdefault("DS_ACCELERATOR", accelerator())
+    quiet_compiler_probes()
     return os.environ["DS_ACCELERATOR"]
+
+
+def quiet_compiler_probes() -> None:
+    """DeepSpeed finds out whether an optional op could be built by compiling a small C program (``gcc ...
+    test.c``, e.g. for libaio); setuptools logs each compiler command at INFO, which Hydra prints on the console
+    and writes into the run's log. They are not the run's news: that logger keeps warnings and errors only."""
+    logging.getLogger("compilers").setLevel(logging.WARNING)
 
 
 def native_bf16(device_type: str) -> bool:

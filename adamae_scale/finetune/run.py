@@ -27,7 +27,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import config
-from ..builder import RunBuilder
+from ..builder import RunBuilder, claim_run_dir
 from ..config import FinetuneConfig
 from ..config.checks import check_data, model_config
 from ..convert.errors import ConvertError
@@ -41,6 +41,7 @@ from ..engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from ..engine.collectives import any_rank, gather_objects
 from ..engine.disk import InsufficientSpaceError
 from ..engine.engines import Backend
+from ..engine.run_lock import RunDirBusy
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
@@ -391,7 +392,14 @@ def _hydra_main(cfg: DictConfig) -> None:
     resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     try:
         summary = run(resolved)
-    except (ValueError, FileNotFoundError, ConvertError, InsufficientSpaceError, NoUsableCheckpoint) as err:
+    except (
+        ValueError,
+        FileNotFoundError,
+        ConvertError,
+        InsufficientSpaceError,
+        NoUsableCheckpoint,
+        RunDirBusy,
+    ) as err:
         print(f"adamae-finetune: error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
     except (CheckpointWriteError, TrainingDiverged) as err:
@@ -421,8 +429,9 @@ def main() -> None:
     if not any(a.startswith("-") for a in overrides):
         # Before Hydra creates run_dir: a bad value or source is one line and leaves nothing behind.
         try:
-            validate(config.compose(overrides, config_name="finetune"), weights=False)
-        except (ValueError, FileNotFoundError, ConvertError) as err:
+            checked = validate(config.compose(overrides, config_name="finetune"), weights=False)[0]
+            sys.argv += claim_run_dir(checked.run.run_dir, overrides)
+        except (ValueError, FileNotFoundError, ConvertError, RunDirBusy) as err:
             print(f"adamae-finetune: error: {err}", file=sys.stderr)
             sys.exit(2)
     config.register()
