@@ -184,7 +184,7 @@ def test_bad_decoder_masking_values_are_one_line_errors():
         ("masking.decoder_ratio=yes", "masking.decoder_ratio='yes': expected a number"),
         ("masking.decoder_mask=cells", "masking.decoder_mask must be one of ('running_cell', 'random')"),
         ("model.sampler_pool=3", "model.sampler_pool=3: expected a positive integer dividing the 4x4 token grid"),
-        ("model.sampler_width=100", "model.sampler_width=100: expected a positive multiple of"),
+        ("model.sampler_width_ratio=0.3", "model.sampler_width_ratio=0.3: expected a share in (0, 1] of the encoder"),
     ):
         with pytest.raises(ValueError) as err:
             schema.validate(schema.compose([*TINY_RUN, override]))
@@ -214,7 +214,7 @@ def test_the_panel_shows_which_masked_tokens_the_decoder_reconstructed():
 DUAL = [
     *TINY_RUN,
     "model.sampler_dropout=0.0",
-    "model.sampler_width=96",
+    "model.sampler_width_ratio=0.5",
     "model.sampler_pool=2",
     "masking.decoder_ratio=0.5",
     "masking.decoder_mask=random",

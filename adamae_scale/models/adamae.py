@@ -56,7 +56,7 @@ class AdaMAEConfig:
     sampler_num_heads: int = 8
     sampler_dropout: float = 0.1
     sampler_precision: str = "fp32"  # fp32 (reference) | tf32 | bf16: the sampler block only (models/sampler.py)
-    sampler_width: int | None = None  # the sampler block's width; None = the encoder's (reference)
+    sampler_width_ratio: float = 1.0  # the sampler block's width as a share of the encoder's (1.0 = reference)
     sampler_pool: int = 1  # the sampler block runs over (pool x pool)-pooled spatial cells; 1 = every token
     # Decoder masking: the share of the encoder-masked tokens the decoder does not reconstruct (0 = all).
     decoder_ratio: float = 0.0
@@ -72,10 +72,12 @@ class AdaMAEConfig:
             raise ValueError(
                 f"model.sampler_precision must be one of {SAMPLER_PRECISIONS}, got {self.sampler_precision!r}"
             )
-        if self.sampler_width is not None and (self.sampler_width < 1 or self.sampler_width % self.sampler_num_heads):
+        width = self.sampler_width
+        if not 0.0 < self.sampler_width_ratio <= 1.0 or width < 1 or width % self.sampler_num_heads:
             raise ValueError(
-                f"model.sampler_width={self.sampler_width}: expected a positive multiple of "
-                f"model.sampler_num_heads={self.sampler_num_heads} (or null for the encoder's width)"
+                f"model.sampler_width_ratio={self.sampler_width_ratio}: expected a share in (0, 1] of the encoder's "
+                f"width {self.embed_dim} that gives a multiple of model.sampler_num_heads={self.sampler_num_heads} "
+                f"(got {width})"
             )
         if self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
@@ -104,6 +106,10 @@ class AdaMAEConfig:
     @property
     def num_visible(self) -> int:
         return num_visible_tokens(self.masking, self.layout, self.mask_ratio)
+
+    @property
+    def sampler_width(self) -> int:
+        return round(self.embed_dim * self.sampler_width_ratio)
 
     @property
     def num_reconstructed(self) -> int:

@@ -60,6 +60,8 @@ class TokenSampler(nn.Module):
         self.pool = pool
         self.grid = grid
         width = width or dim
+        if width < 1 or width % num_heads:
+            raise ValueError(f"the sampler's width {width} is not a positive multiple of its {num_heads} heads")
         # Narrower than the tokens: a projection in front of the block (absent in the reference sampler).
         self.proj = Linear(dim, width) if width != dim else None
         block_tokens = num_tokens // (pool * pool)
