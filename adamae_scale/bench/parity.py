@@ -14,13 +14,18 @@ import subprocess
 import sys
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 from ..metrics import read_metrics
 from .settings import integer
 
-DEFAULTS = {"variants": "default,decoder_cell,decoder_random,sampler_half,sampler_pool,fast", "seeds": "3"}
+DEFAULTS = {
+    "variants": "default,decoder_cell,decoder_random,sampler_half,sampler_pool,sampler_bf16,fast",
+    "seeds": "3",
+    "parallel": "1",
+}
 
 # Each option, as adamae-pretrain overrides on top of +experiment=demo.
 VARIANTS: dict[str, list[str]] = {
@@ -36,19 +41,23 @@ FOCUS_KEYS = ("focus_ratio", "focus_ratio_topk")
 
 
 def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any]:
-    """``options``: ``variants`` (comma-separated names of ``VARIANTS``) and ``seeds`` (0..seeds-1);
+    """``options``: ``variants`` (comma-separated names of ``VARIANTS``), ``seeds`` (0..seeds-1) and ``parallel``
+    (runs at a time: on a GPU machine several demos share the device; each run's figures do not depend on it);
     ``overrides``: adamae-pretrain overrides added to every run (e.g. ``train.steps=300`` for a quick look)."""
     names = [n for n in options["variants"].split(",") if n]
     unknown = [n for n in names if n not in VARIANTS]
     if unknown or not names:
         raise ValueError(f"parity: variants={options['variants']}: expected names from {sorted(VARIANTS)}")
     seeds = integer("parity", options, "seeds", 1)
-    results: dict[str, list[dict[str, float]]] = {}
-    with tempfile.TemporaryDirectory(prefix="adamae-parity-") as scratch:
-        for name in names:
-            results[name] = [
-                demo_run(Path(scratch) / f"{name}-{seed}", seed, [*VARIANTS[name], *overrides]) for seed in range(seeds)
-            ]
+    parallel = integer("parity", options, "parallel", 1)
+    runs = [(name, seed) for name in names for seed in range(seeds)]
+    results: dict[str, list[dict[str, float]]] = {name: [] for name in names}
+    with tempfile.TemporaryDirectory(prefix="adamae-parity-") as scratch, ThreadPoolExecutor(parallel) as pool:
+        figures = pool.map(
+            lambda run: demo_run(Path(scratch) / f"{run[0]}-{run[1]}", run[1], [*VARIANTS[run[0]], *overrides]), runs
+        )
+        for (name, _), result in zip(runs, figures, strict=True):
+            results[name].append(result)
     return report(results, overrides)
 
 
