@@ -58,7 +58,7 @@ row vit_large/preset_fast "${LARGE[@]}" +preset=fast compare_random=true breakdo
 
 # Parity (figures independent of timing) and the CUDA tests share the device now that nothing is timed.
 for variant in default decoder_cell sampler_half sampler_pool sampler_bf16 fast; do
-  ("$PYTHON" -m adamae_scale.bench parity variants=$variant "${PARITY[@]}" >> "$DIR/parity.jsonl" 2>> "$DIR/parity.err") &
+  (OMP_NUM_THREADS=1 "$PYTHON" -m adamae_scale.bench parity variants=$variant "${PARITY[@]}" >> "$DIR/parity.jsonl" 2>> "$DIR/parity.err") &
 done
 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$DIR/test_gpu.log" 2>&1
 status=$?
