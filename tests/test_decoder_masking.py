@@ -1,6 +1,8 @@
 """Decoder masking (VideoMAE V2's dual masking) and the cheaper sampler blocks: patterns, set sizes, the unbiased
 sampling loss, the model's forward, and real runs (ZeRO-3 + activation checkpointing on 2 ranks, exact resume)."""
 
+import json
+
 import numpy as np
 import pytest
 import torch
@@ -244,3 +246,36 @@ def test_decoder_masking_under_zero3_with_activation_checkpointing_and_exact_res
     np.testing.assert_allclose(curve(sharded)[0], curve(straight)[0], rtol=1e-6)
     np.testing.assert_allclose(curve(sharded), curve(straight), rtol=1e-3)
     assert curve(straight)[-1] < curve(straight)[0]
+
+
+def test_the_fast_preset_sets_only_options_that_passed_parity_and_composes_with_any_masking():
+    cfg = schema.validate(schema.compose([*TINY_RUN, "+preset=fast"]))
+    assert (cfg.decoder_ratio, cfg.decoder_mask) == (0.5, "running_cell")
+    assert (cfg.sampler_width_ratio, cfg.sampler_precision, cfg.sampler_pool) == (0.5, "bf16", 1)
+    assert cfg.mask_ratio == 0.75 and cfg.masking == "adaptive"  # the rest stays the paper's
+    # Random masking with the preset keeps its decoder masking: the like-for-like baseline of adamae-bench.
+    random = schema.validate(schema.compose([*TINY_RUN, "+preset=fast", "masking=random"]))
+    assert (random.masking, random.decoder_ratio) == ("random", 0.5)
+    from adamae_scale.bench.parity import VARIANTS
+
+    assert VARIANTS["fast"] == ["+preset=fast"]
+    for key in ("decoder_cell", "sampler_half", "sampler_bf16"):  # each of the preset's options is measured alone
+        schema.validate(schema.compose([*TINY_RUN, *VARIANTS[key]]))
+
+
+def test_parity_bench_runs_the_demo_per_option_and_seed_and_places_each_against_the_default_band(capsys):
+    from adamae_scale.bench import main
+
+    small = ["train.steps=3", "eval.focus_batches=1", "train.log_every=1"]
+    assert main(["parity", "variants=default,decoder_cell", "seeds=2", "parallel=2", *small]) == 0
+    report = json.loads(capsys.readouterr().out)
+    assert report["extra_overrides"] == small
+    rows = report["variants"]
+    assert [len(rows[name]["runs"]) for name in ("default", "decoder_cell")] == [2, 2]
+    for row in rows.values():
+        assert all({"focus_ratio", "focus_ratio_topk", "loss_rec", "seconds"} <= set(run) for run in row["runs"])
+        assert row["focus_ratio"]["min"] <= row["focus_ratio"]["mean"] <= row["focus_ratio"]["max"]
+        assert set(row["focus_vs_default_band"].values()) <= {"below", "within", "above"}
+    assert rows["default"]["passes"] is True  # the band's own mean lies within it
+    assert main(["parity", "variants=default,nope"]) == 2
+    assert "expected names from" in capsys.readouterr().err
