@@ -8,6 +8,7 @@ import pytest
 import torch
 
 from adamae_scale import schema
+from adamae_scale.convert.folder import load_model
 from adamae_scale.losses import adamae_loss, sampling_loss
 from adamae_scale.metrics import read_metrics
 from adamae_scale.models import build_model, config_for
@@ -22,7 +23,7 @@ from adamae_scale.models.masking import (
 from adamae_scale.models.sampler import TokenSampler
 from adamae_scale.panel import compute_panel
 
-from .conftest import TINY_RUN, run_pretrain, run_ranks
+from .conftest import TINY_RUN, convert_cli, run_pretrain, run_ranks
 
 GRID = (4, 6, 8)  # (t, h, w) tokens
 
@@ -227,9 +228,10 @@ DUAL = [
 ]
 
 
-def test_decoder_masking_under_zero3_with_activation_checkpointing_and_exact_resume(tmp_path):
+def test_decoder_masking_under_zero3_with_activation_checkpointing_and_exact_resume(tmp_path, capsys):
     """One rank without ZeRO runs straight; the same run stopped after 2 steps and resumed gives the same losses
-    bit for bit; 2 ranks under ZeRO-3 with every block checkpointed give the same curve to float rounding."""
+    bit for bit; 2 ranks under ZeRO-3 with every block checkpointed give the same curve to float rounding, and
+    their checkpoint consolidates into a weight folder that loads into the configured model."""
     straight, resumed, sharded = tmp_path / "straight", tmp_path / "resumed", tmp_path / "zero3"
     run_pretrain(*DUAL, "ds=zero0", f"run_dir={straight}")
     run_pretrain(*DUAL, "ds=zero0", "train.stop_after=2", f"run_dir={resumed}")
@@ -246,6 +248,11 @@ def test_decoder_masking_under_zero3_with_activation_checkpointing_and_exact_res
     np.testing.assert_allclose(curve(sharded)[0], curve(straight)[0], rtol=1e-6)
     np.testing.assert_allclose(curve(sharded), curve(straight), rtol=1e-3)
     assert curve(straight)[-1] < curve(straight)[0]
+
+    code, _, err = convert_cli(capsys, "consolidate", sharded / "checkpoints", tmp_path / "weights")
+    assert code == 0, err
+    model = load_model(tmp_path / "weights")  # strict: every tensor present, every shape as configured
+    assert (model.cfg.decoder_ratio, model.cfg.sampler_width, model.cfg.sampler_pool) == (0.5, 96, 2)
 
 
 def test_the_fast_preset_sets_only_options_that_passed_parity_and_composes_with_any_masking():
