@@ -78,6 +78,13 @@ def model_config(model: Mapping[str, Any], masking: Mapping[str, Any] | None = N
     ratio = masking["ratio"] if masking is not None else model.get("mask_ratio", AdaMAEConfig.mask_ratio)
     if not isinstance(ratio, (int, float)) or isinstance(ratio, bool) or not 0.0 < ratio < 1.0:
         raise ValueError(f"masking.ratio={ratio!r}: expected a number strictly between 0 and 1")
+    if "sampler_pool" in model:
+        number("model.sampler_pool", model["sampler_pool"], 1, integer=True)
+    if "sampler_width_ratio" in model:
+        number("model.sampler_width_ratio", model["sampler_width_ratio"], 0.0)
+    decoder = masking if masking is not None else model
+    if "decoder_ratio" in decoder:
+        number("masking.decoder_ratio", decoder["decoder_ratio"], 0.0)
     cfg = make_config(model, masking)
     visible = cfg.num_visible  # raises when the ratio leaves no visible token
     if visible >= cfg.num_tokens:

@@ -64,6 +64,9 @@ class MaskingSection:
     strategy: str
     ratio: float
     sampling_loss_weight: float = 0.0
+    # Decoder masking: checked with the model (models/masking.py), whose config carries both keys.
+    decoder_ratio: float = 0.0
+    decoder_mask: str = "running_cell"
 
     def __post_init__(self) -> None:
         checks.number("masking.sampling_loss_weight", self.sampling_loss_weight, 0.0)
