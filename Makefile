@@ -27,11 +27,13 @@ $(LINT_STAMP): $(STAMP)
 	$(BIN)/python -m pip install -q -c constraints.txt -e '.[test,lint]'
 	touch $(LINT_STAMP)
 
-# ruff (lint + format check) and mypy, configured in pyproject.toml; CI runs this before the tests.
+# ruff (lint + format check), mypy and the import layers (import-linter), configured in pyproject.toml; CI runs
+# this before the tests.
 lint: setup-lint
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+	$(BIN)/lint-imports --no-cache --no-logo
 
 # Apply ruff's formatting and safe fixes.
 format: setup-lint

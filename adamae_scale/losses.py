@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 from einops import rearrange
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, denormalize
+from .base.pixels import IMAGENET_MEAN, IMAGENET_STD, denormalize
 
 TARGETS = ("norm_pix", "pixel")
 

@@ -15,6 +15,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from .base.atomic import atomic_write_text
+
 
 def focus_ratio(mask: torch.Tensor, motion: torch.Tensor) -> float:
     """(fraction of visible tokens that are motion tokens) / (fraction of all tokens that are).
@@ -61,9 +63,7 @@ class MetricsLogger:
                 continue
             if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= step:
                 kept.append(json.dumps(record))
-        tmp = self.path.with_name(f".{self.path.name}.tmp{os.getpid()}")
-        tmp.write_text("".join(line + "\n" for line in kept))
-        os.replace(tmp, self.path)
+        atomic_write_text(self.path, "".join(line + "\n" for line in kept))
 
     def log(self, step: int, values: Mapping[str, Any]) -> None:
         if self.writer is None:

@@ -27,9 +27,9 @@ from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.engines import Backend
 from .engine.run_lock import RunDirBusy
 from .engine.trainer import Trainer, TrainingDiverged
-from .image_hook import panel_hooks, write_pictures
 from .models import AdaMAE, build_model
 from .objective import AdaMAEObjective, evaluate_focus
+from .visual.tensorboard import panel_hooks, write_pictures
 
 # Bytes a DeepSpeed checkpoint holds per parameter (fp32 weights + fp32 master + two AdamW moments):
 # the free-space estimate before the first checkpoint exists.

@@ -14,7 +14,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file
 
-from adamae_scale.convert import io as convert_io
+from adamae_scale.base import weights as convert_io
 from adamae_scale.convert.folder import load_model
 from adamae_scale.models.adamae import Encoder
 

@@ -21,7 +21,7 @@ from adamae_scale.models.masking import (
     split_indices,
 )
 from adamae_scale.models.sampler import TokenSampler
-from adamae_scale.panel import compute_panel
+from adamae_scale.visual.panel import compute_panel
 
 from .conftest import TINY_RUN, convert_cli, run_pretrain, run_ranks
 

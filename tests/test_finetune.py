@@ -50,8 +50,7 @@ def losses(run_dir):
 
 def checkpoint_state(run_dir, step):
     """The model-states file of a run's checkpoint (module weights and the client state, the EMA included)."""
-    from adamae_scale.convert.consolidate import DEEPSPEED_GLOBALS
-    from adamae_scale.convert.io import safe_torch_load
+    from adamae_scale.base.weights import DEEPSPEED_GLOBALS, safe_torch_load
 
     path = run_dir / "checkpoints" / f"step_{step:08d}" / "mp_rank_00_model_states.pt"
     return safe_torch_load(path, DEEPSPEED_GLOBALS)
@@ -397,8 +396,7 @@ def test_linear_probe_trains_only_the_head(pretrained, tmp_path, capsys):
         f"run_dir={run_dir}",
     )
     assert "finetune (linear)" in proc.stdout and "0.00M trainable" in proc.stdout and (run_dir / "eval.json").is_file()
-    from adamae_scale.convert.consolidate import DEEPSPEED_GLOBALS
-    from adamae_scale.convert.io import safe_torch_load
+    from adamae_scale.base.weights import DEEPSPEED_GLOBALS, safe_torch_load
 
     saved = safe_torch_load(run_dir / "checkpoints" / "step_00000003" / "mp_rank_00_model_states.pt", DEEPSPEED_GLOBALS)
     weights = saved["module"]

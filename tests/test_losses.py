@@ -2,7 +2,7 @@
 
 import torch
 
-from adamae_scale.data.transforms import IMAGENET_MEAN, IMAGENET_STD
+from adamae_scale.base.pixels import IMAGENET_MEAN, IMAGENET_STD
 from adamae_scale.losses import adamae_loss, patchify, reconstruction_target
 
 TUBELET, PATCH = 2, 4

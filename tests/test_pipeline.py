@@ -16,10 +16,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from adamae_scale.base.pixels import denormalize
 from adamae_scale.data import build_data
 from adamae_scale.data.pipeline import CorruptDataError, ShardClips, ShardDataConfig, shard_urls
 from adamae_scale.data.shards import ShardOptions, build_shards
-from adamae_scale.data.transforms import denormalize
 from adamae_scale.metrics import read_metrics
 
 from .conftest import REPO, cli_env, free_port, run_pretrain, run_torchrun

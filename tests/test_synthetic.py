@@ -5,9 +5,9 @@ from dataclasses import replace
 
 import torch
 
+from adamae_scale.base.pixels import denormalize
 from adamae_scale.data import build_data
 from adamae_scale.data.synthetic import SyntheticClips, SyntheticConfig, render_clip, render_threads, token_coverage
-from adamae_scale.data.transforms import denormalize
 from adamae_scale.metrics import focus_ratio
 from adamae_scale.models import make_config
 

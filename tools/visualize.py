@@ -6,7 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from adamae_scale.visualize import main  # noqa: E402
+from adamae_scale.visual.cli import main  # noqa: E402
 
 if __name__ == "__main__":
     sys.exit(main())

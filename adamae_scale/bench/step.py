@@ -44,10 +44,11 @@ import torch
 from torch import nn
 
 from .. import config
+from ..base import collectives
 from ..config import PretrainConfig
 from ..data import synthetic_config
 from ..data.synthetic import SyntheticClips
-from ..engine import collectives, engines, optim, setup, stage
+from ..engine import engines, optim, setup, stage
 from ..engine.trainer import peak_memory_bytes
 from ..models import AdaMAE, AdaMAEConfig, build_model
 from ..objective import AdaMAEObjective

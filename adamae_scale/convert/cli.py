@@ -245,7 +245,7 @@ def _img_size(values: Sequence[int] | None) -> tuple[int, int] | None:
 
 
 def _count(config_path: Path) -> str:
-    from .io import SafetensorsReader
+    from ..base.weights import SafetensorsReader
 
     with SafetensorsReader(config_path.parent / "model.safetensors") as reader:
         tensors = [reader.lazy(name) for name in reader.keys()]

@@ -36,6 +36,8 @@ from typing import Any
 
 import torch
 
+from ..base.atomic import atomic_output_dir
+from ..base.weights import DEEPSPEED_GLOBALS, SafetensorsReader, TensorLike, lazy_map, safe_torch_load
 from ..engine import engines, fairscale_engine
 from ..engine.checkpoint import MANIFEST
 from ..engine.checkpoint import verify as verify_checkpoint
@@ -43,15 +45,7 @@ from ..models import AdaMAEConfig
 from .arch import check_shapes, describe, describe_classifier, infer_config, with_overrides
 from .errors import ConvertError
 from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
-from .io import SafetensorsReader, TensorLike, atomic_output_dir, lazy_map, safe_torch_load
 
-# Every class a DeepSpeed 0.19 checkpoint of this project pickles besides tensors and containers
-# (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints).
-DEEPSPEED_GLOBALS = (
-    "deepspeed.runtime.zero.config.ZeroStageEnum",  # an int enum: the ZeRO stage
-    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # two floats/bools: the (static) loss scale
-    "deepspeed.utils.tensor_fragment.fragment_address",  # a dataclass of two ints: a parameter's slice
-)
 RUN_CONFIG_FILE = "config.json"  # written by adamae-pretrain next to every checkpoint tag
 
 

@@ -34,6 +34,8 @@ from typing import Any
 
 import torch
 
+from ..base.atomic import atomic_output_dir
+from ..base.weights import LazyTensor, SafetensorsReader, TensorLike
 from ..models import AdaMAEConfig
 from ..models.layers import sincos_table_1d
 from .arch import check_shapes, describe
@@ -47,7 +49,6 @@ from .folder import (
     read_folder_config,
     write_folder,
 )
-from .io import LazyTensor, SafetensorsReader, TensorLike, atomic_output_dir
 
 KEY_LAYOUTS = ("adamae", "timm")
 _QKV_WEIGHT = re.compile(r"blocks\.(\d+)\.attn\.qkv\.weight")

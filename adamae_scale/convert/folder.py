@@ -19,9 +19,10 @@ from typing import Any
 
 import torch
 
+from ..base.atomic import write_json
+from ..base.weights import SafetensorsReader, TensorLike, write_safetensors
 from ..models import AdaMAE, AdaMAEConfig, make_config
 from .errors import ConvertError
-from .io import SafetensorsReader, TensorLike, write_json, write_safetensors
 
 MODEL_FILE = "model.safetensors"
 CONFIG_FILE = "config.json"

@@ -37,11 +37,12 @@ from typing import Any
 
 import torch
 
+from ..base.atomic import atomic_output_dir
+from ..base.weights import SafetensorsReader, TensorLike, lazy_map, write_safetensors
 from ..models import AdaMAEConfig
 from .arch import check_shapes
 from .errors import ConvertError
 from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, MODEL_FILE, folder_model_config, read_folder_config
-from .io import SafetensorsReader, TensorLike, atomic_output_dir, lazy_map, write_safetensors
 
 HF_ARCHITECTURE = "VideoMAEForPreTraining"
 HF_CLASSIFIER = "VideoMAEForVideoClassification"

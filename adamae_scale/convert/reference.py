@@ -40,13 +40,14 @@ from typing import Any
 
 import torch
 
+from ..base.atomic import atomic_output_dir
+from ..base.weights import safe_torch_load
 from ..models import AdaMAEConfig
 from ..models.layers import sincos_table_1d
 from ..models.sampler import TokenSampler
 from .arch import check_shapes, describe, expected_shapes, infer_config
 from .errors import ArchitectureMismatchError, ConvertError
 from .folder import FORMAT_FULL, FORMAT_VERSION, write_folder
-from .io import atomic_output_dir, safe_torch_load
 
 REFERENCE_ALLOWED_GLOBALS = ("argparse.Namespace",)
 WEIGHT_ENTRIES = ("model", "module", "state_dict")

@@ -62,8 +62,11 @@ import webdataset as wds
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
+from ..base.collectives import all_gather, all_reduce
+from ..base.pixels import normalized
+from ..base.seeds import derive_seed
 from .shards import MANIFEST
-from .transforms import REFERENCE_CROP_SCALES, crop_resize, normalized, rand_augment_clip
+from .transforms import REFERENCE_CROP_SCALES, crop_resize, rand_augment_clip
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
 
 RngFor = Callable[[str, str], np.random.Generator]  # (sample key, purpose) → a generator for that sample
@@ -176,7 +179,7 @@ def _seed(*parts: int | str) -> list[int]:
 def shuffled_shards(urls: list[str], seed: int, epoch: int) -> wds.SimpleShardList:
     """This epoch's shard order, the same on every rank and worker (they split it afterwards)."""
     order = list(urls)
-    random.Random(seed * 1_000_003 + epoch).shuffle(order)
+    random.Random(derive_seed(seed, epoch)).shuffle(order)
     return wds.SimpleShardList(order)  # yields {"url": ...} in this order
 
 
@@ -405,7 +408,7 @@ class EpochClips(IterableDataset):
             source = [
                 wds.ResampledShards(
                     self.urls,
-                    seed=cfg.seed * 1_000_003 + self.epoch,
+                    seed=derive_seed(cfg.seed, self.epoch),
                     deterministic=True,
                     worker_seed=lambda: self.rank * 10_007 + worker,
                 )
@@ -660,12 +663,12 @@ class ShardClips:
         if longest == 0:
             return [{} for _ in counts]
         pairs = [v for url, usable in self.unreadable.items() for v in (self.urls.index(url), usable)]
-        rows = _all_gather_ints(pairs + [-1] * (2 * longest - len(pairs)), self.world_size)
+        rows = all_gather(pairs + [-1] * (2 * longest - len(pairs)))
         return [{self.urls[i]: usable for i, usable in zip(row[::2], row[1::2], strict=True) if i >= 0} for row in rows]
 
     def state_dict(self) -> dict[str, Any]:
         """JSON-able state holding every rank's position. Collective when distributed: call it on every rank."""
-        rows = _all_gather_ints(self._local_position(), self.world_size)
+        rows = all_gather(self._local_position())
         unreadable = self._gathered_unreadable([r[5] for r in rows])
         ranks = [
             {
@@ -744,35 +747,5 @@ class ShardClips:
 
     def metrics(self) -> dict[str, float]:
         """Corrupt samples skipped so far, summed over ranks (collective when distributed)."""
-        seen, corrupt = _all_reduce_sum([self.seen, self.corrupt], self.world_size)
+        seen, corrupt = all_reduce([self.seen, self.corrupt], "sum", torch.long)
         return {"data_corrupt": corrupt, "data_corrupt_fraction": corrupt / max(seen, 1), "data_epoch": self.epoch}
-
-
-# -- collectives without pickles ----------------------------------------------------------------------------------
-
-
-def _dist_ready(world_size: int) -> bool:
-    return world_size > 1 and torch.distributed.is_available() and torch.distributed.is_initialized()
-
-
-def _collective_device() -> torch.device:
-    if torch.distributed.get_backend() == "nccl":
-        return torch.device("cuda", torch.cuda.current_device())
-    return torch.device("cpu")
-
-
-def _all_gather_ints(values: list[int], world_size: int) -> list[list[int]]:
-    if not _dist_ready(world_size):
-        return [list(values)]
-    local = torch.tensor(values, dtype=torch.long, device=_collective_device())
-    rows = [torch.empty_like(local) for _ in range(world_size)]
-    torch.distributed.all_gather(rows, local)
-    return [row.tolist() for row in rows]
-
-
-def _all_reduce_sum(values: list[int], world_size: int) -> list[int]:
-    if not _dist_ready(world_size):
-        return list(values)
-    packed = torch.tensor(values, dtype=torch.long, device=_collective_device())
-    torch.distributed.all_reduce(packed)
-    return packed.tolist()

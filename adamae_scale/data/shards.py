@@ -39,6 +39,7 @@ from typing import Any
 import av
 from tqdm import tqdm
 
+from ..base.atomic import atomic_write_text
 from .annotations import (
     FORMATS,
     AnnotationError,
@@ -354,12 +355,7 @@ class ShardSink:
 
 
 def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    tmp = folder / f".{MANIFEST}.tmp-{os.getpid()}"
-    with tmp.open("w") as f:
-        json.dump(manifest, f, indent=1)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, folder / MANIFEST)
+    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
     _fsync_dir(folder)
 
 

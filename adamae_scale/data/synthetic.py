@@ -19,7 +19,8 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from .transforms import normalize_
+from ..base.pixels import normalize_
+from ..base.seeds import derive_seed
 
 
 @dataclass
@@ -61,7 +62,7 @@ MOTION_CLASSES = (("horizontal", "slow"), ("horizontal", "fast"), ("vertical", "
 def clip_label(cfg: SyntheticConfig, index: int) -> int:
     """The class of clip ``index`` (``label_task="motion"``), from a generator of its own, so unlabelled clips
     are unchanged."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 7_777_777_777)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, index, 7_777_777_777))
     return int(torch.randint(len(MOTION_CLASSES), (), generator=gen))
 
 
@@ -107,7 +108,7 @@ def _window(center: torch.Tensor, half: float, length: int, limit: int) -> torch
 
 def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.Tensor]:
     """Clip ``index``: ``(video [3, T, H, W] in [0, 1], motion [N] bool)`` with N tokens (t, h, w)."""
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index)
+    gen = torch.Generator().manual_seed(derive_seed(cfg.seed, index))
     t_frames, (h, w) = cfg.num_frames, cfg.img_size
     short = min(h, w)
     frames = _background(cfg, gen)[:, None].repeat(1, t_frames, 1, 1)  # (3, T, H, W)
@@ -115,7 +116,7 @@ def render_clip(cfg: SyntheticConfig, index: int) -> tuple[torch.Tensor, torch.T
     frame_index = torch.arange(t_frames)[:, None, None]  # (T, 1, 1)
 
     count = int(torch.randint(cfg.num_objects[0], cfg.num_objects[1] + 1, (), generator=gen))
-    label_gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + index + 3_333_333_333)
+    label_gen = torch.Generator().manual_seed(derive_seed(cfg.seed, index, 3_333_333_333))
     for _ in range(count):
         size = max(2, int(_uniform(gen, *cfg.object_size) * short))
         half = size / 2

@@ -11,35 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
-
-
-def _channel_view(values: tuple[float, ...], like: torch.Tensor) -> torch.Tensor:
-    # Channels sit 4th from the end in [..., C, T, H, W].
-    return torch.tensor(values, dtype=like.dtype, device=like.device).view(-1, 1, 1, 1)
-
-
-def normalize(
-    video: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> torch.Tensor:
-    """``[0, 1]`` pixels → ImageNet-standardised pixels."""
-    return (video - _channel_view(mean, video)) / _channel_view(std, video)
-
-
-def normalize_(
-    video: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> torch.Tensor:
-    """``normalize`` in place, the same values without two more copies of the batch."""
-    return video.sub_(_channel_view(mean, video)).div_(_channel_view(std, video))
-
-
-def denormalize(
-    video: torch.Tensor, mean: tuple[float, ...] = IMAGENET_MEAN, std: tuple[float, ...] = IMAGENET_STD
-) -> torch.Tensor:
-    """ImageNet-standardised pixels → ``[0, 1]`` pixels."""
-    return video * _channel_view(std, video) + _channel_view(mean, video)
-
+from ..base.pixels import IMAGENET_MEAN, normalized
 
 # -- training augmentation (the reference recipe: multi-scale crop → resize; flip off by default) ----------
 
@@ -114,17 +86,6 @@ def crop_resize(
     if flip and rng is not None and rng.random() < 0.5:
         clip = clip.flip(-1)
     return clip.permute(1, 0, 2, 3)  # (3, T, h, w)
-
-
-def normalized(clip: torch.Tensor, out: torch.Tensor | None = None) -> torch.Tensor:
-    """uint8 ``[3, T, h, w]`` → ImageNet-normalised float, written into ``out`` when given (e.g. a slot of
-    a batch in shared memory, which saves a copy)."""
-    if out is None:
-        out = torch.empty(clip.shape, dtype=torch.float32)
-    out.copy_(clip)
-    mean = torch.tensor(IMAGENET_MEAN).view(3, 1, 1, 1)
-    std = torch.tensor(IMAGENET_STD).view(3, 1, 1, 1)
-    return out.mul_(1.0 / (255.0 * std)).sub_(mean / std)  # = normalize(clip / 255)
 
 
 def augment_clip(

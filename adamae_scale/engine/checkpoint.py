@@ -20,7 +20,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .collectives import barrier, gather_objects, rank_and_world
+from ..base.atomic import atomic_write_text
+from ..base.collectives import barrier, gather_objects, rank_and_world
 from .disk import check_free_space
 
 TAG_FORMAT = "step_{:08d}"
@@ -28,16 +29,6 @@ TAG_FORMAT = "step_{:08d}"
 
 def tag_for(step: int) -> str:
     return TAG_FORMAT.format(step)
-
-
-def atomic_write_text(path: Path, text: str) -> None:
-    """Write-then-rename, with an fsync in between: readers see the old file or the new one."""
-    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "w") as f:
-        f.write(text)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 class CheckpointWriteError(RuntimeError):
@@ -334,8 +325,7 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
 
 
 def _read_client_state(tag_dir: Path) -> dict[str, Any]:
-    from ..convert.consolidate import DEEPSPEED_GLOBALS
-    from ..convert.io import safe_torch_load
+    from ..base.weights import DEEPSPEED_GLOBALS, safe_torch_load
 
     files = sorted(tag_dir.glob("*model_states.pt"))
     if not files:

@@ -43,9 +43,10 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from ..base.atomic import atomic_write_text
+from ..base.collectives import barrier
 from . import setup
-from .checkpoint import NoUsableCheckpoint, atomic_write_text
-from .collectives import barrier
+from .checkpoint import NoUsableCheckpoint
 
 SHARDINGS = ("oss", "oss_sdp", "fsdp")
 DEFAULT_SHARDING = "oss_sdp"
@@ -268,7 +269,7 @@ class FairscaleEngine:
         save_latest: bool = True,
     ) -> bool:
         """Write this rank's files into ``save_dir/tag`` (see the module doc); every rank must call this."""
-        from ..convert.io import write_safetensors
+        from ..base.weights import write_safetensors
 
         folder = Path(save_dir) / tag
         folder.mkdir(parents=True, exist_ok=True)

@@ -14,7 +14,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from .collectives import any_rank
+from ..base.collectives import any_rank
 
 
 def all_finite(tensors: Iterable[torch.Tensor]) -> tuple[bool, torch.device | None]:

@@ -18,9 +18,10 @@ from typing import Any
 import torch
 from tqdm import tqdm
 
+from ..base.collectives import all_reduce, barrier
+from ..base.seeds import TORCH_SEED_RANGE, derive_seed
 from ..metrics import MetricsLogger
 from .checkpoint import Checkpointer, CheckpointRef
-from .collectives import barrier
 from .guard import find_guard, weights_finite
 from .optim import Schedule
 
@@ -32,7 +33,7 @@ StepHook = Callable[["Trainer", bool], None]
 
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The RNG seed of one micro-batch: dropout and mask sampling replay exactly after a resume."""
-    return (seed * 1_000_003 + step * 1_009 + micro * 101 + rank * 7_919) % (2**63)
+    return derive_seed(seed, step * 1_009, micro * 101, rank * 7_919) % TORCH_SEED_RANGE
 
 
 class Trainer:
@@ -207,13 +208,9 @@ class Trainer:
 
     def _all_ranks(self, values: list[float], op: str) -> list[float]:
         """All-reduce a few scalars (``op``: ``sum`` or ``max``) over the ranks."""
-        if self.world_size == 1 or not values:
+        if self.world_size == 1:
             return values
-        import torch.distributed as dist  # DeepSpeed's process group is torch's
-
-        packed = torch.tensor(values, dtype=torch.float64, device=self.engine.device)
-        dist.all_reduce(packed, op=dist.ReduceOp.MAX if op == "max" else dist.ReduceOp.SUM)
-        return packed.tolist()
+        return all_reduce(values, op, torch.float64, self.engine.device)
 
     def _on_signal(self, signum: int, frame: FrameType | None) -> None:
         self._pending_signal = signum

@@ -14,7 +14,7 @@ from typing import Any
 
 import torch
 
-from ..engine.collectives import gather_objects
+from ..base.collectives import gather_objects
 
 
 def view_starts(length: int, window: int, views: int) -> list[int]:

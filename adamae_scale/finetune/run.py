@@ -27,18 +27,18 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import config
+from ..base.atomic import atomic_output_dir
+from ..base.collectives import all_reduce, any_rank, gather_objects
+from ..base.pixels import normalize_
 from ..builder import RunBuilder, claim_run_dir
 from ..config import FinetuneConfig
 from ..config.checks import check_data, model_config
 from ..convert.errors import ConvertError
 from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
-from ..convert.io import atomic_output_dir
 from ..data import ShardData, SyntheticData, build_data, synthetic_config
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
-from ..data.transforms import normalize_
 from ..engine import optim, setup
 from ..engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
-from ..engine.collectives import any_rank, gather_objects
 from ..engine.disk import InsufficientSpaceError
 from ..engine.engines import Backend
 from ..engine.run_lock import RunDirBusy
@@ -376,10 +376,8 @@ class ValidationHook:
                 ema_hits += int((self.ema(video).argmax(-1).cpu() == batch["label"]).sum())
             total += len(batch["label"])
         trainer.engine.train()
-        counts = torch.tensor([float(hits), float(ema_hits), float(total)])
-        if torch.distributed.is_initialized() and trainer.world_size > 1:
-            counts = counts.to(trainer.engine.device)
-            torch.distributed.all_reduce(counts)
+        local = [float(hits), float(ema_hits), float(total)]
+        counts = torch.tensor(all_reduce(local, "sum", torch.float32, trainer.engine.device), dtype=torch.float32)
         values = {"val_top1": float(counts[0] / counts[2].clamp(min=1.0))}
         if self.ema is not None:
             values["val_ema_top1"] = float(counts[1] / counts[2].clamp(min=1.0))

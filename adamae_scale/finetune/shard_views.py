@@ -18,8 +18,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..base.pixels import normalize
 from ..data.pipeline import mjpeg_frames, shard_samples, shard_urls
-from ..data.transforms import normalize
 from ..data.video import VideoReader, decode_jpeg
 from . import evaluate
 

@@ -23,6 +23,7 @@ from typing import Any
 
 import torch
 
+from ..base.weights import SafetensorsReader, safe_torch_load
 from ..convert.errors import ConvertError
 from ..convert.folder import (
     FORMAT_CLASSIFIER,
@@ -32,7 +33,6 @@ from ..convert.folder import (
     folder_model_config,
     read_folder_config,
 )
-from ..convert.io import SafetensorsReader, safe_torch_load
 from ..convert.reference import (
     REFERENCE_ALLOWED_GLOBALS,
     ImportReport,

@@ -20,6 +20,8 @@ from dataclasses import dataclass
 
 import torch
 
+from ..base.seeds import TORCH_SEED_RANGE, derive_seed
+
 STRATEGIES = ("adaptive", "random", "tube")
 # Which encoder-masked tokens the decoder reconstructs when masking.decoder_ratio > 0.
 DECODER_MASKS = ("running_cell", "random")
@@ -82,7 +84,7 @@ def keyed_noise(sample_ids: torch.Tensor, widths: tuple[int, ...], seed: int) ->
     next ones (the decoder's targets) come after it from the same stream."""
     per_sample = []
     for i in sample_ids.tolist():
-        generator = torch.Generator().manual_seed((seed * 1_000_003 + int(i)) % (2**63))
+        generator = torch.Generator().manual_seed(derive_seed(seed, int(i)) % TORCH_SEED_RANGE)
         per_sample.append([torch.rand(width, generator=generator) for width in widths])
     return [torch.stack([rows[k] for rows in per_sample]).to(sample_ids.device) for k in range(len(widths))]
 

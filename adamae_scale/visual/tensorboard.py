@@ -1,7 +1,7 @@
-"""TensorBoard pictures during pre-training: the ``adamae_scale.panel`` picture of one fixed held-out clip.
+"""TensorBoard pictures during pre-training: the ``adamae_scale.visual.panel`` picture of one fixed held-out clip.
 
 Every ``train.image_every`` steps (0: a quarter of the run's steps, so about 4 pictures) and at the end of
-each invocation, under the tag ``panel``, with the clip's focus figures (``adamae_scale.focus``) as scalars
+each invocation, under the tag ``panel``, with the clip's focus figures (``adamae_scale.visual.focus``) as scalars
 ``panel/top_moving_prob_share``, ``panel/top_moving_visible_share`` and, on synthetic data, the same for
 ``ground_truth``. The clip: for synthetic data the first held-out clip of ``data.eval_seed`` with its
 ground-truth motion tokens outlined; for shards the first readable clip of the shards in their stored
@@ -19,16 +19,16 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import DataSection, SyntheticData, synthetic_config
-from .data.synthetic import render_clip
-from .engine.trainer import StepHook, Trainer
+from ..data import DataSection, SyntheticData, synthetic_config
+from ..data.synthetic import render_clip
+from ..engine.trainer import StepHook, Trainer
+from ..metrics import MetricsLogger
+from ..models.adamae import AdaMAEConfig
 from .focus import clip_focus
-from .metrics import MetricsLogger
-from .models.adamae import AdaMAEConfig
 from .panel import Panel, compute_panel
 
 if TYPE_CHECKING:
-    from .config import PretrainConfig
+    from ..config import PretrainConfig
 
 TAG = "panel"
 AUTO_IMAGES = 4
@@ -49,7 +49,7 @@ def held_out_clip(
     if isinstance(data, SyntheticData):
         video, motion = render_clip(synthetic_config(replace(data, seed=data.eval_seed), model_cfg), index)
         return (video * 255.0).round().to(torch.uint8), motion
-    from .data.eval_clips import shard_clips
+    from ..data.eval_clips import shard_clips
 
     rate = data.sampling_rate
     first = list(islice(shard_clips(data.urls, model_cfg.num_frames, model_cfg.img_size, rate), 1))
@@ -114,7 +114,7 @@ def write_pictures(
 ) -> list[Path]:
     """The ``adamae-visualize`` picture (PNG, GIF, JSON) of the first ``count`` held-out synthetic clips, ground
     truth outlined, into ``out_dir``; every rank runs the forward passes, rank 0 writes. Returns the PNGs."""
-    from .visualize import write_outputs
+    from .cli import write_outputs
 
     written = []
     engine.eval()

@@ -1,8 +1,8 @@
 """``adamae-visualize``: what a pre-trained model's sampler looks at, and what its decoder makes of the rest.
 
-For every clip it writes ``NAME.png`` (one column per frame; rows in ``adamae_scale.panel``), ``NAME.gif``
+For every clip it writes ``NAME.png`` (one column per frame; rows in ``adamae_scale.visual.panel``), ``NAME.gif``
 (the same rows over time) and ``NAME.json`` (the visible tokens and the focus figures of
-``adamae_scale.focus``), and prints one line of focus figures. Every user error is one line on stderr,
+``adamae_scale.visual.focus``), and prints one line of focus figures. Every user error is one line on stderr,
 ``adamae-visualize: error: ...``, and exit code 2.
 """
 
@@ -21,15 +21,15 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .convert.cli import positive_int
-from .convert.consolidate import consolidate, locate_checkpoint, read_run_config
-from .convert.errors import ConvertError
-from .convert.folder import CONFIG_FILE, MODEL_FILE, load_model
-from .data.eval_clips import shard_clips, video_clip
-from .data.video import VideoError
+from ..convert.cli import positive_int
+from ..convert.consolidate import consolidate, locate_checkpoint, read_run_config
+from ..convert.errors import ConvertError
+from ..convert.folder import CONFIG_FILE, MODEL_FILE, load_model
+from ..data.eval_clips import shard_clips, video_clip
+from ..data.video import VideoError
+from ..losses import TARGETS
+from ..models import AdaMAE
 from .focus import clip_focus, describe
-from .losses import TARGETS
-from .models import AdaMAE
 from .panel import MASK_MODES, Panel, compute_panel
 
 PROG = "adamae-visualize"

@@ -22,9 +22,9 @@ import numpy as np
 import torch
 from einops import rearrange
 
-from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalized
-from .losses import patchify, per_token_error, reconstruction_target
-from .models.adamae import AdaMAEConfig, keyed_mask_noise
+from ..base.pixels import IMAGENET_MEAN, IMAGENET_STD, normalized
+from ..losses import patchify, per_token_error, reconstruction_target
+from ..models.adamae import AdaMAEConfig, keyed_mask_noise
 
 MASK_MODES = ("topk", "sampled")
 GREY = 128  # masked tokens in the visible row

@@ -1,4 +1,4 @@
-"""Reading and writing weights safely: restricted un-pickling, streamed safetensors, atomic folders.
+"""Reading and writing weights safely: restricted un-pickling and streamed safetensors.
 
 - ``safe_torch_load``: ``torch.load(weights_only=True)`` after a scan of the pickle's globals, with an
   explicit allowlist of classes by name. Nothing outside tensors, plain containers and that list is
@@ -6,8 +6,6 @@
 - ``write_safetensors``: writes one tensor at a time (header first, from shapes), so a model is never
   held twice in memory. Values may be lazy: anything with ``shape``, ``dtype`` and ``contiguous()``
   (DeepSpeed's ``GatheredTensor`` has exactly that interface, and so does ``LazyTensor`` below).
-- ``atomic_output_dir``: everything is written into a hidden temporary folder beside the target, which
-  is renamed into place only once complete; a failure leaves no partial output behind.
 """
 
 from __future__ import annotations
@@ -18,12 +16,9 @@ import math
 import os
 import pickle
 import pickletools
-import shutil
 import struct
-import tempfile
 import zipfile
-from collections.abc import Callable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -31,6 +26,14 @@ import torch
 from safetensors import SafetensorError, safe_open
 
 from .errors import ConvertError, UnsafeCheckpointError
+
+# Every class a DeepSpeed 0.19 checkpoint of this project pickles besides tensors and containers
+# (found with torch.serialization.get_unsafe_globals_in_checkpoint on ZeRO 0-3 checkpoints).
+DEEPSPEED_GLOBALS = (
+    "deepspeed.runtime.zero.config.ZeroStageEnum",  # an int enum: the ZeRO stage
+    "deepspeed.runtime.fp16.loss_scaler.LossScaler",  # two floats/bools: the (static) loss scale
+    "deepspeed.utils.tensor_fragment.fragment_address",  # a dataclass of two ints: a parameter's slice
+)
 
 
 # -- restricted un-pickling ------------------------------------------------------------------------
@@ -284,59 +287,12 @@ class SafetensorsReader:
         self.close()
 
 
-# -- atomic output folders -------------------------------------------------------------------------------
-@contextmanager
-def atomic_output_dir(
-    out_dir: str | Path, overwrite: bool = False, inputs: Sequence[str | Path] = ()
-) -> Iterator[Path]:
-    """Yield a fresh temporary folder beside ``out_dir``; on success it becomes ``out_dir``.
-
-    ``out_dir`` must not exist unless ``overwrite``; then the old folder is moved aside, the new one
-    renamed in, and the old one deleted, so there is never a moment with a half-written ``out_dir``.
-    ``inputs`` are the paths being read: writing over one of them (or a folder holding one) is refused.
-    """
-    out_dir = Path(out_dir).absolute()
-    for source in inputs:
-        source = Path(source).absolute()
-        if source == out_dir or out_dir in source.parents:
-            raise ConvertError(f"OUT_DIR {out_dir} would replace the input {source}; choose another folder")
-    if out_dir.exists() and not overwrite:
-        raise ConvertError(f"OUT_DIR {out_dir} already exists (pass --overwrite to replace it)")
-    if out_dir.exists() and not out_dir.is_dir():
-        raise ConvertError(f"OUT_DIR {out_dir} exists and is not a folder")
-    try:
-        out_dir.parent.mkdir(parents=True, exist_ok=True)
-    except OSError as err:
-        raise ConvertError(f"cannot create the parent folder of OUT_DIR {out_dir} ({err.strerror})") from err
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.tmp-", dir=out_dir.parent))
-    umask = os.umask(0)
-    os.umask(umask)
-    os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes it private; the result should look like any new folder
-    try:
-        yield tmp
-        if out_dir.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out_dir.name}.old-", dir=out_dir.parent))
-            os.replace(out_dir, old / out_dir.name)
-            os.replace(tmp, out_dir)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out_dir)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
-def write_json(path: str | Path, payload: Mapping[str, Any]) -> None:
-    Path(path).write_text(json.dumps(payload, indent=2, sort_keys=False) + "\n")
-
-
 __all__ = [
+    "DEEPSPEED_GLOBALS",
     "LazyTensor",
     "SafetensorsReader",
     "TensorLike",
-    "atomic_output_dir",
     "lazy_map",
     "safe_torch_load",
-    "write_json",
     "write_safetensors",
 ]
