@@ -5,7 +5,7 @@ ZeRO-1 on one CPU rank copies every gradient into and out of flat buckets, divid
 a flat fp32 partition, which made a ViT-B step 1.4–2.1× the plain-torch step depending on the sitting
 (``PERF_NOTES.md``: 1.41 s of copies alone), while ZeRO-0 runs within about 10% of it. With several ranks,
 the cheapest stage whose model states fit is chosen, in the order ZeRO-0, ZeRO-1, ZeRO-2, ZeRO-3: on 2 CPU
-ranks a ViT-B step took 4.35 / 5.04 / 5.59 s under ZeRO-0 / 1 / 2 (README, "Performance"), so sharding is
+ranks a ViT-B step took 4.35 / 5.04 / 5.59 s under ZeRO-0 / 1 / 2 (docs/performance.md), so sharding is
 bought only when memory needs it.
 
 Model states per rank for P parameters on N ranks, as this project trains them (fp32 weights with
