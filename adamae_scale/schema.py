@@ -129,7 +129,7 @@ def check_engine(cfg: Mapping[str, Any]) -> None:
         )
 
 
-FINETUNE_MODES = ("full", "linear")
+FINETUNE_MODES = ("full", "linear", "attentive")
 
 
 def check_finetune(cfg: Mapping[str, Any]) -> None:

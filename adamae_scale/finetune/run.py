@@ -17,7 +17,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,17 +34,20 @@ from ..data import build_data, synthetic_config, validate_data
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..data.transforms import normalize_
 from ..engine import optim, setup, stage
-from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
+from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint, atomic_write_text
 from ..engine.collectives import any_rank, gather_objects
 from ..engine.disk import InsufficientSpaceError
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..metrics import MetricsLogger
 from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
+from ..models.pooler import AttentiveSpec
 from ..pretrain import engine_config
 from . import evaluate
+from .confusion_png import write_confusion
 from .ema import ClassifierEma
-from .recipe import ClassificationObjective, ClipMixup, param_groups
+from .labels import class_names
+from .recipe import PROBE_MODES, ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, classifier_config, classifier_state, load_source
 
 
@@ -61,7 +65,28 @@ def validate(cfg: Mapping[str, Any], weights: bool = True) -> tuple[EncoderSourc
     model_cfg = classifier_config(source, scratch, cfg["clip"], cfg["finetune"]["drop_path"])
     model_cfg = schema.model_config(model_cfg.to_dict())
     validate_data(cfg["data"], model_cfg)
-    return source, model_cfg, num_classes(cfg)
+    attentive_spec(cfg, model_cfg)  # the pooler's heads divide the width
+    classes = num_classes(cfg)
+    class_names(cfg["data"], classes)  # the label maps of data.urls and data.val_urls agree
+    return source, model_cfg, classes
+
+
+def attentive_spec(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> AttentiveSpec | None:
+    """``finetune.mode=attentive``: the pooler's queries and heads (``None`` for the other modes)."""
+    tune = cfg["finetune"]
+    if tune["mode"] != "attentive":
+        return None
+    queries, heads = tune["pooler_queries"], tune["pooler_heads"]
+    if isinstance(queries, bool) or not isinstance(queries, int) or queries < 1:
+        raise ValueError(f"finetune.pooler_queries={queries!r}: expected an integer >= 1")
+    if heads is None:
+        heads = model_cfg.num_heads
+    if isinstance(heads, bool) or not isinstance(heads, int) or heads < 1 or model_cfg.embed_dim % heads:
+        raise ValueError(
+            f"finetune.pooler_heads={heads!r}: expected an integer >= 1 dividing the encoder's width "
+            f"{model_cfg.embed_dim} (null: the encoder's {model_cfg.num_heads})"
+        )
+    return AttentiveSpec(queries, heads)
 
 
 def check_options(cfg: Mapping[str, Any]) -> None:
@@ -71,7 +96,7 @@ def check_options(cfg: Mapping[str, Any]) -> None:
         raise ValueError(
             f"data.repeated_aug={cfg['data']['repeated_aug']!r}: fine-tuning repeats clips by finetune.repeated_aug"
         )
-    # The linear probe has no augmentation to repeat: any micro-batch then.
+    # The probes have no augmentation to repeat: any micro-batch then.
     micro = cfg["train"]["micro_batch_size"] if tune["mode"] == "full" else None
     schema.check_repeated_aug("finetune.repeated_aug", tune["repeated_aug"], micro)
     if not isinstance(tune["model_ema"], bool):
@@ -106,10 +131,16 @@ def num_classes(cfg: Mapping[str, Any]) -> int:
 
 def run(cfg: dict[str, Any]) -> dict[str, Any]:
     source, model_cfg, classes = validate(cfg)
+    if cfg["finetune"]["lr_sweep"] is not None:
+        from .sweep import run_sweep
+
+        return run_sweep(cfg, source, model_cfg, classes)
     env = setup.dist_env()
     train, tune = cfg["train"], cfg["finetune"]
-    full = tune["mode"] == "full"
-    repeats = tune["repeated_aug"] if full else 1  # the linear probe has no augmentation to repeat
+    full = tune["mode"] not in PROBE_MODES
+    names = class_names(cfg["data"], classes)
+    attentive = attentive_spec(cfg, model_cfg)
+    repeats = tune["repeated_aug"] if full else 1  # the probes have no augmentation to repeat
     global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size  # views
     peak_lr = optim.scaled_lr(train["base_lr"], global_batch // repeats)  # by clips, as the reference
     min_lr = optim.scaled_lr(train["min_lr"], global_batch // repeats)
@@ -117,7 +148,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     run_dir = Path(cfg["run_dir"])
 
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes).parameters())
+        num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes, attentive=attentive).parameters())
     ds = stage.resolve_for_run(
         cfg["ds"], num_params, env.world_size, env.rank, train["resume"], run_dir / "checkpoints"
     )
@@ -125,7 +156,14 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     check_options(cfg)  # again, with the stage auto chose (model EMA needs whole weights)
 
     setup.init_distributed()
-    metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": cfg["ds"]}
+    metadata = {
+        "model": model_cfg.to_dict(),
+        "num_classes": classes,
+        "class_names": names,
+        "task": "classification",
+        "ds": cfg["ds"],
+        **({"attentive": attentive.to_dict()} if attentive is not None else {}),
+    }
     checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
     ds_config, resume_from = engine_config(cfg, env, checkpointer)
 
@@ -133,7 +171,8 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     model = cast(
         VideoClassifier,
         setup.build_module(
-            lambda: VideoClassifier(model_cfg, classes, tune["head_init_scale"], tune["head_dropout"]), ds_config
+            lambda: VideoClassifier(model_cfg, classes, tune["head_init_scale"], tune["head_dropout"], attentive),
+            ds_config,
         ),
     )
     expected = {name: _full_shape(p) for name, p in model.named_parameters()}
@@ -176,6 +215,7 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     hooks: list[Any] = [ema.step_hook] if ema is not None else []  # first: validation sees the updated average
     if cfg["eval"]["every"] > 0:
         hooks.append(ValidationHook(cfg, model_cfg, env, ema))
+    head = ClassifierHead(classes, names, attentive)
     trainer = FinetuneTrainer(
         engine,
         objective,
@@ -203,12 +243,12 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
     elif trainer.step >= train["steps"] or cfg["eval_only"]:
         if not cfg["eval_only"]:
-            save_classifier(engine, model_cfg, classes, run_dir / "model", env)
+            save_classifier(engine, model_cfg, head, run_dir / "model", env)
             if ema is not None and env.rank == 0:
-                write_classifier(ema.state_dict(), model_cfg, classes, run_dir / "model_ema", tune["model_ema_decay"])
+                write_classifier(ema.state_dict(), model_cfg, head, run_dir / "model_ema", tune["model_ema_decay"])
         # eval_only without a checkpoint holding an average: there is no EMA to report.
         tested_ema = ema if ema is not None and (trainer.ema_restored or not cfg["eval_only"]) else None
-        summary["eval"] = final_evaluation(engine, cfg, model_cfg, classes, env, run_dir, tested_ema)
+        summary["eval"] = final_evaluation(engine, cfg, model_cfg, head, env, run_dir, tested_ema)
     if env.rank == 0:
         (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
     trainer.logger.close()
@@ -217,7 +257,18 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
     return summary
 
 
-def save_classifier(engine: Any, model_cfg: AdaMAEConfig, classes: int, out_dir: Path, env: setup.DistEnv) -> None:
+@dataclass(frozen=True)
+class ClassifierHead:
+    """What a classifier folder records besides the encoder: the classes, their names, the pooling."""
+
+    classes: int
+    names: list[str]
+    attentive: AttentiveSpec | None = None
+
+
+def save_classifier(
+    engine: Any, model_cfg: AdaMAEConfig, head: ClassifierHead, out_dir: Path, env: setup.DistEnv
+) -> None:
     """The trained classifier as a weight folder (``format: adamae-classifier``, fp32), written atomically by
     rank 0 (under ZeRO-3 every rank takes part in gathering each parameter)."""
     import deepspeed
@@ -228,13 +279,13 @@ def save_classifier(engine: Any, model_cfg: AdaMAEConfig, classes: int, out_dir:
             if env.rank == 0:
                 state[name] = param.detach().float().cpu().clone()
     if env.rank == 0:
-        write_classifier(state, model_cfg, classes, out_dir)
+        write_classifier(state, model_cfg, head, out_dir)
 
 
 def write_classifier(
     state: dict[str, torch.Tensor],
     model_cfg: AdaMAEConfig,
-    classes: int,
+    head: ClassifierHead,
     out_dir: Path,
     ema_decay: float | None = None,
 ) -> None:
@@ -246,7 +297,9 @@ def write_classifier(
         "format": FORMAT_CLASSIFIER,
         "format_version": FORMAT_VERSION,
         "model": model_cfg.to_dict(),
-        "num_classes": classes,
+        "num_classes": head.classes,
+        "class_names": head.names,
+        **({"attentive": head.attentive.to_dict()} if head.attentive is not None else {}),
         "source": source,
     }
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
@@ -302,9 +355,14 @@ def held_out_videos(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> Iterator
 
 
 def rank_views(
-    cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, skipped: list[str]
-) -> Iterator[tuple[int, str, int, torch.Tensor]]:
-    """``(index, key, label, views)`` of the videos this rank evaluates (each video on exactly one rank)."""
+    cfg: Mapping[str, Any],
+    model_cfg: AdaMAEConfig,
+    env: setup.DistEnv,
+    skipped: list[str],
+    done: Callable[[int], bool] | None = None,
+) -> Iterator[evaluate.VideoViews]:
+    """The videos this rank evaluates (each video on exactly one rank), as views; ``done(index)``: a video to
+    pass over (a resumed feature cache)."""
     views = cfg["eval"]
     geometry = (model_cfg.num_frames, model_cfg.img_size)
     if cfg["data"]["name"] == "shards":
@@ -320,12 +378,16 @@ def rank_views(
             views["temporal_views"],
             views["spatial_views"],
             skipped,
+            done,
         )
         return
     videos = list(held_out_videos(cfg, model_cfg))
     for index in evaluate.shard_indices(len(videos), env.rank, env.world_size):
+        if done is not None and done(index):
+            continue
         key, label, video = videos[index]
-        yield index, key, label, evaluate.clip_views(video, *geometry, views["temporal_views"], views["spatial_views"])
+        clips = evaluate.clip_views(video, *geometry, views["temporal_views"], views["spatial_views"])
+        yield evaluate.VideoViews(index, key, label, None, clips)
 
 
 @torch.no_grad()
@@ -333,7 +395,7 @@ def final_evaluation(
     engine: Any,
     cfg: Mapping[str, Any],
     model_cfg: AdaMAEConfig,
-    classes: int,
+    head: ClassifierHead,
     env: setup.DistEnv,
     run_dir: Path,
     ema: ClassifierEma | None = None,
@@ -355,20 +417,19 @@ def final_evaluation(
         # out of videos runs the same forward passes on an idle batch.
         if not any_rank(item is not None, engine.device):
             break
-        clips = item[3] if item is not None else idle.expand(views, *idle.shape[1:])
+        clips = item.views if item is not None else idle.expand(views, *idle.shape[1:])
         logits = torch.cat([engine(part.to(engine.device)) for part in clips.split(chunk)]).float()
         if item is not None:
-            index, key, label, _ = item
-            local.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
+            local.append(_prediction(item, logits, views))
             if ema is not None:  # a plain module on this rank: no lock step needed
                 logits = torch.cat([ema(part.to(engine.device)) for part in clips.split(chunk)]).float()
-                local_ema.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
+                local_ema.append(_prediction(item, logits, views))
     engine.train()
     predictions = evaluate.gather_predictions(local)
-    metrics, rows = evaluate.summarize(predictions, classes)
+    metrics, rows = evaluate.summarize(predictions, head.classes, head.names)
     ema_rows: list[dict[str, Any]] = []
     if ema is not None:
-        ema_metrics, ema_rows = evaluate.summarize(evaluate.gather_predictions(local_ema), classes)
+        ema_metrics, ema_rows = evaluate.summarize(evaluate.gather_predictions(local_ema), head.classes, head.names)
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "videos"})
     skipped_all = [line for part in gather_objects(skipped) for line in part]
     metrics.update(
@@ -379,11 +440,30 @@ def final_evaluation(
         }
     )
     if env.rank == 0:
-        (run_dir / "eval.json").write_text(json.dumps({**metrics, "skipped_videos": skipped_all[:100]}, indent=2))
-        (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if ema is not None:
-            (run_dir / "predictions_ema.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ema_rows))
+        write_evaluation(run_dir, metrics, rows, skipped_all, ema_rows if ema is not None else None)
     return metrics
+
+
+def _prediction(item: evaluate.VideoViews, logits: torch.Tensor, views: int) -> evaluate.Prediction:
+    probs = evaluate.average_views(logits, views)[0].cpu()
+    return evaluate.Prediction(item.index, item.key, item.label, probs, item.source)
+
+
+def write_evaluation(
+    run_dir: Path,
+    metrics: Mapping[str, Any],
+    rows: list[dict[str, Any]],
+    skipped: list[str],
+    ema_rows: list[dict[str, Any]] | None = None,
+) -> None:
+    """``eval.json``, ``predictions.jsonl`` (and ``predictions_ema.jsonl``), ``confusion_matrix.png``."""
+    atomic_write_text(run_dir / "eval.json", json.dumps({**metrics, "skipped_videos": skipped[:100]}, indent=2))
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if ema_rows is not None:
+        atomic_write_text(run_dir / "predictions_ema.jsonl", "".join(json.dumps(r) + "\n" for r in ema_rows))
+    matrix = metrics["confusion_matrix"]
+    title = f"top-1 {metrics['top1']:.3f} over {metrics['videos']} videos"
+    write_confusion(run_dir / "confusion_matrix.png", matrix["counts"], matrix["class_names"], title)
 
 
 class ValidationHook:
