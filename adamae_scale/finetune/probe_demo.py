@@ -135,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
     jobs = [(masking, seed) for seed in seeds for masking in ARMS if masking != "none"]
     print(f"[demo-probe] pre-training {len(jobs)} encoders ({args.steps} steps each, two at a time)", flush=True)
     with ThreadPoolExecutor(2) as pool:
-        weights = dict(zip(jobs, pool.map(lambda job: pretrain(*job, args.steps, out), jobs), strict=True))
+        weights = dict(zip(jobs, pool.map(lambda job: pretrain(job[0], job[1], args.steps, out), jobs), strict=True))
     pretrained_at = time.perf_counter()
     table: dict[str, list[float]] = {arm: [] for arm in ARMS}
     rows: dict[str, list[dict[str, Any]]] = {arm: [] for arm in ARMS}
