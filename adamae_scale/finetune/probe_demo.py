@@ -48,6 +48,8 @@ def _run(*args: str) -> None:
 def pretrain(masking: str, seed: int, steps: int, out: Path) -> Path:
     """Pre-train one arm and consolidate it; returns the weight folder."""
     run_dir, weights = out / f"pretrain-{masking}-{seed}", out / f"weights-{masking}-{seed}"
+    if (weights / "config.json").is_file():  # a demo run again into the same --out: keep what it pre-trained
+        return weights
     _run(
         "-m",
         "adamae_scale.pretrain",
@@ -68,13 +70,13 @@ def pretrain(masking: str, seed: int, steps: int, out: Path) -> Path:
     return weights
 
 
-def probe_overrides(probe: str, seed: int, run_dir: Path) -> list[str]:
+def probe_overrides(probe: str, seed: int, run_dir: Path, clips: int, videos: int) -> list[str]:
     """One probe, the same for every arm: cached features, a sweep of learning rates, the best kept."""
     lrs = "[0.004,0.016,0.064,0.256]" if probe == "attentive" else "[0.1,0.4,1.6,6.4]"
     return [
         f"finetune.mode={probe}",
         f"finetune.lr_sweep={lrs}",
-        "finetune.cache_clips=1024",
+        f"finetune.cache_clips={clips}",
         "data.label_task=motion",
         *TASK,
         "train.steps=300",
@@ -82,22 +84,23 @@ def probe_overrides(probe: str, seed: int, run_dir: Path) -> list[str]:
         "train.warmup_fraction=0.05",
         "train.log_every=100",
         "precision=fp32",
-        "eval.videos=256",
+        f"eval.videos={videos}",
         "eval.temporal_views=1",
         "eval.spatial_views=1",
-        "eval.micro_batch_size=64",
+        "eval.micro_batch_size=128",
         f"seed={seed}",
         f"run_dir={run_dir}",
     ]
 
 
-def probe(init: str, probe_kind: str, seed: int, run_dir: Path) -> dict[str, Any]:
+def probe(init: str, probe_kind: str, seed: int, run_dir: Path, clips: int, videos: int) -> dict[str, Any]:
     """The sweep in this process; returns its ``sweep.json`` best row."""
     from .. import schema
     from .run import run
 
     encoder = [f"init={init}"] + ([*MODEL, *CLIP] if init == "none" else [])
-    cfg = schema.compose([*encoder, *probe_overrides(probe_kind, seed, run_dir)], config_name="finetune")
+    overrides = [*encoder, *probe_overrides(probe_kind, seed, run_dir, clips, videos)]
+    cfg = schema.compose(overrides, config_name="finetune")
     summary = run(cfg)
     return dict(summary["eval"]["sweep_best"])
 
@@ -127,6 +130,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--steps", type=int, default=400, help="pre-training steps per arm (default 400)")
     parser.add_argument("--seeds", type=int, default=3, help="seeds per arm (default 3)")
     parser.add_argument("--probe", choices=("linear", "attentive"), default="linear")
+    parser.add_argument("--train-clips", type=int, default=1024, help="cached training clips per probe")
+    parser.add_argument("--videos", type=int, default=512, help="held-out videos per probe")
     args = parser.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
@@ -142,7 +147,7 @@ def main(argv: list[str] | None = None) -> int:
     for seed in seeds:
         for arm in ARMS:
             init = "none" if arm == "none" else str(weights[(arm, seed)])
-            best = probe(init, args.probe, seed, out / f"probe-{arm}-{seed}")
+            best = probe(init, args.probe, seed, out / f"probe-{arm}-{seed}", args.train_clips, args.videos)
             table[arm].append(best["top1"])
             rows[arm].append(best)
             print(
@@ -166,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
     }
     (out / "summary.json").write_text(json.dumps(summary, indent=2))
     print(
-        f"\n{args.probe} probe, synthetic motion task (4 classes, chance {chance:.2f}), 256 held-out videos, "
+        f"\n{args.probe} probe, synthetic motion task (4 classes, chance {chance:.2f}), {args.videos} held-out videos, "
         f"{args.steps} pre-training steps, {len(seeds)} seeds:"
     )
     print(f"{'encoder':<18}{'top-1 per seed':<26}{'mean':>8}{'spread':>8}")
