@@ -51,7 +51,9 @@ def _write(path: Path, frames: list[np.ndarray], rate: Fraction) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out", type=Path, help="folder to fill with train/ and val/ class folders")
-    parser.add_argument("--seconds", type=float, default=0.7, help="segment length (default 0.7: every segment holds 16 frames or more)")
+    parser.add_argument(
+        "--seconds", type=float, default=0.7, help="segment length (default 0.7: every segment holds 16 frames or more)"
+    )
     parser.add_argument("--short-side", type=int, default=64, help="short side of the segments (default 64)")
     args = parser.parse_args()
     import skvideo
