@@ -3,7 +3,12 @@ same engine, trainer, checkpoints and launchers as pre-training.
 
 source (init=) → classifier (encoder over all tokens, mean pooling, fc_norm, head) → layer-decayed AdamW →
 DeepSpeed engine → Trainer (repeated augmentation, mixup/cutmix, label smoothing, optional model EMA) →
-checkpoints → multi-view evaluation (``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``).
+checkpoints → multi-view evaluation (``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``,
+``RUN_DIR/confusion_matrix.png``, with the class names of ``labels.py``).
+
+``finetune.mode=linear|attentive`` freezes the encoder and trains a linear head on the token mean, or an
+attentive pooler and head on every token, through the same engine; ``finetune.lr_sweep`` instead trains a sweep
+of probe heads on cached features in one process (``sweep.py``). See docs/frozen_evaluation.md.
 
 Repeated augmentation: ``train.micro_batch_size`` counts views, ``finetune.repeated_aug`` of each decoded clip
 (``micro_batch_size / repeated_aug`` clips per micro-batch), as the reference's loader hands out

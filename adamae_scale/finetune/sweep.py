@@ -124,7 +124,8 @@ def evaluate_head(head: ProbeHead, val: Split, classes: int, names: list[str]) -
     """Multi-view test on cached views: softmax averaged over each video's views."""
     head.eval()
     views = val.features.shape[1]
-    logits = head(val.features.flatten(0, 1).float())  # (videos × views, K)
+    flat = val.features.flatten(0, 1)  # (videos × views, ...)
+    logits = torch.cat([head(part.float()) for part in flat.split(1024)])  # (videos × views, K)
     probs = evaluate.average_views(logits, views)
     predictions = [
         evaluate.Prediction(index, key, int(label), p, source)
