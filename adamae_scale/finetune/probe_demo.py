@@ -109,6 +109,8 @@ def separation(table: dict[str, list[float]]) -> tuple[bool, list[str]]:
     """Every pre-trained arm above no pre-training: worst seed over the best untrained one, and the gap of the
     means over three times the larger spread."""
     base = table["none"]
+    if len(base) < 2:
+        return False, ["one seed has no spread to measure the gap against: run --seeds 3"]
     verdicts, ok = [], True
     for arm in ("adaptive", "random", "tube"):
         values = table[arm]
