@@ -98,13 +98,13 @@ def test_cached_features_equal_a_fresh_forward_and_sweep_heads_are_independent(t
 
     # The cache holds what the frozen encoder gives, fresh: training clips and each held-out video's views.
     cfg = schema.compose([*sweep, "finetune.lr_sweep=[0.05]", f"run_dir={run_dir}"], config_name="finetune")
-    source, model_cfg, classes = validate(cfg)
-    cache = FeatureCache(run_dir / "features", cache_identity(cfg, source, model_cfg))  # the same identity
+    checked, source, model_cfg, classes = validate(cfg)
+    cache = FeatureCache(run_dir / "features", cache_identity(checked, source, model_cfg))  # the same identity
     folder = json.loads((run_dir / "model" / "config.json").read_text())
     model = VideoClassifier(make_config(folder["model"]), classes, attentive=AttentiveSpec(1, 3)).eval()
     model.load_state_dict(load_file(run_dir / "model" / "model.safetensors"))
     train = cache.load("train")
-    stream = build_data({**cfg["data"], "rand_augment": None}, model_cfg, 20, 0, 1)
+    stream = build_data(checked.data, model_cfg, 20, 0, 1)
     clips = next(stream)
     stream.close()
     with torch.no_grad():
@@ -117,8 +117,8 @@ def test_cached_features_equal_a_fresh_forward_and_sweep_heads_are_independent(t
     def make_head():
         return ProbeHead(192, classes, 0.001, 0.0, AttentiveSpec(1, 3))
 
-    together = train_heads(train, [HeadSetting(0.05, 0.0), HeadSetting(0.5, 0.1)], make_head, cfg)
-    alone = train_heads(train, [HeadSetting(0.5, 0.1)], make_head, cfg)
+    together = train_heads(train, [HeadSetting(0.05, 0.0), HeadSetting(0.5, 0.1)], make_head, checked)
+    alone = train_heads(train, [HeadSetting(0.5, 0.1)], make_head, checked)
     for name, tensor in alone[0].state_dict().items():
         assert torch.equal(tensor, together[1].state_dict()[name]), name
     assert not torch.equal(together[0].head.weight, together[1].head.weight)

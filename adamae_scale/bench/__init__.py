@@ -4,6 +4,8 @@
   measured in the same run: the same step in plain torch, the matmul peak (MFU), where the step goes, and
   optionally random masking.
 - ``memory`` (``memory.py``): per-rank memory implied by a ZeRO stage, and measured from real pre-training steps.
+- ``parity`` (``parity.py``): ``make demo`` per option and seed (decoder masking, cheaper samplers, the
+  ``fast`` preset): held-out focus and final loss against the default's seed band.
 - ``data`` (``data.py``): training clips per second per DataLoader worker from tar shards (each storage format
   present) against decoding a random window straight from the original video files; and their ratio.
 
@@ -39,6 +41,27 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any] | None:
     from . import step
 
     return step.run(*split_settings("step", args.settings, step.DEFAULTS))
+
+
+def bench_parity(args: argparse.Namespace) -> dict[str, Any]:
+    from . import parity
+
+    return parity.run(*split_settings("parity", args.settings, parity.DEFAULTS))
+
+
+def register_parity(sub: argparse._SubParsersAction) -> None:
+    _register_settings_benchmark(
+        sub,
+        "parity",
+        bench_parity,
+        help="make demo per option and seed: held-out focus and final loss against the default's seed band",
+        description="Runs adamae-pretrain +experiment=demo once per option and seed (seed=S data.seed=S), one after "
+        "another, and prints per option the seeds' focus_ratio (sampled masks), focus_ratio_topk, final loss_rec "
+        "and seconds, with mean and range, and whether the option's mean focus lies below, within or above the "
+        "default's range over the seeds. Settings: variants=default,decoder_cell,decoder_random,sampler_half,"
+        "sampler_pool,sampler_bf16,fast seeds=N parallel=N (runs at a time); any other key=value is added to every run "
+        "(train.steps=300 ...).",
+    )
 
 
 def register_data(sub: argparse._SubParsersAction) -> None:
@@ -118,7 +141,12 @@ def register_step(sub: argparse._SubParsersAction) -> None:
     )
 
 
-REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [register_data, register_memory, register_step]
+REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [
+    register_data,
+    register_memory,
+    register_step,
+    register_parity,
+]
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -16,6 +16,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
+from ..data import DataSection, SyntheticData
 from ..data.synthetic import MOTION_CLASSES
 
 
@@ -44,24 +45,24 @@ def names_from_label_map(label_map: Mapping[str, int], classes: int, where: str)
     return names
 
 
-def class_names(data: Mapping[str, Any], classes: int) -> list[str]:
+def class_names(data: DataSection, classes: int) -> list[str]:
     """The names of a run's ``classes`` labels (see the module docstring)."""
-    if data["name"] == "synthetic":
+    if isinstance(data, SyntheticData):
         return ["-".join(parts) for parts in MOTION_CLASSES][:classes] + [
             f"class_{i}" for i in range(len(MOTION_CLASSES), classes)
         ]
-    train = manifest_label_map(data["urls"])
-    val_urls = data.get("val_urls")
+    train = manifest_label_map(data.urls)
+    val_urls = data.val_urls
     if val_urls and train is not None:
         val = manifest_label_map(val_urls)
         if val is not None and val != train:
             raise ValueError(
-                f"data.val_urls={val_urls}: its label map numbers classes differently from data.urls={data['urls']} "
+                f"data.val_urls={val_urls}: its label map numbers classes differently from data.urls={data.urls} "
                 "(rebuild one with adamae-shards --label-map from the other's manifest.json)"
             )
     if train is None:
         return [f"class_{i}" for i in range(classes)]
-    return names_from_label_map(train, classes, f"{data['urls']}/manifest.json")
+    return names_from_label_map(train, classes, f"{data.urls}/manifest.json")
 
 
 def folder_class_names(config: Mapping[str, Any], classes: int) -> list[str]:
