@@ -51,7 +51,8 @@ demo-video: setup
 	# One compute thread for training: the 2 data workers need the other cores (oversubscribed, a step is 10x slower).
 	OMP_NUM_THREADS=1 $(BIN)/adamae-pretrain +experiment=demo_video
 
-# Hypothesis 4 at small scale: AdaMAE vs random masking, pre-trained alike, linear-probed on a motion task.
+# Does the frozen-encoder probe tell pre-training from none? AdaMAE, random and tube masking and an untrained
+# encoder, 3 seeds each, probed alike on the synthetic motion task (docs/frozen_evaluation.md).
 demo-probe: setup
 	$(BIN)/python -m adamae_scale.finetune.probe_demo
 

@@ -6,6 +6,7 @@ import random
 import subprocess
 import sys
 from itertools import pairwise
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -426,7 +427,7 @@ def test_linear_probe_trains_only_the_head(pretrained, tmp_path, capsys):
     assert not (tmp_path / "no-ema").exists()
 
 
-def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monkeypatch):
+def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monkeypatch, capsys):
     from adamae_scale.data.shards import ShardOptions, build_shards
 
     from .test_pipeline import all_keys, make_videos
@@ -461,6 +462,28 @@ def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monk
     assert {r["key"] for r in rows} == all_keys(tmp_path / "jpg")
     manifest = json.loads((tmp_path / "jpg" / "manifest.json").read_text())
     assert sorted(r["label"] for r in rows) == sorted(i % 3 for i in range(7)), manifest["label_map"]
+
+    # Class names from the shards' label map: predictions (name, index, source video), eval.json, the picture,
+    # the classifier folder and the transformers export.
+    names = ["class0", "class1", "class2"]
+    assert manifest["label_map"] == {name: i for i, name in enumerate(names)}
+    for row in rows:
+        assert row["label_name"] == names[row["label"]] and row["predicted_name"] == names[row["predicted"]]
+        assert Path(row["source"]).parent.name == row["label_name"]  # the film's class folder
+        assert row["top5_names"] == [names[i] for i in row["top5"]]
+    assert sorted(Path(r["source"]).name for r in rows) == [f"v{i:02d}.mp4" for i in range(7)]
+    assert [(c["name"], c["videos"]) for c in result["per_class"]] == [("class0", 3), ("class1", 2), ("class2", 2)]
+    counts = result["confusion_matrix"]["counts"]
+    assert result["confusion_matrix"]["class_names"] == names and [sum(r) for r in counts] == [3, 2, 2]
+    assert sum(counts[i][i] for i in range(3)) == round(result["top1"] * 7)
+    from PIL import Image
+
+    assert Image.open(run_dir / "confusion_matrix.png").size[0] > 100
+    assert json.loads((run_dir / "model" / "config.json").read_text())["class_names"] == names
+    code, stdout, stderr = convert_cli(capsys, "to-hf", run_dir / "model", tmp_path / "hf")
+    assert code == 0 and stdout.rstrip().endswith("transformers VideoMAEForVideoClassification"), stderr
+    hf = json.loads((tmp_path / "hf" / "config.json").read_text())
+    assert hf["id2label"] == {"0": "class0", "1": "class1", "2": "class2"} and hf["label2id"]["class2"] == 2
 
 
 def check_repeated_views(urls, monkeypatch):

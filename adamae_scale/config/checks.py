@@ -18,7 +18,7 @@ from ..models import AdaMAEConfig, make_config
 
 LOSS_TARGETS = ("norm_pix", "pixel")
 RESUME_WORDS = ("auto", "none")
-FINETUNE_MODES = ("full", "linear")
+FINETUNE_MODES = ("full", "linear", "attentive")
 
 _MODEL_SIZES = (
     "num_frames",

@@ -181,9 +181,19 @@ class FinetuneSection:
     repeated_aug: int = 2
     model_ema: bool = False
     model_ema_decay: float = 0.9999
+    pooler_queries: int = 1  # attentive: learned queries of the pooler
+    pooler_heads: int | None = None  # attentive: its heads (None: the encoder's)
+    lr_sweep: tuple[float, ...] | None = None  # a sweep of probe heads on cached features (finetune/sweep.py)
+    wd_sweep: tuple[float, ...] | None = None
+    cache_dir: str | None = None
+    cache_clips: int = 1024
 
     def __post_init__(self) -> None:
         checks.one_of("finetune.mode", self.mode, checks.FINETUNE_MODES)
+        checks.number("finetune.pooler_queries", self.pooler_queries, 1, integer=True)
+        if self.pooler_heads is not None:
+            checks.number("finetune.pooler_heads", self.pooler_heads, 1, integer=True)
+        checks.number("finetune.cache_clips", self.cache_clips, 1, integer=True)
         checks.check_rand_augment("finetune.rand_augment", self.rand_augment)
         for key in ("drop_path", "head_dropout", "label_smoothing", "mixup_switch_prob", "random_erasing"):
             checks.share(f"finetune.{key}", getattr(self, key))

@@ -14,6 +14,7 @@ from omegaconf import OmegaConf
 from ..config.checks import model_config
 from ..models import AdaMAE, AdaMAEConfig, config_for, make_config, model_names
 from ..models.classifier import VideoClassifier
+from ..models.pooler import AttentiveSpec
 from ..models.registry import config_dir
 from .errors import ArchitectureMismatchError, ConvertError
 
@@ -46,18 +47,25 @@ def _listing(names: Sequence[str], limit: int = 3) -> str:
     return shown + (f" (+{len(names) - limit} more)" if len(names) > limit else "")
 
 
-def describe_classifier(cfg: AdaMAEConfig, num_classes: int) -> str:
+def describe_classifier(cfg: AdaMAEConfig, num_classes: int, attentive: AttentiveSpec | None = None) -> str:
     h, w = cfg.img_size
+    pooling = (
+        "mean pooling"
+        if attentive is None
+        else f"attentive pooler ({attentive.queries} queries, {attentive.num_heads} heads)"
+    )
     return (
         f"classifier {cfg.name} (encoder {cfg.embed_dim} wide x {cfg.depth} blocks over all {cfg.num_tokens} tokens "
-        f"of {cfg.num_frames}x{h}x{w} clips, mean pooling, {num_classes} classes)"
+        f"of {cfg.num_frames}x{h}x{w} clips, {pooling}, {num_classes} classes)"
     )
 
 
-def classifier_shapes(cfg: AdaMAEConfig, num_classes: int) -> dict[str, tuple[int, ...]]:
+def classifier_shapes(
+    cfg: AdaMAEConfig, num_classes: int, attentive: AttentiveSpec | None = None
+) -> dict[str, tuple[int, ...]]:
     """``{parameter name: shape}`` of ``VideoClassifier(cfg, num_classes).state_dict()``, in the model's order."""
     with torch.device("meta"):
-        model = VideoClassifier(cfg, num_classes)
+        model = VideoClassifier(cfg, num_classes, attentive=attentive)
     return {name: tuple(t.shape) for name, t in model.state_dict().items()}
 
 
@@ -66,11 +74,13 @@ def check_shapes(
     cfg: AdaMAEConfig,
     source: str,
     num_classes: int | None = None,
+    attentive: AttentiveSpec | None = None,
 ) -> dict[str, tuple[int, ...]]:
     """Raise ``ArchitectureMismatchError`` unless ``found`` has exactly the model's names and shapes: the AdaMAE
-    model's, or with ``num_classes`` the fine-tuning classifier's. Returns those shapes, in the model's order."""
-    expected = expected_shapes(cfg) if num_classes is None else classifier_shapes(cfg, num_classes)
-    target = describe(cfg) if num_classes is None else describe_classifier(cfg, num_classes)
+    model's, or with ``num_classes`` the fine-tuning classifier's (``attentive``: with its pooler). Returns those
+    shapes, in the model's order."""
+    expected = expected_shapes(cfg) if num_classes is None else classifier_shapes(cfg, num_classes, attentive)
+    target = describe(cfg) if num_classes is None else describe_classifier(cfg, num_classes, attentive)
     wrong = [name for name in expected if name in found and tuple(found[name]) != expected[name]]
     missing = [name for name in expected if name not in found]
     unexpected = [name for name in found if name not in expected]

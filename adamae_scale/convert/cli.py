@@ -320,10 +320,10 @@ def run(args: argparse.Namespace) -> str:
     if args.command == "to-hf":
         from .hf import export_hf
 
-        export_hf(
+        hf_config = export_hf(
             args.src, out, norm_pix_loss=args.norm_pix_loss, dtype=dtype or torch.float32, overwrite=args.overwrite
         )
-        return f"wrote {out} ({_count(out / 'config.json')}): transformers VideoMAEForPreTraining"
+        return f"wrote {out} ({_count(out / 'config.json')}): transformers {hf_config['architectures'][0]}"
     raise _UsageError(f"unknown command {args.command!r}")
 
 

@@ -42,6 +42,7 @@ from ..engine import engines, fairscale_engine
 from ..engine.checkpoint import MANIFEST
 from ..engine.checkpoint import verify as verify_checkpoint
 from ..models import AdaMAEConfig
+from ..models.pooler import AttentiveSpec
 from .arch import check_shapes, describe, describe_classifier, infer_config, with_overrides
 from .errors import ConvertError
 from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, FORMAT_VERSION, folder_model_config, write_folder
@@ -359,10 +360,16 @@ def consolidate(
         if model is not None:
             raise ConvertError(f"--model: checkpoint {loc.path} is a fine-tuning checkpoint; its config.json names it")
         cfg = with_overrides(folder_model_config(run), **(overrides or {}))
-        fields = {"num_classes": num_classes, "ds": run.get("ds")}
-        description = ("model EMA of " if ema else "") + describe_classifier(cfg, num_classes)
+        attentive = _attentive(loc, run)
+        fields = {
+            "num_classes": num_classes,
+            **({"class_names": run["class_names"]} if "class_names" in run else {}),
+            **({"attentive": attentive.to_dict()} if attentive is not None else {}),
+            "ds": run.get("ds"),
+        }
+        description = ("model EMA of " if ema else "") + describe_classifier(cfg, num_classes, attentive)
     what = f"the model EMA in checkpoint {loc.path}" if ema else f"checkpoint {loc.path}"
-    expected = check_shapes(shapes, cfg, what, num_classes)
+    expected = check_shapes(shapes, cfg, what, num_classes, attentive if num_classes is not None else None)
     ordered: dict[str, TensorLike] = {name: state[name] for name in expected}
     if not allow_nonfinite:
         ordered = {name: lazy_map(value, functools.partial(_finite, name, loc.path)) for name, value in ordered.items()}
@@ -399,6 +406,19 @@ def _num_classes(loc: CheckpointLocation, run_config: Mapping[str, Any] | None) 
     if not isinstance(classes, int) or isinstance(classes, bool) or classes < 1:
         raise ConvertError(f"{loc.path / RUN_CONFIG_FILE}: num_classes={classes!r}, expected a positive integer")
     return classes
+
+
+def _attentive(loc: CheckpointLocation, run_config: Mapping[str, Any]) -> AttentiveSpec | None:
+    """The attentive pooler a fine-tuning run with ``finetune.mode=attentive`` recorded, else ``None``."""
+    values = run_config.get("attentive")
+    if values is None:
+        return None
+    try:
+        return AttentiveSpec.from_dict(values)
+    except (KeyError, TypeError, ValueError) as err:
+        raise ConvertError(
+            f"{loc.path / RUN_CONFIG_FILE}: attentive={values!r}, expected queries and num_heads"
+        ) from err
 
 
 def _ema_state(loc: CheckpointLocation) -> tuple[dict[str, TensorLike], _CheckpointFacts]:

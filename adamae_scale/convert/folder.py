@@ -13,7 +13,7 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -106,6 +106,14 @@ def load_model(src: str | Path) -> AdaMAE:
     return model.eval()
 
 
+def folder_class_names(config: Mapping[str, Any], classes: int) -> list[str]:
+    """``class_names`` of a classifier folder's ``config.json`` (older folders have none: ``class_i``)."""
+    names = config.get("class_names")
+    if isinstance(names, Sequence) and not isinstance(names, str) and len(names) == classes:
+        return [str(name) for name in names]
+    return [f"class_{i}" for i in range(classes)]
+
+
 __all__ = [
     "CONFIG_FILE",
     "DTYPES",
@@ -113,6 +121,7 @@ __all__ = [
     "FORMAT_ENCODER",
     "FORMAT_FULL",
     "MODEL_FILE",
+    "folder_class_names",
     "folder_model_config",
     "load_model",
     "read_folder_config",

@@ -42,7 +42,14 @@ from ..base.weights import SafetensorsReader, TensorLike, lazy_map, write_safete
 from ..models import AdaMAEConfig
 from .arch import check_shapes
 from .errors import ConvertError
-from .folder import FORMAT_CLASSIFIER, FORMAT_FULL, MODEL_FILE, folder_model_config, read_folder_config
+from .folder import (
+    FORMAT_CLASSIFIER,
+    FORMAT_FULL,
+    MODEL_FILE,
+    folder_class_names,
+    folder_model_config,
+    read_folder_config,
+)
 
 HF_ARCHITECTURE = "VideoMAEForPreTraining"
 HF_CLASSIFIER = "VideoMAEForVideoClassification"
@@ -135,7 +142,8 @@ def export_hf(
     overwrite: bool = False,
 ) -> dict[str, Any]:
     """Write ``config.json`` + ``model.safetensors`` for ``VideoMAEForPreTraining.from_pretrained(out_dir)``, or,
-    for a fine-tuned classifier folder, ``VideoMAEForVideoClassification`` (``use_mean_pooling``)."""
+    for a fine-tuned classifier folder, ``VideoMAEForVideoClassification`` (``use_mean_pooling``, the folder's
+    class names as ``id2label``/``label2id``). An attentive probe is refused: transformers has no such head."""
     source_config = read_folder_config(src)
     classifier = source_config["format"] == FORMAT_CLASSIFIER
     if source_config["format"] not in (FORMAT_FULL, FORMAT_CLASSIFIER):
@@ -143,11 +151,23 @@ def export_hf(
             f"SRC {src} holds an encoder-only export, but this command needs a full model (consolidate/import "
             "output) or a fine-tuned classifier (adamae-finetune's RUN_DIR/model)"
         )
+    if classifier and source_config.get("attentive") is not None:
+        raise ConvertError(
+            f"SRC {src} is an attentive probe; transformers' {HF_CLASSIFIER} has mean pooling only, no attentive "
+            "pooler to hold it"
+        )
     cfg = folder_model_config(source_config)
     kwargs = hf_config_kwargs(cfg, norm_pix_loss)
     if classifier:
         # Mean pooling: no final encoder LayerNorm, the pooled features go through fc_norm into the classifier.
-        kwargs.update(use_mean_pooling=True, num_labels=int(source_config["num_classes"]))
+        classes = int(source_config["num_classes"])
+        names = folder_class_names(source_config, classes)
+        kwargs.update(
+            use_mean_pooling=True,
+            num_labels=classes,
+            id2label=dict(enumerate(names)),
+            label2id={name: index for index, name in enumerate(names)},
+        )
     try:
         from transformers import VideoMAEConfig
     except ImportError as err:

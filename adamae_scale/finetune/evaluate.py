@@ -67,11 +67,23 @@ def accuracy(probs: torch.Tensor, labels: torch.Tensor, num_classes: int) -> dic
 
 
 @dataclass
+class VideoViews:
+    """One evaluation video, decoded: its views ``[V, C, T, H, W]`` (time-major, see ``clip_views``)."""
+
+    index: int  # position of the video in the evaluation set (unique over all ranks)
+    key: str
+    label: int
+    source: str | None
+    views: torch.Tensor
+
+
+@dataclass
 class Prediction:
     index: int  # position of the video in the evaluation set
     key: str
     label: int
     probs: torch.Tensor  # [K] mean softmax over the views
+    source: str | None = None  # the video's source path (shards: as adamae-shards recorded it)
 
 
 def shard_indices(count: int, rank: int, world_size: int) -> range:
@@ -82,7 +94,7 @@ def shard_indices(count: int, rank: int, world_size: int) -> range:
 def gather_predictions(local: Sequence[Prediction]) -> list[Prediction]:
     """Every rank's predictions on every rank, ordered by index, each index once (a video two ranks both
     evaluated, e.g. padding, is kept once)."""
-    parts = gather_objects([(p.index, p.key, p.label, p.probs.cpu()) for p in local])
+    parts = gather_objects([(p.index, p.key, p.label, p.probs.cpu(), p.source) for p in local])
     gathered = [[Prediction(*item) for item in part] for part in parts]
     unique: dict[int, Prediction] = {}
     for part in gathered:
@@ -91,11 +103,32 @@ def gather_predictions(local: Sequence[Prediction]) -> list[Prediction]:
     return [unique[i] for i in sorted(unique)]
 
 
-def summarize(predictions: Iterable[Prediction], num_classes: int) -> tuple[dict[str, float], list[dict[str, Any]]]:
-    """(metrics, ``predictions.jsonl`` rows: key, label, top-5 classes and their probabilities)."""
+def confusion_matrix(predicted: torch.Tensor, labels: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """``[K, K]`` counts: row = true class, column = predicted class (labels outside ``[0, K)`` left out)."""
+    known = (labels >= 0) & (labels < num_classes)
+    flat = labels[known] * num_classes + predicted[known]
+    return torch.bincount(flat, minlength=num_classes * num_classes).view(num_classes, num_classes)
+
+
+def per_class(counts: torch.Tensor, names: Sequence[str]) -> list[dict[str, Any]]:
+    """Each class's videos and top-1 (``None`` for a class with no videos), from the confusion matrix."""
+    rows = []
+    for index, name in enumerate(names):
+        videos = int(counts[index].sum())
+        top1 = float(counts[index, index]) / videos if videos else None
+        rows.append({"index": index, "name": name, "videos": videos, "top1": top1})
+    return rows
+
+
+def summarize(
+    predictions: Iterable[Prediction], num_classes: int, names: Sequence[str] | None = None
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """(metrics: top-1/top-5/mean class accuracy, per-class top-1 and the confusion matrix; ``predictions.jsonl``
+    rows: key, source, label and its name, the top-5 classes, their names and probabilities)."""
     items = list(predictions)
     if not items:
         raise ValueError("evaluation saw no videos")
+    names = list(names) if names is not None else [f"class_{i}" for i in range(num_classes)]
     probs = torch.stack([p.probs for p in items])
     labels = torch.tensor([p.label for p in items])
     rows = []
@@ -104,20 +137,32 @@ def summarize(predictions: Iterable[Prediction], num_classes: int) -> tuple[dict
         rows.append(
             {
                 "key": p.key,
+                "source": p.source,
                 "label": p.label,
+                "label_name": names[p.label] if 0 <= p.label < num_classes else None,
+                "predicted": int(classes[0]),
+                "predicted_name": names[int(classes[0])],
                 "top5": classes.tolist(),
+                "top5_names": [names[int(c)] for c in classes],
                 "top5_probs": [round(float(v), 6) for v in values],
             }
         )
-    return accuracy(probs, labels, num_classes), rows
+    counts = confusion_matrix(probs.argmax(-1), labels, num_classes)
+    metrics: dict[str, Any] = dict(accuracy(probs, labels, num_classes))
+    metrics["per_class"] = per_class(counts, names)
+    metrics["confusion_matrix"] = {"class_names": names, "rows": "true class", "counts": counts.tolist()}
+    return metrics, rows
 
 
 __all__ = [
     "Prediction",
+    "VideoViews",
     "accuracy",
     "average_views",
     "clip_views",
+    "confusion_matrix",
     "gather_predictions",
+    "per_class",
     "shard_indices",
     "summarize",
     "view_starts",

@@ -22,19 +22,22 @@ from timm.loss import LabelSmoothingCrossEntropy, SoftTargetCrossEntropy
 from timm.optim import param_groups_layer_decay, param_groups_weight_decay
 from torch import nn
 
-MODES = ("full", "linear")
+MODES = ("full", "linear", "attentive")
+PROBE_MODES = ("linear", "attentive")  # a frozen encoder: no augmentation, mixup or repeated views
 
 
 def param_groups(model: nn.Module, mode: str, weight_decay: float, layer_decay: float) -> list[dict[str, Any]]:
     """AdamW groups. ``full``: every parameter, lr scaled by ``layer_decay ** (depth + 1 - layer)`` (patch
     embedding 0, block i → i + 1, fc_norm/head last at scale 1), no weight decay on biases and norms.
     ``linear``: the encoder (and ``fc_norm``, kept at its parameter-free initial state) frozen; only ``head``
-    trains. Every group follows the cosine schedule."""
+    trains. ``attentive``: the encoder frozen; the attentive pooler, ``fc_norm`` and ``head`` train. Every group
+    follows the cosine schedule."""
     if mode not in MODES:
         raise ValueError(f"finetune.mode={mode!r}: expected one of {MODES}")
-    if mode == "linear":
+    if mode in PROBE_MODES:
+        trained = ("head.",) if mode == "linear" else ("pooler.", "fc_norm.", "head.")
         for name, param in model.named_parameters():
-            param.requires_grad_(name.startswith("head."))
+            param.requires_grad_(name.startswith(trained))
         groups = param_groups_weight_decay(model, weight_decay=weight_decay)
     else:
         groups = param_groups_layer_decay(model, weight_decay=weight_decay, layer_decay=layer_decay)
@@ -104,4 +107,4 @@ class ClassificationObjective:
         return {"loss": loss, "top1": (logits.argmax(-1) == label).float().mean()}
 
 
-__all__ = ["MODES", "ClassificationObjective", "ClipMixup", "param_groups"]
+__all__ = ["MODES", "PROBE_MODES", "ClassificationObjective", "ClipMixup", "param_groups"]

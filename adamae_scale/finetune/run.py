@@ -3,7 +3,12 @@ same engine, trainer, checkpoints and launchers as pre-training.
 
 source (init=) → classifier (encoder over all tokens, mean pooling, fc_norm, head) → layer-decayed AdamW →
 DeepSpeed engine → Trainer (repeated augmentation, mixup/cutmix, label smoothing, optional model EMA) →
-checkpoints → multi-view evaluation (``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``).
+checkpoints → multi-view evaluation (``RUN_DIR/eval.json``, ``RUN_DIR/predictions.jsonl``,
+``RUN_DIR/confusion_matrix.png``, with the class names of ``labels.py``).
+
+``finetune.mode=linear|attentive`` freezes the encoder and trains a linear head on the token mean, or an
+attentive pooler and head on every token, through the same engine; ``finetune.lr_sweep`` instead trains a sweep
+of probe heads on cached features in one process (``sweep.py``). See docs/frozen_evaluation.md.
 
 Repeated augmentation: ``train.micro_batch_size`` counts views, ``finetune.repeated_aug`` of each decoded clip
 (``micro_batch_size / repeated_aug`` clips per micro-batch), as the reference's loader hands out
@@ -18,7 +23,8 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, cast
 
@@ -27,7 +33,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import config
-from ..base.atomic import atomic_output_dir
+from ..base.atomic import atomic_output_dir, atomic_write_text
 from ..base.collectives import all_reduce, any_rank, gather_objects
 from ..base.pixels import normalize_
 from ..builder import RunBuilder, claim_run_dir
@@ -45,8 +51,11 @@ from ..engine.run_lock import RunDirBusy
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
+from ..models.pooler import AttentiveSpec
 from . import evaluate
+from .confusion_png import write_confusion
 from .ema import ClassifierEma
+from .labels import class_names
 from .recipe import ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, KeyReport, classifier_config, classifier_state, load_source
 
@@ -67,7 +76,24 @@ def validate(
     model_cfg = classifier_config(source, scratch, dataclasses.asdict(cfg.clip), cfg.finetune.drop_path)
     model_cfg = model_config(model_cfg.to_dict())
     check_data(cfg.data, model_cfg)
-    return cfg, source, model_cfg, num_classes(cfg)
+    attentive_spec(cfg, model_cfg)  # the pooler's heads divide the width
+    classes = num_classes(cfg)
+    class_names(cfg.data, classes)  # the label maps of data.urls and data.val_urls agree
+    return cfg, source, model_cfg, classes
+
+
+def attentive_spec(cfg: FinetuneConfig, model_cfg: AdaMAEConfig) -> AttentiveSpec | None:
+    """``finetune.mode=attentive``: the pooler's queries and heads (``None`` for the other modes)."""
+    tune = cfg.finetune
+    if tune.mode != "attentive":
+        return None
+    heads = tune.pooler_heads if tune.pooler_heads is not None else model_cfg.num_heads
+    if model_cfg.embed_dim % heads:
+        raise ValueError(
+            f"finetune.pooler_heads={heads!r}: expected an integer >= 1 dividing the encoder's width "
+            f"{model_cfg.embed_dim} (null: the encoder's {model_cfg.num_heads})"
+        )
+    return AttentiveSpec(tune.pooler_queries, heads)
 
 
 def num_classes(cfg: FinetuneConfig) -> int:
@@ -89,16 +115,29 @@ def num_classes(cfg: FinetuneConfig) -> int:
 
 def run(raw: Mapping[str, Any] | FinetuneConfig) -> dict[str, Any]:
     cfg, source, model_cfg, classes = validate(raw)
+    if cfg.finetune.lr_sweep is not None:
+        from .sweep import run_sweep
+
+        return run_sweep(cfg, source, model_cfg, classes)
     train, tune, run_dir = cfg.train, cfg.finetune, cfg.run.run_dir
     repeats = tune.views_per_clip
+    head = ClassifierHead(classes, class_names(cfg.data, classes), attentive_spec(cfg, model_cfg))
+    attentive = head.attentive
 
     with torch.device("meta"):
-        num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes).parameters())
+        num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes, attentive=attentive).parameters())
     builder = RunBuilder.start(cfg, num_params, views_per_clip=repeats)  # the lr scales by clips, as the reference
     cfg.check_stage(builder.ds)  # again, with the stage auto chose (model EMA needs whole weights)
     cfg = cfg.with_ds(builder.ds)
     env, global_batch, peak_lr = builder.env, builder.global_batch, builder.schedule.peak_lr
-    metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": builder.ds}
+    metadata = {
+        "model": model_cfg.to_dict(),
+        "num_classes": classes,
+        "class_names": head.names,
+        "task": "classification",
+        "ds": builder.ds,
+        **({"attentive": attentive.to_dict()} if attentive is not None else {}),
+    }
     builder.open(metadata)
 
     ema: ClassifierEma | None = None
@@ -117,7 +156,7 @@ def run(raw: Mapping[str, Any] | FinetuneConfig) -> dict[str, Any]:
         return optim.adamw(groups, peak_lr, train.betas, train.eps, backend.offloads_optimizer())
 
     engine, _ = builder.build_engine(
-        lambda: VideoClassifier(model_cfg, classes, tune.head_init_scale, tune.head_dropout),
+        lambda: VideoClassifier(model_cfg, classes, tune.head_init_scale, tune.head_dropout, attentive),
         prepare,
         lambda module: cast(VideoClassifier, module).block_list(),
         tune.checkpoint_every,
@@ -166,19 +205,30 @@ def run(raw: Mapping[str, Any] | FinetuneConfig) -> dict[str, Any]:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
     elif trainer.step >= train.steps or cfg.eval_only:
         if not cfg.eval_only:
-            save_classifier(engine, model_cfg, classes, run_dir / "model", env)
+            save_classifier(engine, model_cfg, head, run_dir / "model", env)
             if ema is not None and env.rank == 0:
-                write_classifier(ema.state_dict(), model_cfg, classes, run_dir / "model_ema", tune.model_ema_decay)
+                write_classifier(ema.state_dict(), model_cfg, head, run_dir / "model_ema", tune.model_ema_decay)
         # eval_only without a checkpoint holding an average: there is no EMA to report.
         tested_ema = ema if ema is not None and (trainer.ema_restored or not cfg.eval_only) else None
-        summary["eval"] = final_evaluation(engine, cfg, model_cfg, classes, env, run_dir, tested_ema)
+        summary["eval"] = final_evaluation(engine, cfg, model_cfg, head, env, run_dir, tested_ema)
     builder.finish(trainer, summary)
     del trainer, engine  # they hold the process group: let setup.shutdown destroy it for good
     setup.shutdown()
     return summary
 
 
-def save_classifier(engine: Any, model_cfg: AdaMAEConfig, classes: int, out_dir: Path, env: setup.DistEnv) -> None:
+@dataclass(frozen=True)
+class ClassifierHead:
+    """What a classifier folder records besides the encoder: the classes, their names, the pooling."""
+
+    classes: int
+    names: list[str]
+    attentive: AttentiveSpec | None = None
+
+
+def save_classifier(
+    engine: Any, model_cfg: AdaMAEConfig, head: ClassifierHead, out_dir: Path, env: setup.DistEnv
+) -> None:
     """The trained classifier as a weight folder (``format: adamae-classifier``, fp32), written atomically by
     rank 0 (under ZeRO-3 every rank takes part in gathering each parameter)."""
     import deepspeed
@@ -189,13 +239,13 @@ def save_classifier(engine: Any, model_cfg: AdaMAEConfig, classes: int, out_dir:
             if env.rank == 0:
                 state[name] = param.detach().float().cpu().clone()
     if env.rank == 0:
-        write_classifier(state, model_cfg, classes, out_dir)
+        write_classifier(state, model_cfg, head, out_dir)
 
 
 def write_classifier(
     state: dict[str, torch.Tensor],
     model_cfg: AdaMAEConfig,
-    classes: int,
+    head: ClassifierHead,
     out_dir: Path,
     ema_decay: float | None = None,
 ) -> None:
@@ -207,7 +257,9 @@ def write_classifier(
         "format": FORMAT_CLASSIFIER,
         "format_version": FORMAT_VERSION,
         "model": model_cfg.to_dict(),
-        "num_classes": classes,
+        "num_classes": head.classes,
+        "class_names": head.names,
+        **({"attentive": head.attentive.to_dict()} if head.attentive is not None else {}),
         "source": source,
     }
     with atomic_output_dir(out_dir, overwrite=True) as tmp:
@@ -264,9 +316,14 @@ def held_out_videos(cfg: FinetuneConfig, model_cfg: AdaMAEConfig) -> Iterator[tu
 
 
 def rank_views(
-    cfg: FinetuneConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, skipped: list[str]
-) -> Iterator[tuple[int, str, int, torch.Tensor]]:
-    """``(index, key, label, views)`` of the videos this rank evaluates (each video on exactly one rank)."""
+    cfg: FinetuneConfig,
+    model_cfg: AdaMAEConfig,
+    env: setup.DistEnv,
+    skipped: list[str],
+    done: Callable[[int], bool] | None = None,
+) -> Iterator[evaluate.VideoViews]:
+    """The videos this rank evaluates (each video on exactly one rank), as views; ``done(index)``: a video to
+    pass over (a resumed feature cache)."""
     views = cfg.eval
     geometry = (model_cfg.num_frames, model_cfg.img_size)
     data = cfg.data
@@ -282,12 +339,16 @@ def rank_views(
             views.temporal_views,
             views.spatial_views,
             skipped,
+            done,
         )
         return
     videos = list(held_out_videos(cfg, model_cfg))
     for index in evaluate.shard_indices(len(videos), env.rank, env.world_size):
+        if done is not None and done(index):
+            continue
         key, label, video = videos[index]
-        yield index, key, label, evaluate.clip_views(video, *geometry, views.temporal_views, views.spatial_views)
+        clips = evaluate.clip_views(video, *geometry, views.temporal_views, views.spatial_views)
+        yield evaluate.VideoViews(index, key, label, None, clips)
 
 
 @torch.no_grad()
@@ -295,7 +356,7 @@ def final_evaluation(
     engine: Any,
     cfg: FinetuneConfig,
     model_cfg: AdaMAEConfig,
-    classes: int,
+    head: ClassifierHead,
     env: setup.DistEnv,
     run_dir: Path,
     ema: ClassifierEma | None = None,
@@ -317,20 +378,19 @@ def final_evaluation(
         # out of videos runs the same forward passes on an idle batch.
         if not any_rank(item is not None, engine.device):
             break
-        clips = item[3] if item is not None else idle.expand(views, *idle.shape[1:])
+        clips = item.views if item is not None else idle.expand(views, *idle.shape[1:])
         logits = torch.cat([engine(part.to(engine.device)) for part in clips.split(chunk)]).float()
         if item is not None:
-            index, key, label, _ = item
-            local.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
+            local.append(_prediction(item, logits, views))
             if ema is not None:  # a plain module on this rank: no lock step needed
                 logits = torch.cat([ema(part.to(engine.device)) for part in clips.split(chunk)]).float()
-                local_ema.append(evaluate.Prediction(index, key, label, evaluate.average_views(logits, views)[0].cpu()))
+                local_ema.append(_prediction(item, logits, views))
     engine.train()
     predictions = evaluate.gather_predictions(local)
-    metrics, rows = evaluate.summarize(predictions, classes)
+    metrics, rows = evaluate.summarize(predictions, head.classes, head.names)
     ema_rows: list[dict[str, Any]] = []
     if ema is not None:
-        ema_metrics, ema_rows = evaluate.summarize(evaluate.gather_predictions(local_ema), classes)
+        ema_metrics, ema_rows = evaluate.summarize(evaluate.gather_predictions(local_ema), head.classes, head.names)
         metrics.update({f"ema_{k}": v for k, v in ema_metrics.items() if k != "videos"})
     skipped_all = [line for part in gather_objects(skipped) for line in part]
     metrics.update(
@@ -341,11 +401,30 @@ def final_evaluation(
         }
     )
     if env.rank == 0:
-        (run_dir / "eval.json").write_text(json.dumps({**metrics, "skipped_videos": skipped_all[:100]}, indent=2))
-        (run_dir / "predictions.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-        if ema is not None:
-            (run_dir / "predictions_ema.jsonl").write_text("".join(json.dumps(r) + "\n" for r in ema_rows))
+        write_evaluation(run_dir, metrics, rows, skipped_all, ema_rows if ema is not None else None)
     return metrics
+
+
+def _prediction(item: evaluate.VideoViews, logits: torch.Tensor, views: int) -> evaluate.Prediction:
+    probs = evaluate.average_views(logits, views)[0].cpu()
+    return evaluate.Prediction(item.index, item.key, item.label, probs, item.source)
+
+
+def write_evaluation(
+    run_dir: Path,
+    metrics: Mapping[str, Any],
+    rows: list[dict[str, Any]],
+    skipped: list[str],
+    ema_rows: list[dict[str, Any]] | None = None,
+) -> None:
+    """``eval.json``, ``predictions.jsonl`` (and ``predictions_ema.jsonl``), ``confusion_matrix.png``."""
+    atomic_write_text(run_dir / "eval.json", json.dumps({**metrics, "skipped_videos": skipped[:100]}, indent=2))
+    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
+    if ema_rows is not None:
+        atomic_write_text(run_dir / "predictions_ema.jsonl", "".join(json.dumps(r) + "\n" for r in ema_rows))
+    matrix = metrics["confusion_matrix"]
+    title = f"top-1 {metrics['top1']:.3f} over {metrics['videos']} videos"
+    write_confusion(run_dir / "confusion_matrix.png", matrix["counts"], matrix["class_names"], title)
 
 
 class ValidationHook:

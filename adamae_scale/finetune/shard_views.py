@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 import numpy as np
@@ -44,8 +44,8 @@ def _resize_short_side(frames: torch.Tensor, size: int) -> torch.Tensor:
 
 def decode_views(
     sample: dict[str, Any], num_frames: int, img_size: tuple[int, int], sampling_rate: int, temporal: int, spatial: int
-) -> tuple[str, int, torch.Tensor]:
-    """A raw shard sample → ``(key, label, views [temporal × spatial, 3, T, H, W])``, normalised."""
+) -> tuple[str, int, str | None, torch.Tensor]:
+    """A raw shard sample → ``(key, label, source path, views [temporal × spatial, 3, T, H, W])``, normalised."""
     meta = json.loads(sample["json"])
     count = int(meta["num_frames"])
     windows = window_starts(count, num_frames, sampling_rate, temporal)
@@ -61,7 +61,8 @@ def decode_views(
     for t in range(temporal):
         window = video[:, t * num_frames : (t + 1) * num_frames]
         views.append(evaluate.clip_views(window, num_frames, img_size, 1, spatial))
-    return str(sample["__key__"]), int(meta.get("label", -1)), normalize(torch.cat(views))
+    source = meta.get("source")
+    return str(sample["__key__"]), int(meta.get("label", -1)), source, normalize(torch.cat(views))
 
 
 def rank_videos(
@@ -74,8 +75,10 @@ def rank_videos(
     temporal: int,
     spatial: int,
     skipped: list[str],
-) -> Iterator[tuple[int, str, int, torch.Tensor]]:
-    """``(index, key, label, views)`` of this rank's videos; ``index`` is unique over all ranks."""
+    done: Callable[[int], bool] | None = None,
+) -> Iterator[evaluate.VideoViews]:
+    """This rank's videos as views; ``index`` is unique over all ranks. ``done(index)``: a video already
+    handled (a resumed feature cache), passed over without decoding."""
     shards = shard_urls(urls)
     mine = [(i, url) for i, url in enumerate(shards) if i % world_size == rank]
 
@@ -86,13 +89,15 @@ def rank_videos(
     for shard, url in mine:
         for position, sample in enumerate(shard_samples([{"url": url}], {}, unreadable, lambda err: True)):
             index = shard * 10_000_000 + position
+            if done is not None and done(index):
+                continue
             try:
-                key, label, views = decode_views(sample, num_frames, img_size, sampling_rate, temporal, spatial)
+                key, label, source, views = decode_views(sample, num_frames, img_size, sampling_rate, temporal, spatial)
             except Exception as err:  # a broken video is reported and left out, never fatal
                 skipped.append(f"{sample.get('__key__', '?')}: {type(err).__name__}: {err}"[:300])
                 print(f"[adamae] eval: skipping {sample.get('__key__', '?')}: {err}", file=sys.stderr, flush=True)
                 continue
-            yield index, key, label, views
+            yield evaluate.VideoViews(index, key, label, source, views)
 
 
 __all__ = ["decode_views", "rank_videos", "window_starts"]

@@ -4,7 +4,8 @@
 - an ``export-encoder`` folder (``format: adamae-encoder``), either key layout (``timm``'s ``attn.qkv.bias`` is
   split back into ``q_bias``/``v_bias``; its ``pos_embed`` is the fixed table and is dropped);
 - a fine-tuned classifier folder (``format: adamae-classifier``: ``adamae-finetune``'s ``RUN_DIR/model`` or a
-  consolidated fine-tuning checkpoint): its encoder and ``fc_norm``; its head is dropped (a new one is trained);
+  consolidated fine-tuning checkpoint): its encoder and ``fc_norm``; its head (and attentive pooler) is dropped
+  (new ones are trained);
 - a reference AdaMAE / VideoMAE pre-training checkpoint (``checkpoint-*.pth``), read by the importer's safe
   loader (``weights_only`` plus an explicit allowlist);
 - ``none``: from scratch (the model comes from ``model=``).
@@ -42,6 +43,7 @@ from ..convert.reference import (
     rename_reference_keys,
 )
 from ..models import AdaMAEConfig
+from ..models.classifier import READOUT_PREFIXES
 
 SCRATCH = ("none", "", None)
 FINAL_NORM = ("norm.weight", "norm.bias")
@@ -119,6 +121,8 @@ def _from_folder(path: Path, weights: bool) -> EncoderSource:
         for name, tensor in state.items():
             if name.startswith("head."):
                 report.dropped[name] = "the source's classification head (a new one is trained)"
+            elif name.startswith("pooler."):
+                report.dropped[name] = "the source's attentive pooler (a new one is trained)"
             else:
                 tensors[name] = tensor
         return EncoderSource(cfg, tensors, report)
@@ -214,7 +218,7 @@ def classifier_state(
     report.loaded = sorted(state)
     report.new = sorted({name.rsplit(".", 1)[0] for name in expected if name not in state})
     if source.cfg is not None:
-        missing = [n for n in expected if n not in state and not n.startswith(("fc_norm.", "head."))]
+        missing = [n for n in expected if n not in state and not n.startswith(READOUT_PREFIXES)]
         if missing:
             raise ConvertError(f"init={report.source}: lacks {len(missing)} encoder tensors, e.g. {missing[0]}")
     return state, report
