@@ -302,7 +302,7 @@ def part_from_environment(text: str | None) -> tuple[int, int] | None:
         if not match:
             raise ValueError(f"--part {text!r}: expected I/N with 0 <= I < N, e.g. 0/4")
         index, count = int(match.group(1)), int(match.group(2))
-        source = "--part"
+        source = f"--part {text!r}"
     elif os.environ.get("SLURM_ARRAY_TASK_ID") and os.environ.get("SLURM_ARRAY_TASK_COUNT"):
         try:
             first = int(os.environ.get("SLURM_ARRAY_TASK_MIN", "0"))

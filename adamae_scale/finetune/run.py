@@ -29,7 +29,7 @@ from .. import schema
 from ..convert.errors import ConvertError
 from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
 from ..convert.io import atomic_output_dir
-from ..data import build_data, synthetic_config, validate_data
+from ..data import build_data, storage, synthetic_config, validate_data
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..data.transforms import normalize_
 from ..engine import optim, setup, stage
@@ -96,11 +96,13 @@ def num_classes(cfg: Mapping[str, Any]) -> int:
         if data.get("label_task", "none") == "none":
             raise ValueError("data=synthetic has no labels unless data.label_task=motion")
         return len(MOTION_CLASSES)
-    manifest = Path(str(data["urls"])) / "manifest.json"
-    if manifest.is_file():
-        labels = json.loads(manifest.read_text()).get("label_map") or {}
+    urls = str(data["urls"])
+    manifest = urls if urls.endswith(".json") else storage.join(urls, "manifest.json")  # a folder, local or s3://
+    if "{" not in urls and storage.exists(manifest):
+        labels = json.loads(storage.read_text(manifest)).get("label_map") or {}
         if labels:
             return len(labels)
+    manifest = storage.redact(manifest)
     raise ValueError(f"num_classes: not given and {manifest} has no label_map; pass num_classes=K")
 
 
