@@ -206,16 +206,18 @@ def build_distributed(
     fmt: str = "auto",
     label_map: dict[str, int] | None = None,
     workers: int = 1,
-    distributor: str = "ray",
+    distributor: str | None = None,
     ray_address: str | None = None,
     part: tuple[int, int] | None = None,
     resume: bool = False,
     progress: bool = True,
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
-    """The job with fixed shards, on Ray or (``part=(I, N)``) this part of it with local processes. Returns the
+    """The job with fixed shards, on Ray or (``part=(I, N)``, by default with ``workers`` local processes) this part
+    of it. Returns the
     manifest written (the part's own for a part); ``IncompleteJob`` when a shard could not be made."""
     log = log or default_log
+    distributor = distributor or ("pool" if part is not None else "ray")
     if distributor not in DISTRIBUTORS:
         raise ValueError(f"--distributor {distributor!r}: expected one of {DISTRIBUTORS}")
     if part is not None and distributor == "ray":
