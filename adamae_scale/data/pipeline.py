@@ -143,10 +143,14 @@ def _object_store_urls(text: str) -> list[str] | None:
             if not names:
                 raise ValueError(f"data.urls={shown}: no .tar shards and no {MANIFEST} in that folder")
             return [storage.join(text, name) for name in names]
+        if "{" not in text and not storage.exists(text):
+            storage.check_bucket(text)
+            raise FileNotFoundError(text)
     except FileNotFoundError as err:
-        raise ValueError(f"data.urls={shown}: not found ({storage.redact(str(err))})") from None
+        detail = storage.redact(str(err))
+        raise ValueError(f"data.urls={shown}: not found" + (f" ({detail})" if detail != shown else "")) from None
     except storage.StorageError as err:
-        raise ValueError(f"data.urls: {err}") from None
+        raise ValueError(f"data.urls={shown}: {str(err).removeprefix(shown + ': ')}") from None
     return list(braceexpand.braceexpand(text))
 
 

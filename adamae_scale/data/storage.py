@@ -251,14 +251,20 @@ def upload(local: Path, location: str) -> None:
 
 
 def make_dirs(location: str | Path) -> None:
+    """A local folder (with its parents); in object storage, which has no folders, a check that the bucket exists."""
     if not is_url(location):
         Path(location).mkdir(parents=True, exist_ok=True)
         return
-    # Object stores have no folders; a missing bucket shows up as a clear error on the first write.
-    url = str(location)
+    check_bucket(str(location))
+
+
+def check_bucket(url: str) -> None:
+    """A ``StorageError`` naming ``url`` when its bucket does not exist (s3://, gs://)."""
+    if not url.startswith(("s3://", "gs://", "gcs://")):
+        return
     fs, path = filesystem(url)
     bucket = path.split("/", 1)[0]
-    if url.startswith(("s3://", "gs://", "gcs://")) and not _call(url, lambda: fs.exists(bucket)):
+    if not _call(url, lambda: fs.exists(bucket)):
         raise StorageError(f"{redact(url)}: the bucket {bucket!r} does not exist (or these credentials cannot see it)")
 
 
