@@ -1,0 +1,279 @@
+"""``adamae-bench scale``: shard creation and shard streaming at cluster scale, on this machine.
+
+1. Videos per second of ``adamae-shards`` on a Kinetics-shaped set that the benchmark makes (640x360, 30 fps,
+   10 s of H.264 with B-frames), at the same number of workers: the process pool, Ray tasks on a local Ray
+   cluster (started before timing; its start-up is reported apart), and the job split into parts run at the
+   same time as separate processes plus ``merge`` (as a SLURM array would run them).
+2. Training clips per second of the shard loader from the local shards and from the same shards in an
+   S3-protocol server (``--s3-endpoint``, or a ``moto_server`` the benchmark starts on 127.0.0.1), after a
+   warm-up; both read the same shards in the same order.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import multiprocessing
+import os
+import shutil
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import av
+import numpy as np
+
+from ..data import storage
+from ..data.distribute import build_distributed, merge_parts
+from ..data.pipeline import ShardClips, ShardDataConfig
+from ..data.shards import ShardOptions, build_shards
+
+SIZE = (360, 640)  # height, width
+FPS = 30
+SECONDS = 10.0
+
+
+def kinetics_like_video(path: Path, seed: int, seconds: float = SECONDS) -> Path:
+    """A 640x360 30 fps H.264 mp4 with B-frames whose picture moves (a drifting textured background and a
+    moving block), so that it costs about what a Kinetics clip costs to decode and re-encode."""
+    rng = np.random.default_rng(seed)
+    height, width = SIZE
+    texture = rng.integers(0, 256, (height // 4, width // 4 + 64, 3), dtype=np.uint8).repeat(4, 0).repeat(4, 1)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with av.open(str(path), mode="w", format="mp4") as container:
+        stream = container.add_stream("libx264", rate=FPS)
+        stream.height, stream.width, stream.pix_fmt = height, width, "yuv420p"
+        stream.options = {"preset": "veryfast", "crf": "23", "bf": "3", "g": "60"}
+        for i in range(int(seconds * FPS)):
+            shift = (2 * i) % 256
+            frame = np.ascontiguousarray(texture[:, shift : shift + width])
+            y, x = (3 * i) % (height - 64), (5 * i) % (width - 64)
+            frame[y : y + 64, x : x + 64] = (255 - 2 * (i % 100), 40, 200)
+            for packet in stream.encode(av.VideoFrame.from_ndarray(frame, format="rgb24")):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+def _has_b_frames(path: Path) -> bool:
+    with av.open(str(path)) as container:
+        stream = container.streams.video[0]
+        return bool(stream.codec_context.has_b_frames) or any(
+            str(frame.pict_type).endswith("B") for _, frame in zip(range(60), container.decode(stream), strict=False)
+        )
+
+
+def _timed(action: Any) -> tuple[Any, float]:
+    start = time.perf_counter()
+    result = action()
+    return result, time.perf_counter() - start
+
+
+def _ray_warmup() -> Any:
+    """A Ray task that imports the converter and holds its worker a moment (so each lands on its own worker)."""
+    import ray
+
+    @ray.remote(num_cpus=1)
+    def warm(seconds: float) -> int:
+        from ..data import distribute  # noqa: F401 (the import is the warm-up)
+
+        time.sleep(seconds)
+        return os.getpid()
+
+    return warm
+
+
+def _run_part(videos: str, out: str, opts: ShardOptions, part: tuple[int, int]) -> None:
+    build_distributed(videos, out, opts, part=part, workers=1, progress=False, log=lambda _: None)
+
+
+def _conversion(videos: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    opts = ShardOptions(short_side=args.short_side, samples_per_shard=args.videos_per_shard)
+    quiet = lambda _: None  # noqa: E731
+    results: dict[str, Any] = {}
+    pool, seconds = _timed(
+        lambda: build_shards(videos, work / "pool", opts, workers=args.workers, progress=False, log=quiet)
+    )
+    results["pool"] = {"seconds": round(seconds, 2), "videos_per_s": round(args.videos / seconds, 3)}
+
+    # A one-machine cluster addressed on 127.0.0.1 only (read when Ray is imported): no traffic leaves the machine.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        results["ray"] = {"skipped": "ray is not installed: pip install 'adamae_scale[ray]'"}
+    else:
+        _warm = _ray_warmup()
+        _, start_s = _timed(
+            lambda: ray.init(
+                _node_ip_address="127.0.0.1",
+                num_cpus=args.workers,
+                include_dashboard=False,
+                log_to_driver=False,
+                configure_logging=False,
+            )
+        )
+        try:
+            # Start the workers and import the converter in each before timing: a cluster converting 240k videos
+            # pays this once.
+            _, warm_s = _timed(lambda: ray.get([_warm.remote(0.5) for _ in range(args.workers)]))
+            made, seconds = _timed(
+                lambda: build_distributed(videos, work / "ray", opts, distributor="ray", progress=False, log=quiet)
+            )
+        finally:
+            ray.shutdown()
+        results["ray"] = {
+            "seconds": round(seconds, 2),
+            "videos_per_s": round(args.videos / seconds, 3),
+            "cluster_start_s": round(start_s, 2),
+            "workers_start_s": round(warm_s, 2),
+            "samples": made["num_samples"],
+        }
+
+    # Parts as a SLURM array runs them: separate processes at the same time, one worker each, then merge.
+    context = multiprocessing.get_context("fork")  # the benchmark's imports are done: no start-up to time
+    start = time.perf_counter()
+    procs = [
+        context.Process(target=_run_part, args=(str(videos), str(work / "parts"), opts, (i, args.workers)))
+        for i in range(args.workers)
+    ]
+    for proc in procs:
+        proc.start()
+    for proc in procs:
+        proc.join()
+    if any(proc.exitcode != 0 for proc in procs):
+        raise RuntimeError(f"a part failed: exit codes {[p.exitcode for p in procs]}")
+    merged = merge_parts(work / "parts", log=quiet)
+    seconds = time.perf_counter() - start
+    results[f"{args.workers}_parts"] = {"seconds": round(seconds, 2), "videos_per_s": round(args.videos / seconds, 3)}
+    assert merged["num_samples"] == pool["num_samples"]
+    if "videos_per_s" in results["ray"]:
+        results["ray_over_pool"] = round(results["ray"]["videos_per_s"] / results["pool"]["videos_per_s"], 3)
+    results["parts_over_pool"] = round(
+        results[f"{args.workers}_parts"]["videos_per_s"] / results["pool"]["videos_per_s"], 3
+    )
+    return results
+
+
+@contextlib.contextmanager
+def _s3_endpoint(given: str | None) -> Iterator[str | None]:
+    if given:
+        yield given
+        return
+    binary = Path(sys.executable).with_name("moto_server")
+    if not binary.exists():
+        yield None
+        return
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    server = subprocess.Popen(
+        [str(binary), "-H", "127.0.0.1", "-p", str(port)], stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL
+    )
+    try:
+        for _ in range(300):
+            with contextlib.suppress(OSError), socket.create_connection(("127.0.0.1", port), timeout=0.5):
+                break
+            time.sleep(0.1)
+        env = {
+            "AWS_ENDPOINT_URL": f"http://127.0.0.1:{port}",
+            "AWS_ACCESS_KEY_ID": "bench",
+            "AWS_SECRET_ACCESS_KEY": "bench",
+            "AWS_DEFAULT_REGION": "us-east-1",
+            "AWS_EC2_METADATA_DISABLED": "true",
+        }
+        saved = {k: os.environ.get(k) for k in env}
+        os.environ.update(env)
+        try:
+            yield env["AWS_ENDPOINT_URL"]
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+def _clips_per_s(urls: str, args: argparse.Namespace) -> float:
+    cfg = ShardDataConfig(
+        urls=urls,
+        num_frames=16,
+        img_size=(224, 224),
+        sampling_rate=4,
+        workers=args.workers,
+        shuffle_buffer=16,
+        shuffle_initial=4,
+    )
+    stream = ShardClips(cfg, batch_size=4)
+    try:
+        for _ in range(args.warmup):
+            next(stream)
+        done, start = 0, time.perf_counter()
+        while done < args.clips:
+            done += len(next(stream)["video"])
+        return done / (time.perf_counter() - start)
+    finally:
+        stream.close()
+
+
+def _loading(shards: Path, args: argparse.Namespace) -> dict[str, Any]:
+    local = _clips_per_s(str(shards), args)
+    with _s3_endpoint(args.s3_endpoint) as endpoint:
+        if endpoint is None:
+            return {"local_clips_per_s": round(local, 2), "s3": "skipped: no moto_server and no --s3-endpoint"}
+        bucket = f"adamae-bench-{os.getpid()}"
+        fs, _ = storage.filesystem(f"s3://{bucket}")
+        fs.mkdir(bucket)
+        fs.put(str(shards), f"{bucket}/shards", recursive=True)
+        remote = _clips_per_s(f"s3://{bucket}/shards", args)
+        if args.s3_endpoint:
+            fs.rm(bucket, recursive=True)
+    return {
+        "local_clips_per_s": round(local, 2),
+        "s3_clips_per_s": round(remote, 2),
+        "s3_over_local": round(remote / local, 3),
+        "s3_endpoint": "moto_server on 127.0.0.1" if not args.s3_endpoint else storage.redact(args.s3_endpoint),
+    }
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    work = Path(tempfile.mkdtemp(prefix="adamae-bench-scale-", dir=args.work_dir))
+    try:
+        videos = work / "videos"
+        _, made_s = _timed(
+            lambda: [kinetics_like_video(videos / f"c{i % 4}" / f"v{i:04d}.mp4", i) for i in range(args.videos)]
+        )
+        sample = next(videos.rglob("*.mp4"))
+        result: dict[str, Any] = {
+            "videos": args.videos,
+            "video": {
+                "size": f"{SIZE[1]}x{SIZE[0]}",
+                "fps": FPS,
+                "seconds": SECONDS,
+                "b_frames": _has_b_frames(sample),
+            },
+            "workers": args.workers,
+            "videos_per_shard": args.videos_per_shard,
+            "short_side": args.short_side,
+            "make_videos_s": round(made_s, 1),
+            "load_average_before": [round(x, 2) for x in os.getloadavg()],
+        }
+        result["conversion"] = _conversion(videos, work, args)
+        # The loader reads shards of a useful size: every video cut into 2.5 s clips, 20 clips a shard.
+        loader_opts = ShardOptions(short_side=args.short_side, clip_duration=2.5, samples_per_shard=20)
+        build_shards(videos, work / "loader", loader_opts, workers=args.workers, progress=False, log=lambda _: None)
+        result["loading"] = _loading(work / "loader", args)
+        result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
+        return result
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
