@@ -134,18 +134,22 @@ def test_a_ray_worker_killed_mid_task_is_retried_and_every_video_written_once(vi
 
 
 def test_parts_one_killed_and_rerun_then_merged(videos, pool, tmp_path):
+    """The parts run as the sbatch recipe runs them in a SLURM array (the part from SLURM_ARRAY_TASK_*)."""
     out = tmp_path / "parts"
-    common = [str(videos), str(out), *CLI_OPTS, "--workers", "1", "--resume"]
+    common = [str(videos), str(out), *CLI_OPTS]
 
-    def start(index: int, **env: str) -> subprocess.Popen:
-        part = [] if env else ["--part", f"{index}/3"]
+    def array_task(index: int) -> subprocess.Popen:
+        slurm = dict(SLURM_ARRAY_TASK_ID=str(index), SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_TASK_MIN="0")
         return subprocess.Popen(
-            shards_cli(*common, *part), cwd=REPO, env=cli_env(**env), stderr=subprocess.PIPE, text=True
+            ["bash", "tools/launch/shards.sbatch", *common],
+            cwd=REPO,
+            env=cli_env(**slurm, SLURM_CPUS_PER_TASK="1", PYTHON=sys.executable),
+            stderr=subprocess.PIPE,
+            text=True,
         )
 
-    # Part 2 learns its place from the SLURM array variables, as under `sbatch --array=0-2`.
-    others = [start(0), start(2, SLURM_ARRAY_TASK_ID="2", SLURM_ARRAY_TASK_COUNT="3", SLURM_ARRAY_TASK_MIN="0")]
-    victim = start(1)  # shards 1 and 4
+    others = [array_task(0), array_task(2)]
+    victim = array_task(1)  # shards 1 and 4; the recipe execs Python, so its pid is the part's
     killed = kill_first_writer(out, ".shard-000001.tar.tmp-*", lambda: victim.poll() is None, exclude=os.getpid())
     assert killed is not None and killed[1] == victim.pid and victim.wait(timeout=60) == -signal.SIGKILL
     for proc in others:
@@ -162,7 +166,7 @@ def test_parts_one_killed_and_rerun_then_merged(videos, pool, tmp_path):
     assert not (out / "manifest.json").exists()
 
     rerun = subprocess.run(
-        shards_cli(*common, "--part", "1/3"), cwd=REPO, env=cli_env(), capture_output=True, text=True
+        shards_cli(*common, "--part", "1/3", "--resume"), cwd=REPO, env=cli_env(), capture_output=True, text=True
     )
     assert rerun.returncode == 0, rerun.stderr[-3000:]
     assert not list(out.glob(".*tmp*"))  # the killed part's half shard was cleared
