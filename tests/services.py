@@ -99,3 +99,53 @@ def local_ray(num_cpus: int = 2) -> Iterator[str]:
                 os.environ.pop(key, None)
             else:
                 os.environ[key] = value
+
+
+class CuttingProxy:
+    """A TCP proxy on 127.0.0.1 in front of ``target_port`` that drops the first ``cuts`` connections whose
+    response passes ``cut_after`` bytes, there: a network that fails in the middle of downloads for a while."""
+
+    def __init__(self, target_port: int, cut_after: int, cuts: int = 1):
+        import threading
+
+        self.target_port, self.cut_after = target_port, cut_after
+        self.cuts, self.cuts_left = 0, cuts
+        self.server = socket.create_server(("127.0.0.1", 0))
+        self.port = self.server.getsockname()[1]
+        self._stop = False
+        self._thread = threading.Thread(target=self._accept, daemon=True)
+        self._thread.start()
+
+    def _accept(self) -> None:
+        import threading
+
+        while not self._stop:
+            try:
+                client, _ = self.server.accept()
+            except OSError:
+                return
+            upstream = socket.create_connection(("127.0.0.1", self.target_port))
+            threading.Thread(target=self._pipe, args=(client, upstream, False), daemon=True).start()
+            threading.Thread(target=self._pipe, args=(upstream, client, True), daemon=True).start()
+
+    def _pipe(self, source: socket.socket, sink: socket.socket, response: bool) -> None:
+        passed = 0
+        try:
+            while data := source.recv(65536):
+                if response and self.cuts_left > 0 and passed + len(data) > self.cut_after:
+                    sink.sendall(data[: self.cut_after - passed])
+                    self.cuts_left -= 1
+                    self.cuts += 1
+                    break
+                sink.sendall(data)
+                passed += len(data)
+        except OSError:
+            pass
+        for sock in (source, sink):
+            with contextlib.suppress(OSError):
+                sock.shutdown(socket.SHUT_RDWR)
+            sock.close()
+
+    def close(self) -> None:
+        self._stop = True
+        self.server.close()

@@ -18,7 +18,7 @@ from adamae_scale.data.pipeline import ShardClips, ShardDataConfig, shard_urls
 from adamae_scale.data.shards import ShardOptions, build_shards
 
 from .conftest import REPO, cli_env, free_port, run_pretrain
-from .services import ACCESS_KEY_ID, SECRET_ACCESS_KEY, moto_server, s3_env
+from .services import ACCESS_KEY_ID, SECRET_ACCESS_KEY, CuttingProxy, moto_server, s3_env
 from .test_pipeline import CLIP, make_videos, pretrain_overrides, summary
 from .test_shards import read_tar
 
@@ -228,3 +228,23 @@ def test_unreachable_endpoint_and_missing_credentials_are_one_line(s3):
     keys = ("AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
     proc = shards_cli("s3://videos/clips", "s3://shards/x", *CLI_OPTS, env=env, unset=keys)
     assert proc.returncode == 2 and "s3://videos/clips: no usable credentials" in one_line(proc)
+
+
+def test_a_download_cut_mid_stream_is_resumed_where_it_broke(s3, monkeypatch):
+    import s3fs
+
+    blob = os.urandom(3 << 20)
+    storage.write_bytes_atomic("s3://shards/blob.bin", blob)
+    # More cuts in a row than the S3 client retries by itself: the reader reopens the object where it broke.
+    proxy = CuttingProxy(int(s3["endpoint"].rsplit(":", 1)[1]), cut_after=200_000, cuts=8)
+    monkeypatch.setenv("AWS_ENDPOINT_URL", f"http://127.0.0.1:{proxy.port}")
+    s3fs.S3FileSystem.clear_instance_cache()  # clients are cached with the endpoint they were made for
+    try:
+        with storage.open_read("s3://shards/blob.bin") as f:
+            got = f.read()
+            reopened = f.raw.retries
+    finally:
+        proxy.close()
+        monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
+        s3fs.S3FileSystem.clear_instance_cache()
+    assert proxy.cuts == 8 and reopened >= 1 and got == blob

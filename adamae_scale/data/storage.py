@@ -107,11 +107,26 @@ def describe(url: str, err: BaseException) -> str:
     return redact(f"{url}: {reason}")
 
 
+# Exception classes (by name: aiohttp's, botocore's, the standard library's) of a connection that failed or broke.
+CONNECTION_ERRORS = {
+    "ConnectionError",
+    "EndpointConnectionError",
+    "ClientConnectorError",
+    "ClientOSError",
+    "ServerDisconnectedError",
+    "ClientPayloadError",
+    "ConnectTimeoutError",
+    "ReadTimeoutError",
+    "TimeoutError",
+    "ConnectionClosedError",
+    "ResponseStreamingError",
+    "IncompleteReadError",
+}
+
+
 def _is_connection_error(err: BaseException) -> bool:
     names = {cls.__name__ for cls in type(err).__mro__}
-    markers = {"ConnectionError", "EndpointConnectionError", "ClientConnectorError", "ClientOSError"}
-    markers |= {"ServerDisconnectedError", "ConnectTimeoutError", "ReadTimeoutError", "TimeoutError"}
-    return bool(names & markers) or "connect" in str(err).lower()
+    return bool(names & CONNECTION_ERRORS) or "connect" in str(err).lower()
 
 
 def _is_transient(err: BaseException) -> bool:
@@ -121,7 +136,8 @@ def _is_transient(err: BaseException) -> bool:
     text = str(err)
     if "AccessDenied" in text or "credentials" in text.lower() or "NoSuchBucket" in text:
         return False
-    return _is_connection_error(err) or isinstance(err, OSError) or "Throttl" in text or "SlowDown" in text
+    busy = ("Throttl", "SlowDown", "ServiceUnavailable", "InternalError", "503", "500 ")
+    return _is_connection_error(err) or isinstance(err, OSError) or any(word in text for word in busy)
 
 
 def _call(url: str, what: Any) -> Any:
