@@ -248,3 +248,18 @@ def test_a_download_cut_mid_stream_is_resumed_where_it_broke(s3, monkeypatch):
         monkeypatch.setenv("AWS_ENDPOINT_URL", s3["endpoint"])
         s3fs.S3FileSystem.clear_instance_cache()
     assert proxy.cuts == 8 and reopened >= 1 and got == blob
+
+
+@pytest.mark.slow  # three pre-training runs
+def test_pretrain_from_s3_stops_and_resumes_exactly(s3, s3_shards, tmp_path, tiny_run):
+    from adamae_scale.metrics import read_metrics
+
+    common = pretrain_overrides(tiny_run, "s3://shards/mp4/manifest.json")
+    env = cli_env(**s3["env"])
+    run_pretrain(*common, "train.ckpt_every=0", f"run_dir={tmp_path / 'straight'}", env=env)
+    stopped = tmp_path / "stopped"
+    first = run_pretrain(*common, "train.ckpt_every=3", "train.stop_after=3", f"run_dir={stopped}", env=env)
+    second = run_pretrain(*common, "train.ckpt_every=3", "train.resume=auto", f"run_dir={stopped}", env=env)
+    losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl")]  # noqa: E731
+    assert losses(stopped) == losses(tmp_path / "straight") and len(losses(stopped)) == 6
+    assert_no_secrets(first.stdout, first.stderr, second.stdout, second.stderr, folders=(tmp_path,))
