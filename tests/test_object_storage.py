@@ -23,6 +23,7 @@ from .test_pipeline import CLIP, make_videos, pretrain_overrides, summary
 from .test_shards import read_tar
 
 SECRETS = (ACCESS_KEY_ID, SECRET_ACCESS_KEY)
+SMALL = ShardOptions(short_side=32, min_frames=8)
 CLI_OPTS = ["--short-side", "32", "--min-frames", "8", "--samples-per-shard", "3", "--no-progress"]
 
 
@@ -263,3 +264,37 @@ def test_pretrain_from_s3_stops_and_resumes_exactly(s3, s3_shards, tmp_path, tin
     losses = lambda d: [r["loss"] for r in read_metrics(d / "metrics.jsonl")]  # noqa: E731
     assert losses(stopped) == losses(tmp_path / "straight") and len(losses(stopped)) == 6
     assert_no_secrets(first.stdout, first.stderr, second.stdout, second.stderr, folders=(tmp_path,))
+
+
+def test_an_annotation_file_and_its_videos_over_http(s3, tmp_path):
+    import functools
+    import threading
+    from http.server import SimpleHTTPRequestHandler, ThreadingHTTPServer
+
+    served = s3["home"] / "videos"
+    (served / "train.txt").write_text("class0/v00.mp4 0\nclass1/v01.mp4 1\nclass2/missing.mp4 2\n")
+    handler = functools.partial(SimpleHTTPRequestHandler, directory=str(served))
+    handler.log_message = lambda *args: None  # type: ignore[method-assign]
+    server = ThreadingHTTPServer(("127.0.0.1", 0), handler)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        url = f"http://127.0.0.1:{server.server_address[1]}/train.txt"
+        log: list[str] = []
+        got = build_shards(
+            url, tmp_path / "out", ShardOptions(short_side=32, min_frames=8), progress=False, log=log.append
+        )
+    finally:
+        server.shutdown()
+        server.server_close()
+    assert got["num_samples"] == 2 and got["source"] == url
+    assert log == ["adamae-shards: skipped class2/missing.mp4 (line 3): file not found"]
+    local = build_shards(
+        served / "train.txt",
+        tmp_path / "local",
+        ShardOptions(short_side=32, min_frames=8),
+        progress=False,
+        log=lambda _: None,
+    )
+    assert read_tar(tmp_path / "out" / got["shards"][0]["name"]) == read_tar(
+        tmp_path / "local" / local["shards"][0]["name"]
+    )
