@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from adamae_scale.data.distribute import build_distributed, part_from_environment
+from adamae_scale.data.distribute import MergeError, build_distributed, merge_parts, part_from_environment
 from adamae_scale.data.shards import ShardOptions, build_shards, sha256_file
 
 from .conftest import REPO, cli_env
@@ -157,12 +157,9 @@ def test_parts_one_killed_and_rerun_then_merged(videos, pool, tmp_path):
         assert proc.returncode == 0, err[-3000:]
         assert "adamae-shards merge" in err
 
-    merge = subprocess.run(
-        shards_cli("merge", str(out)), cwd=REPO, env=cli_env(), capture_output=True, text=True, timeout=60
-    )
-    assert merge.returncode == 1 and merge.stderr.strip() == (
-        f"adamae-shards merge: error: {out}: part(s) 1/3 not finished: rerun them with --part I/3 --resume"
-    )
+    with pytest.raises(MergeError) as err:
+        merge_parts(out)
+    assert str(err.value) == f"{out}: part(s) 1/3 not finished: rerun them with --part I/3 --resume"
     assert not (out / "manifest.json").exists()
 
     rerun = subprocess.run(
@@ -191,3 +188,12 @@ def test_part_and_layout_errors_are_one_line(videos, tmp_path, monkeypatch):
     assert part_from_environment(None) == (3, 4)
     with pytest.raises(ValueError, match="use --samples-per-shard without --bytes-per-shard"):
         build_distributed(videos, tmp_path / "x", ShardOptions(bytes_per_shard=10**6), part=(0, 2), progress=False)
+
+
+def test_merge_of_nothing_is_one_line(tmp_path, capsys):
+    from adamae_scale.data.shards import main
+
+    assert main(["merge", str(tmp_path)]) == 1
+    assert capsys.readouterr().err == (
+        f"adamae-shards merge: error: {tmp_path}: no parts/part-I-of-N.json: run adamae-shards with --part I/N first\n"
+    )
