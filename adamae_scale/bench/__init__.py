@@ -146,6 +146,9 @@ def register_scale(sub: argparse._SubParsersAction) -> None:
     parser.add_argument(
         "--s3-endpoint", default=None, help="an S3 endpoint to use (credentials from the environment); default: moto"
     )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds of every measurement, interleaved; the best of each is reported"
+    )
     parser.add_argument("--work-dir", default=None, help="where the videos and shards go (default: the temp dir)")
     parser.set_defaults(func=bench_scale)
 

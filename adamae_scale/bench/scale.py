@@ -93,69 +93,84 @@ def _run_part(videos: str, out: str, opts: ShardOptions, part: tuple[int, int]) 
     build_distributed(videos, out, opts, part=part, workers=1, progress=False, log=lambda _: None)
 
 
-def _conversion(videos: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
-    opts = ShardOptions(short_side=args.short_side, samples_per_shard=args.videos_per_shard)
-    quiet = lambda _: None  # noqa: E731
-    results: dict[str, Any] = {}
-    pool, seconds = _timed(
-        lambda: build_shards(videos, work / "pool", opts, workers=args.workers, progress=False, log=quiet)
-    )
-    results["pool"] = {"seconds": round(seconds, 2), "videos_per_s": round(args.videos / seconds, 3)}
+def _time_pool(videos: Path, out: Path, opts: ShardOptions, workers: int) -> float:
+    _, seconds = _timed(lambda: build_shards(videos, out, opts, workers=workers, progress=False, log=_quiet))
+    return seconds
 
-    # A one-machine cluster addressed on 127.0.0.1 only (read when Ray is imported): no traffic leaves the machine.
-    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
-    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
-    try:
-        import ray
-    except ImportError:
-        results["ray"] = {"skipped": "ray is not installed: pip install 'adamae_scale[ray]'"}
-    else:
-        _warm = _ray_warmup()
-        _, start_s = _timed(
-            lambda: ray.init(
-                _node_ip_address="127.0.0.1",
-                num_cpus=args.workers,
-                include_dashboard=False,
-                log_to_driver=False,
-                configure_logging=False,
-            )
-        )
-        try:
-            # Start the workers and import the converter in each before timing: a cluster converting 240k videos
-            # pays this once.
-            _, warm_s = _timed(lambda: ray.get([_warm.remote(0.5) for _ in range(args.workers)]))
-            made, seconds = _timed(
-                lambda: build_distributed(videos, work / "ray", opts, distributor="ray", progress=False, log=quiet)
-            )
-        finally:
-            ray.shutdown()
-        results["ray"] = {
-            "seconds": round(seconds, 2),
-            "videos_per_s": round(args.videos / seconds, 3),
-            "cluster_start_s": round(start_s, 2),
-            "workers_start_s": round(warm_s, 2),
-            "samples": made["num_samples"],
-        }
 
-    # Parts as a SLURM array runs them: separate processes at the same time, one worker each, then merge.
+def _time_parts(videos: Path, out: Path, opts: ShardOptions, parts: int) -> float:
+    """Parts as a SLURM array runs them: separate processes at the same time, one worker each, then merge."""
     context = multiprocessing.get_context("fork")  # the benchmark's imports are done: no start-up to time
     start = time.perf_counter()
-    procs = [
-        context.Process(target=_run_part, args=(str(videos), str(work / "parts"), opts, (i, args.workers)))
-        for i in range(args.workers)
-    ]
+    procs = [context.Process(target=_run_part, args=(str(videos), str(out), opts, (i, parts))) for i in range(parts)]
     for proc in procs:
         proc.start()
     for proc in procs:
         proc.join()
     if any(proc.exitcode != 0 for proc in procs):
         raise RuntimeError(f"a part failed: exit codes {[p.exitcode for p in procs]}")
-    merged = merge_parts(work / "parts", log=quiet)
-    seconds = time.perf_counter() - start
-    results[f"{args.workers}_parts"] = {"seconds": round(seconds, 2), "videos_per_s": round(args.videos / seconds, 3)}
-    assert merged["num_samples"] == pool["num_samples"]
-    if "videos_per_s" in results["ray"]:
+    merge_parts(out, log=_quiet)
+    return time.perf_counter() - start
+
+
+def _time_ray(videos: Path, out: Path, opts: ShardOptions, workers: int) -> dict[str, float] | None:
+    """A local Ray cluster of ``workers`` CPUs on 127.0.0.1, started and its workers warmed up before timing (a
+    cluster converting 240k videos pays that once), shut down after."""
+    # Read when Ray is imported: every Ray service addressed on 127.0.0.1, no traffic leaves the machine.
+    os.environ.setdefault("RAY_ENABLE_WINDOWS_OR_OSX_CLUSTER", "0")
+    os.environ.setdefault("RAY_USAGE_STATS_ENABLED", "0")
+    try:
+        import ray
+    except ImportError:
+        return None
+    warm = _ray_warmup()
+    _, start_s = _timed(
+        lambda: ray.init(
+            _node_ip_address="127.0.0.1",
+            num_cpus=workers,
+            include_dashboard=False,
+            log_to_driver=False,
+            configure_logging=False,
+        )
+    )
+    try:
+        _, warm_s = _timed(lambda: ray.get([warm.remote(0.5) for _ in range(workers)]))
+        _, seconds = _timed(lambda: build_distributed(videos, out, opts, distributor="ray", progress=False, log=_quiet))
+    finally:
+        ray.shutdown()
+    return {"seconds": seconds, "cluster_start_s": start_s, "workers_start_s": warm_s}
+
+
+def _quiet(line: str) -> None:
+    pass
+
+
+def _summary(videos: int, times: list[float]) -> dict[str, Any]:
+    """The best of the repeats (the least disturbed by other work on the machine) and every time."""
+    return {"videos_per_s": round(videos / min(times), 3), "seconds": [round(t, 2) for t in times]}
+
+
+def _conversion(videos: Path, work: Path, args: argparse.Namespace) -> dict[str, Any]:
+    """Each way in turn, ``--repeats`` rounds (interleaved, so that a change of load on the machine affects all)."""
+    opts = ShardOptions(short_side=args.short_side, samples_per_shard=args.videos_per_shard)
+    times: dict[str, list[float]] = {"pool": [], "parts": [], "ray": []}
+    ray_setup: list[dict[str, float]] = []
+    for round_ in range(args.repeats):
+        times["pool"].append(_time_pool(videos, work / f"pool{round_}", opts, args.workers))
+        times["parts"].append(_time_parts(videos, work / f"parts{round_}", opts, args.workers))
+        ray_times = _time_ray(videos, work / f"ray{round_}", opts, args.workers)
+        if ray_times is not None:
+            times["ray"].append(ray_times.pop("seconds"))
+            ray_setup.append(ray_times)
+    results: dict[str, Any] = {"pool": _summary(args.videos, times["pool"])}
+    results[f"{args.workers}_parts"] = _summary(args.videos, times["parts"])
+    if times["ray"]:
+        results["ray"] = _summary(args.videos, times["ray"])
+        results["ray"]["cluster_start_s"] = [round(r["cluster_start_s"], 2) for r in ray_setup]
+        results["ray"]["workers_start_s"] = [round(r["workers_start_s"], 2) for r in ray_setup]
         results["ray_over_pool"] = round(results["ray"]["videos_per_s"] / results["pool"]["videos_per_s"], 3)
+    else:
+        results["ray"] = {"skipped": "ray is not installed: pip install 'adamae_scale[ray]'"}
     results["parts_over_pool"] = round(
         results[f"{args.workers}_parts"]["videos_per_s"] / results["pool"]["videos_per_s"], 3
     )
@@ -227,21 +242,27 @@ def _clips_per_s(urls: str, args: argparse.Namespace) -> float:
 
 
 def _loading(shards: Path, args: argparse.Namespace) -> dict[str, Any]:
-    local = _clips_per_s(str(shards), args)
+    """Local then S3, ``--repeats`` rounds; the best of each (the least disturbed) and every figure."""
     with _s3_endpoint(args.s3_endpoint) as endpoint:
         if endpoint is None:
-            return {"local_clips_per_s": round(local, 2), "s3": "skipped: no moto_server and no --s3-endpoint"}
+            local = [_clips_per_s(str(shards), args) for _ in range(args.repeats)]
+            return {"local_clips_per_s": round(max(local), 2), "s3": "skipped: no moto_server and no --s3-endpoint"}
         bucket = f"adamae-bench-{os.getpid()}"
         fs, _ = storage.filesystem(f"s3://{bucket}")
         fs.mkdir(bucket)
         fs.put(str(shards), f"{bucket}/shards", recursive=True)
-        remote = _clips_per_s(f"s3://{bucket}/shards", args)
+        local, remote = [], []
+        for _ in range(args.repeats):
+            local.append(_clips_per_s(str(shards), args))
+            remote.append(_clips_per_s(f"s3://{bucket}/shards", args))
         if args.s3_endpoint:
             fs.rm(bucket, recursive=True)
     return {
-        "local_clips_per_s": round(local, 2),
-        "s3_clips_per_s": round(remote, 2),
-        "s3_over_local": round(remote / local, 3),
+        "local_clips_per_s": round(max(local), 2),
+        "s3_clips_per_s": round(max(remote), 2),
+        "s3_over_local": round(max(remote) / max(local), 3),
+        "every_local": [round(x, 2) for x in local],
+        "every_s3": [round(x, 2) for x in remote],
         "s3_endpoint": "moto_server on 127.0.0.1" if not args.s3_endpoint else storage.redact(args.s3_endpoint),
     }
 
@@ -271,7 +292,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         result["conversion"] = _conversion(videos, work, args)
         # The loader reads shards of a useful size: every video cut into 2.5 s clips, 20 clips a shard.
         loader_opts = ShardOptions(short_side=args.short_side, clip_duration=2.5, samples_per_shard=20)
-        build_shards(videos, work / "loader", loader_opts, workers=args.workers, progress=False, log=lambda _: None)
+        build_shards(videos, work / "loader", loader_opts, workers=args.workers, progress=False, log=_quiet)
         result["loading"] = _loading(work / "loader", args)
         result["load_average_after"] = [round(x, 2) for x in os.getloadavg()]
         return result

@@ -271,8 +271,7 @@ def build_distributed(
             bar.set_postfix(shards=len(shards), failed=len(manifest["failures"]))
     finally:
         bar.close()
-        if distributor == "ray":  # a killed worker leaves its half-written shard behind
-            remove_stale_temporaries(out, opts.prefix, [t.name for t in todo])
+        remove_stale_temporaries(out, opts.prefix, [t.name for t in todo])  # a killed worker's half-written shard
     manifest.update(
         complete=not unmade,
         num_samples=sum(s["samples"] for s in shards),
