@@ -177,14 +177,21 @@ def _conversion(videos: Path, work: Path, args: argparse.Namespace) -> dict[str,
     return results
 
 
+def _cpu_seconds(pid: int) -> float:
+    """User + system CPU time of a process so far (Linux /proc)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
 @contextlib.contextmanager
-def _s3_endpoint(given: str | None) -> Iterator[str | None]:
+def _s3_endpoint(given: str | None) -> Iterator[tuple[str | None, int | None]]:
+    """(endpoint, the pid of the server this benchmark started, whose CPU time it reports)."""
     if given:
-        yield given
+        yield given, None
         return
     binary = Path(sys.executable).with_name("moto_server")
     if not binary.exists():
-        yield None
+        yield None, None
         return
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -207,7 +214,7 @@ def _s3_endpoint(given: str | None) -> Iterator[str | None]:
         saved = {k: os.environ.get(k) for k in env}
         os.environ.update(env)
         try:
-            yield env["AWS_ENDPOINT_URL"]
+            yield env["AWS_ENDPOINT_URL"], server.pid
         finally:
             for key, value in saved.items():
                 if value is None:
@@ -243,7 +250,7 @@ def _clips_per_s(urls: str, args: argparse.Namespace) -> float:
 
 def _loading(shards: Path, args: argparse.Namespace) -> dict[str, Any]:
     """Local then S3, ``--repeats`` rounds; the best of each (the least disturbed) and every figure."""
-    with _s3_endpoint(args.s3_endpoint) as endpoint:
+    with _s3_endpoint(args.s3_endpoint) as (endpoint, server):
         if endpoint is None:
             local = [_clips_per_s(str(shards), args) for _ in range(args.repeats)]
             return {"local_clips_per_s": round(max(local), 2), "s3": "skipped: no moto_server and no --s3-endpoint"}
@@ -251,10 +258,13 @@ def _loading(shards: Path, args: argparse.Namespace) -> dict[str, Any]:
         fs, _ = storage.filesystem(f"s3://{bucket}")
         fs.mkdir(bucket)
         fs.put(str(shards), f"{bucket}/shards", recursive=True)
-        local, remote = [], []
+        local, remote, server_cpu, wall = [], [], [], []
         for _ in range(args.repeats):
             local.append(_clips_per_s(str(shards), args))
+            before, start = (_cpu_seconds(server) if server else 0.0), time.perf_counter()
             remote.append(_clips_per_s(f"s3://{bucket}/shards", args))
+            wall.append(time.perf_counter() - start)
+            server_cpu.append((_cpu_seconds(server) - before) if server else 0.0)
         if args.s3_endpoint:
             fs.rm(bucket, recursive=True)
     return {
@@ -263,6 +273,8 @@ def _loading(shards: Path, args: argparse.Namespace) -> dict[str, Any]:
         "s3_over_local": round(max(remote) / max(local), 3),
         "every_local": [round(x, 2) for x in local],
         "every_s3": [round(x, 2) for x in remote],
+        # A server on this machine takes CPU from the loader's workers; a real object store does not.
+        "s3_server_cpu_share": [round(c / w, 3) for c, w in zip(server_cpu, wall, strict=True)] if server else None,
         "s3_endpoint": "moto_server on 127.0.0.1" if not args.s3_endpoint else storage.redact(args.s3_endpoint),
     }
 

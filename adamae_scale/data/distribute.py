@@ -214,8 +214,8 @@ def build_distributed(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """The job with fixed shards, on Ray or (``part=(I, N)``, by default with ``workers`` local processes) this part
-    of it. Returns the
-    manifest written (the part's own for a part); ``IncompleteJob`` when a shard could not be made."""
+    of it. Returns the manifest written (the part's own for a part); ``IncompleteJob`` when a shard could not be
+    made (each one was reported through ``log``)."""
     log = log or default_log
     distributor = distributor or ("pool" if part is not None else "ray")
     if distributor not in DISTRIBUTORS:
