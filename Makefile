@@ -8,7 +8,7 @@ PYTEST_ARGS ?=
 # DeepSpeed compiles a few C++ ops on first use: cache them per checkout, never in git.
 export TORCH_EXTENSIONS_DIR ?= $(CURDIR)/$(VENV)/torch_extensions
 
-.PHONY: setup setup-lint lint format demo demo-video demo-probe test test-slow test-gpu clean
+.PHONY: setup setup-lint lint format demo demo-video demo-probe test test-slow test-gpu gpu-check clean
 
 setup: $(STAMP)
 
@@ -68,3 +68,8 @@ test-gpu: setup
 
 clean:
 	rm -rf runs outputs .pytest_cache
+
+# On a CUDA machine: the CUDA tests, AdaMAE's option costs at micro-batch 32 (bf16, with and without compile) and the
+# demo parity of each option, as JSON lines in runs/gpu_check/ (tools/gpu_check.sh; about 8 minutes on one H200).
+gpu-check: setup
+	tools/gpu_check.sh

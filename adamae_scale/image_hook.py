@@ -12,21 +12,23 @@ from __future__ import annotations
 
 import math
 import sys
-from collections.abc import Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
-from .data import synthetic_config
+from .data import DataSection, SyntheticData, synthetic_config
 from .data.synthetic import render_clip
 from .engine.trainer import StepHook, Trainer
 from .focus import clip_focus
 from .metrics import MetricsLogger
 from .models.adamae import AdaMAEConfig
 from .panel import Panel, compute_panel
+
+if TYPE_CHECKING:
+    from .config import PretrainConfig
 
 TAG = "panel"
 AUTO_IMAGES = 4
@@ -40,18 +42,17 @@ def image_interval(setting: int | None, steps: int) -> int | None:
 
 
 def held_out_clip(
-    cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, index: int = 0
+    data: DataSection, model_cfg: AdaMAEConfig, index: int = 0
 ) -> tuple[torch.Tensor, torch.Tensor | None] | None:
     """``(clip [3, T, H, W] uint8, ground-truth motion [N] or None)``, the same on every rank; None when the
     shards hold no readable clip. ``index``: which held-out synthetic clip."""
-    data = cfg["data"]
-    if data["name"] == "synthetic":
-        video, motion = render_clip(synthetic_config({**data, "seed": data["eval_seed"]}, model_cfg), index)
+    if isinstance(data, SyntheticData):
+        video, motion = render_clip(synthetic_config(replace(data, seed=data.eval_seed), model_cfg), index)
         return (video * 255.0).round().to(torch.uint8), motion
     from .data.eval_clips import shard_clips
 
-    rate = data.get("sampling_rate", 4)
-    first = list(islice(shard_clips(data["urls"], model_cfg.num_frames, model_cfg.img_size, rate), 1))
+    rate = data.sampling_rate
+    first = list(islice(shard_clips(data.urls, model_cfg.num_frames, model_cfg.img_size, rate), 1))
     return (first[0][1], None) if first else None
 
 
@@ -94,22 +95,22 @@ class PanelHook:
                     logger.writer.add_scalar(f"{TAG}/{group}_{key}", value, step)
 
 
-def panel_hooks(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> list[StepHook]:
+def panel_hooks(cfg: PretrainConfig, model_cfg: AdaMAEConfig) -> list[StepHook]:
     """The picture hook of a run (empty when ``train.image_every`` is null or no clip can be read)."""
-    every = image_interval(cfg["train"].get("image_every", 0), cfg["train"]["steps"])
+    every = image_interval(cfg.train.image_every, cfg.train.steps)
     if every is None:
         return []
-    found = held_out_clip(cfg, model_cfg)
+    found = held_out_clip(cfg.data, model_cfg)
     if found is None:
         print("[adamae] no readable clip in the shards: no TensorBoard pictures", file=sys.stderr)
         return []
     clip, motion = found
-    return [PanelHook(model_cfg, clip, motion, every, cfg["loss"]["target"], cfg["seed"])]
+    return [PanelHook(model_cfg, clip, motion, every, cfg.loss.target, cfg.run.seed)]
 
 
 @torch.no_grad()
 def write_pictures(
-    engine: Any, cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, out_dir: Path, count: int, rank: int
+    engine: Any, cfg: PretrainConfig, model_cfg: AdaMAEConfig, out_dir: Path, count: int, rank: int
 ) -> list[Path]:
     """The ``adamae-visualize`` picture (PNG, GIF, JSON) of the first ``count`` held-out synthetic clips, ground
     truth outlined, into ``out_dir``; every rank runs the forward passes, rank 0 writes. Returns the PNGs."""
@@ -119,12 +120,12 @@ def write_pictures(
     engine.eval()
     try:
         for index in range(count):
-            found = held_out_clip(cfg, model_cfg, index)
+            found = held_out_clip(cfg.data, model_cfg, index)
             if found is None:
                 break
             clip, motion = found
             panel = compute_panel(
-                engine, model_cfg, clip, "topk", cfg["seed"], index, cfg["loss"]["target"], engine.device, motion
+                engine, model_cfg, clip, "topk", cfg.run.seed, index, cfg.loss.target, engine.device, motion
             )
             if rank == 0:
                 focus = clip_focus(

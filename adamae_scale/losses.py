@@ -7,6 +7,10 @@
 - ``L_s = -(1/B) sum_b (1/N_m) sum_{j masked} log p[b, j] * stopgrad(e[b, j])`` (REINFORCE-style:
   hard-to-reconstruct masked tokens become more likely to be visible next time).
 - ``L = L_r + lambda * L_s``.
+
+With decoder masking (``masking.decoder_ratio > 0``) the decoder reconstructs a fixed-size subset R of the
+masked tokens, and both sums run over R instead (``masked_idx`` holds R): see ``sampling_loss`` for why the
+mean over R is the right normalisation.
 """
 
 from __future__ import annotations
@@ -50,7 +54,15 @@ def per_token_error(pred: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
 
 
 def sampling_loss(log_probs: torch.Tensor, masked_idx: torch.Tensor, error: torch.Tensor) -> torch.Tensor:
-    """``-mean_{b, j masked} log p[b, j] * stopgrad(e[b, j])``; every row has the same N_m."""
+    """``-mean_{b, j in masked_idx} log p[b, j] * stopgrad(e[b, j])``; every row has the same count.
+
+    ``masked_idx`` is every masked token, or, with decoder masking, the subset R_b the decoder reconstructed. R_b
+    has a fixed size n_R and is drawn independently of the sampler with every masked token equally likely to be
+    in it (probability n_R / N_m: ``masking.decoder_targets``), so ``E_R[(1/n_R) sum_{j in R} a_j] =
+    (1/N_m) sum_{j masked} a_j`` for any per-token values a_j: the mean over R is an unbiased estimate of the
+    full-set loss and of its gradient (for fixed errors), with the same scale, so λ keeps its meaning. A sum
+    over R, or a mean over all N_m, would shrink it by n_R / N_m instead.
+    """
     masked_log_probs = torch.gather(log_probs.float(), 1, masked_idx)  # (B, N_m)
     return -(masked_log_probs * error.detach()).mean()
 

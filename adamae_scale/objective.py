@@ -14,8 +14,8 @@ import torch
 
 from .losses import adamae_loss
 from .metrics import focus_ratio
-from .models.adamae import AdaMAEConfig
-from .models.masking import mask_from_visible, noise_for_samples, sample_mask
+from .models.adamae import AdaMAEConfig, keyed_mask_noise
+from .models.masking import mask_from_visible, sample_mask
 
 
 @dataclass
@@ -26,10 +26,11 @@ class AdaMAEObjective:
     seed: int = 0
 
     def __call__(self, model: Callable[..., Any], batch: Mapping[str, torch.Tensor]) -> dict[str, Any]:
-        noise = None
-        if "sample_position" in batch:  # masks keyed by stream position: world-size invariant runs
-            noise = noise_for_samples(batch["sample_position"], self.model_cfg.num_tokens, self.seed)
-        out = model(batch["video"], noise=noise)
+        # Masks keyed by stream position when the batch has them: world-size invariant runs, exact resume.
+        noise = (
+            keyed_mask_noise(self.model_cfg, batch["sample_position"], self.seed) if "sample_position" in batch else {}
+        )
+        out = model(batch["video"], **noise)
         losses = adamae_loss(
             batch["video"],
             out.pred,

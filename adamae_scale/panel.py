@@ -6,7 +6,8 @@ Rows, top to bottom:
 - ``probability``: the sampler's p over the tokens as a heat map over the frame (adaptive models only;
   a token spans ``tubelet_size`` frames and shows its value on each; scaled to the clip's largest p);
 - ``visible``: the tokens the encoder sees; masked ones flat grey;
-- ``reconstruction``: visible patches from the input, the decoder's predictions elsewhere, in pixels;
+- ``reconstruction``: visible patches from the input, the decoder's predictions elsewhere, in pixels; with
+  decoder masking (``masking.decoder_ratio > 0``), masked tokens the decoder did not reconstruct are black;
 - ``error``: each masked token's error (mean squared, in the loss's target space) as a heat map, scaled
   to the clip's largest; visible tokens are 0.
 """
@@ -23,11 +24,11 @@ from einops import rearrange
 
 from .data.transforms import IMAGENET_MEAN, IMAGENET_STD, normalized
 from .losses import patchify, per_token_error, reconstruction_target
-from .models.adamae import AdaMAEConfig
-from .models.masking import noise_for_samples
+from .models.adamae import AdaMAEConfig, keyed_mask_noise
 
 MASK_MODES = ("topk", "sampled")
 GREY = 128  # masked tokens in the visible row
+NOT_RECONSTRUCTED = 0  # masked tokens the decoder skipped (decoder masking), in the reconstruction row
 OUTLINE = (0, 255, 0)  # ground-truth motion tokens in the input row
 HEAT_ALPHA = 0.65  # heat maps over the greyscale frame
 
@@ -61,6 +62,7 @@ class Panel:
     tubelet: int
     patch: int
     motion: np.ndarray | None = None  # (N,) bool ground-truth motion tokens, outlined in the input row
+    reconstructed: np.ndarray | None = None  # (N,) bool tokens the decoder predicted (None: every masked one)
 
     def token_map(self, values: np.ndarray) -> np.ndarray:
         return token_map(values, self.grid, self.tubelet, self.patch)
@@ -76,7 +78,7 @@ class Panel:
         rows = {
             "input": self._outlined(self.frames),
             "visible": np.where(masked, np.uint8(GREY), self.frames),
-            "reconstruction": self.recon,
+            "reconstruction": self._skipped_blacked_out(self.recon),
             "error": self._heat(self.error),
         }
         if self.probs is not None:
@@ -98,6 +100,12 @@ class Panel:
         grey = self.frames.astype(np.float32).mean(axis=-1, keepdims=True)
         return np.rint((1 - HEAT_ALPHA) * grey + HEAT_ALPHA * heat_colours(scaled)).astype(np.uint8)
 
+    def _skipped_blacked_out(self, recon: np.ndarray) -> np.ndarray:
+        if self.reconstructed is None:
+            return recon
+        skipped = self.token_map(self.mask & ~self.reconstructed)[..., None]
+        return np.where(skipped, np.uint8(NOT_RECONSTRUCTED), recon)
+
     def _outlined(self, frames: np.ndarray) -> np.ndarray:
         if self.motion is None or not self.motion.any():
             return frames
@@ -115,18 +123,20 @@ class Panel:
         return out
 
 
-def mask_noise(cfg: AdaMAEConfig, mode: str, seed: int, index: int) -> torch.Tensor:
-    """The uniform noise ``[1, N]`` that drives the model's mask for clip ``index``.
+def mask_noise(cfg: AdaMAEConfig, mode: str, seed: int, index: int) -> dict[str, torch.Tensor]:
+    """The model's noise arguments (``noise [1, N]``, and ``decoder_noise`` with decoder masking) for clip ``index``.
 
     ``topk`` (adaptive models): the same value for every token, so the Gumbel perturbation is a constant and
     Gumbel-top-k picks exactly the k most probable tokens, in the one forward pass. ``sampled``, and every
-    mode of random/tube models: the noise of sample ``index`` under ``seed``, as training keys it.
+    mode of random/tube models: the noise of sample ``index`` under ``seed``, as training keys it. The
+    decoder's targets are always drawn as training draws them.
     """
     if mode not in MASK_MODES:
         raise ValueError(f"mask mode must be one of {MASK_MODES}, got {mode!r}")
+    noise = keyed_mask_noise(cfg, torch.tensor([index]), seed)
     if mode == "topk" and cfg.masking == "adaptive":
-        return torch.full((1, cfg.num_tokens), 0.5)
-    return noise_for_samples(torch.tensor([index]), cfg.num_tokens, seed)
+        noise["noise"] = torch.full((1, cfg.num_tokens), 0.5)
+    return noise
 
 
 def predicted_pixels(pred: torch.Tensor, input_tokens: torch.Tensor, target: str) -> torch.Tensor:
@@ -160,7 +170,7 @@ def compute_panel(
     uint8) with the mask of ``mask_noise(cfg, mode, seed, index)``; one forward pass, so under ZeRO-3 every
     rank calls this with the same clip."""
     video = normalized(clip)[None].to(device)  # (1, 3, T, H, W)
-    out = model(video, noise=mask_noise(cfg, mode, seed, index).to(device))
+    out = model(video, **{name: noise.to(device) for name, noise in mask_noise(cfg, mode, seed, index).items()})
     mask = out.mask[0].cpu()
     masked_idx = out.masked_idx[0].cpu()
     pred = out.pred[0].float().cpu()  # (M, P*C)
@@ -185,6 +195,8 @@ def compute_panel(
     frames = clip.permute(1, 2, 3, 0).numpy()  # (T, H, W, 3)
     predicted = (recon * 255.0).round().to(torch.uint8).numpy()
     masked_pixels = token_map(mask.numpy(), (t, h, w), cfg.tubelet_size, cfg.patch_size)[..., None]
+    reconstructed = np.zeros(cfg.num_tokens, dtype=bool)
+    reconstructed[masked_idx.numpy()] = True
     return Panel(
         frames=frames,
         recon=np.where(masked_pixels, predicted, frames),  # visible patches exactly as in the input
@@ -195,6 +207,7 @@ def compute_panel(
         tubelet=cfg.tubelet_size,
         patch=cfg.patch_size,
         motion=None if motion is None else motion.bool().cpu().numpy(),
+        reconstructed=reconstructed if cfg.decoder_ratio > 0 else None,
     )
 
 

@@ -5,10 +5,11 @@ Runs as a single process with no launcher, or under ``deepspeed`` / ``torchrun``
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
+from collections.abc import Mapping
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, cast
 
@@ -16,15 +17,17 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from . import schema
-from .data import build_data
-from .engine import engines, optim, setup, stage
-from .engine.checkpoint import Checkpointer, CheckpointRef, CheckpointWriteError, NoUsableCheckpoint
+from . import config
+from .builder import RunBuilder, assemble_engine
+from .config import PretrainConfig
+from .data import SyntheticData, build_data
+from .engine import optim, setup
+from .engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from .engine.disk import InsufficientSpaceError, check_free_space
+from .engine.engines import Backend
 from .engine.trainer import Trainer, TrainingDiverged
 from .image_hook import panel_hooks, write_pictures
-from .metrics import MetricsLogger
-from .models import AdaMAE, AdaMAEConfig, build_model
+from .models import AdaMAE, build_model
 from .objective import AdaMAEObjective, evaluate_focus
 
 # Bytes a DeepSpeed checkpoint holds per parameter (fp32 weights + fp32 master + two AdamW moments):
@@ -32,173 +35,123 @@ from .objective import AdaMAEObjective, evaluate_focus
 CHECKPOINT_BYTES_PER_PARAM = 16
 
 
-def validate(cfg: dict[str, Any]) -> AdaMAEConfig:
-    """Every check that can fail before a process group or a model exists (``schema.validate``)."""
-    return schema.validate(cfg)
+def validate(cfg: Mapping[str, Any]) -> PretrainConfig:
+    """Every check that can fail before a process group or a model exists: the typed, checked config."""
+    return config.load_pretrain(cfg)
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    """One whole pre-training run from a resolved config; returns the run summary."""
-    model_cfg = validate(cfg)
-    env = setup.dist_env()
-    train = cfg["train"]
-    global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size
-    peak_lr = optim.scaled_lr(train["base_lr"], global_batch)
-    min_lr = optim.scaled_lr(train["min_lr"], global_batch)
-    warmup_steps = round(train["warmup_fraction"] * train["steps"])
-    run_dir = Path(cfg["run_dir"])
-
+def run(cfg: PretrainConfig) -> dict[str, Any]:
+    """One whole pre-training run from a checked config; returns the run summary."""
+    model_cfg, train, run_dir = cfg.model.arch, cfg.train, cfg.run.run_dir
     with torch.device("meta"):
         num_params = build_model(model_cfg).num_params()
     checkpoint_bytes = CHECKPOINT_BYTES_PER_PARAM * num_params
     # Before anything is built: a full disk is one line now rather than a traceback at the first save.
     check_free_space(run_dir, checkpoint_bytes, "the first checkpoint")
 
-    engine_name = engines.engine_name(cfg)
-    engine_fields: dict[str, Any] = {"engine": engine_name}  # recorded with every checkpoint
-    if engine_name == "deepspeed":
-        ds = stage.resolve_for_run(
-            cfg["ds"], num_params, env.world_size, env.rank, train["resume"], run_dir / "checkpoints"
-        )
-        cfg = {**cfg, "ds": ds}
-        engine_fields["ds"] = ds
-        engine_label = f"ds={ds}"
+    builder = RunBuilder.start(cfg, num_params)
+    engine_fields: dict[str, Any] = {"engine": cfg.engine.name}  # recorded with every checkpoint
+    if cfg.engine.name == "deepspeed":
+        engine_fields["ds"] = builder.ds
+        engine_label = f"ds={builder.ds}"
     else:
-        engine_label = f"engine={engine_name} ({cfg['engine'].get('sharding')})"
-
-    setup.init_distributed(engine_name)
+        engine_label = f"engine={cfg.engine.name} ({cfg.engine.sharding})"
     metadata = {
         "model": model_cfg.to_dict(),
-        "precision": cfg["precision"],
+        "precision": cfg.run.precision,
         **engine_fields,
-        "loss_target": cfg["loss"]["target"],  # how to read the decoder's output (visualisation)
+        "loss_target": cfg.loss.target,  # how to read the decoder's output (visualisation)
     }
-    checkpointer = Checkpointer(
-        run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"], checkpoint_bytes
-    )
-    ds_config, resume_from = engine_config(cfg, env, checkpointer)
-    resume_step = resume_from.step if resume_from is not None else 0
-
-    engine = build_engine(cfg, model_cfg, ds_config, peak_lr)
-    if env.rank == 0:
+    builder.open(metadata, checkpoint_bytes)
+    peak_lr = builder.schedule.peak_lr
+    engine = build_engine(cfg, builder.backend, peak_lr)
+    if builder.is_rank0:
         print(
             f"[adamae] {model_cfg.name}: {num_params / 1e6:.1f}M params, {model_cfg.num_tokens} tokens/clip, "
-            f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {env.world_size}, "
-            f"global batch {global_batch}, "
-            f"peak lr {peak_lr:.3g}, {cfg['precision']}, {engine_label}",
+            f"{model_cfg.num_visible} visible ({model_cfg.masking}); world {builder.env.world_size}, "
+            f"global batch {builder.global_batch}, "
+            f"peak lr {peak_lr:.3g}, {cfg.run.precision}, {engine_label}",
             flush=True,
         )
-        setup.warn_if_slow_bf16(cfg["precision"])
+        setup.warn_if_slow_bf16(cfg.run.precision)
 
-    data = build_data(cfg["data"], model_cfg, train["micro_batch_size"], env.rank, env.world_size)
-    objective = AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
-    trainer = Trainer(
-        engine,
-        objective,
-        data,
-        checkpointer,
-        MetricsLogger(run_dir, enabled=env.rank == 0, resume_step=resume_step),
-        lambda step: {
-            "cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"]),
-            "constant": optim.lr_at(step, peak_lr, peak_lr, warmup_steps, train["steps"]),
-        },
-        train["steps"],
-        global_batch,
-        cfg["seed"],
-        train["log_every"],
-        max_skipped_in_a_row=train["max_skipped_in_a_row"],
-        loss_spike_factor=train["loss_spike_factor"],
-        hooks=panel_hooks(cfg, model_cfg),  # TensorBoard pictures of a held-out clip
-    )
-    trainer.resume(resume_from)
+    env = builder.env
+    data = build_data(cfg.data, model_cfg, train.micro_batch_size, env.rank, env.world_size)
+    objective = AdaMAEObjective(model_cfg, cfg.loss.target, cfg.masking.sampling_loss_weight, cfg.run.seed)
+    # TensorBoard pictures of a held-out clip.
+    # Trainer: the module's name, which tools and tests may replace with a subclass.
+    trainer = builder.trainer(engine, objective, data, hooks=panel_hooks(cfg, model_cfg), trainer_class=Trainer)
     start = trainer.step
-    focus = cfg["data"]["name"] == "synthetic" and cfg["eval"]["focus_batches"] > 0
+    focus = cfg.data.name == "synthetic" and cfg.eval.focus_batches > 0
     summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": start}
     if focus and start == 0:
-        summary["eval_before_training"] = focus_report(engine, cfg, model_cfg, env)
-    summary.update(trainer.fit(train.get("stop_after")))
+        summary["eval_before_training"] = focus_report(engine, cfg, env)
+    summary.update(trainer.fit(train.stop_after))
     data.close()  # no rendering or loading thread outlives the training loop
     summary["steps"] = trainer.step
     if trainer.stopped_by_signal:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
     elif focus:
-        summary["eval"] = focus_report(engine, cfg, model_cfg, env)
-        pictures = cfg["eval"].get("pictures", 0)
-        if pictures:
-            written = write_pictures(engine, cfg, model_cfg, run_dir / "visualize", pictures, env.rank)
+        summary["eval"] = focus_report(engine, cfg, env)
+        if cfg.eval.pictures:
+            written = write_pictures(engine, cfg, model_cfg, run_dir / "visualize", cfg.eval.pictures, env.rank)
             summary["pictures"] = [str(p) for p in written]
-    if env.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    trainer.logger.close()
+    builder.finish(trainer, summary)
     del trainer, engine  # they hold the process group: let setup.shutdown destroy it for good
     setup.shutdown()
     return summary
 
 
-def engine_config(
-    cfg: dict[str, Any], env: setup.DistEnv, checkpointer: Checkpointer
-) -> tuple[dict[str, Any], CheckpointRef | None]:
-    """The run's engine config (a DeepSpeed JSON; engine=fairscale reads its batch, clipping and precision fields)
-    and the checkpoint ``train.resume`` names (verified, and written by this engine), converted to DeepSpeed's
-    universal format when DeepSpeed wrote it on another world size (elastic resume)."""
-    train = cfg["train"]
-    resume_from = checkpointer.find(train["resume"])
-    ds_config = setup.build_ds_config(
-        setup.load_ds_config(cfg["ds"]),
-        train["micro_batch_size"],
-        train["accumulation"],
-        env.world_size,
-        cfg["precision"],
-        train["clip_grad"],
+def build_engine(cfg: PretrainConfig, backend: Backend | None, peak_lr: float) -> Any:
+    """Model (sharded at birth under ZeRO-3) → AdamW groups → ``train.compile`` → activation checkpointing → the
+    engine of ``backend`` (DeepSpeed or fairscale)."""
+    if backend is None:
+        raise RuntimeError("build_engine: the run's backend is not open")
+    engine, _ = assemble_engine(
+        backend,
+        cfg.run.seed,
+        lambda: build_model(cfg.model.arch),
+        lambda model, backend: prepare_optimizer(cfg, cast(AdaMAE, model), backend, peak_lr),
+        lambda model: cast(AdaMAE, model).blocks(),
+        cfg.model.checkpoint_every,
+        cfg.model.checkpoint_offload,
     )
-    if resume_from is not None:
-        resume_from = engines.backend(cfg, ds_config).resume_from(resume_from, env.world_size, env.rank == 0)
-    return ds_config, resume_from
+    return engine
 
 
-def build_engine(cfg: dict[str, Any], model_cfg: AdaMAEConfig, ds_config: dict[str, Any], peak_lr: float) -> Any:
-    """Model (sharded at birth under ZeRO-3) → AdamW groups → activation checkpointing → the engine of
-    ``cfg["engine"]`` (DeepSpeed or fairscale, ``engines.backend``)."""
-    train = cfg["train"]
-    backend = engines.backend(cfg, ds_config)
-    torch.manual_seed(cfg["seed"])  # identical initial weights on every rank
-    model = cast(AdaMAE, backend.build_module(lambda: build_model(model_cfg)))
+def prepare_optimizer(cfg: PretrainConfig, model: AdaMAE, backend: Backend, peak_lr: float) -> torch.optim.Optimizer:
+    """AdamW groups (``train.constant_lr_params`` held at the peak), then ``train.compile`` (before activation
+    checkpointing, which then recomputes the compiled blocks)."""
+    train = cfg.train
     optimizer = optim.build_adamw(
         model,
         peak_lr,
-        train["weight_decay"],
-        train["betas"],
-        train["eps"],
+        train.weight_decay,
+        train.betas,
+        train.eps,
         cpu_offload=backend.offloads_optimizer(),
-        constant_lr_prefixes=train["constant_lr_params"],
+        constant_lr_prefixes=train.constant_lr_params,
     )
-    compile_if_asked(cfg, model)  # before checkpointing, which then recomputes the compiled blocks
-    model_section = cfg["model"]
-    backend.checkpoint_activations(
-        model.blocks(), model_section.get("checkpoint_every", 0), model_section.get("checkpoint_offload", False)
-    )
-    return backend.initialize(model, optimizer)
+    compile_if_asked(cfg, model)
+    return optimizer
 
 
-def compile_if_asked(cfg: dict[str, Any], model: AdaMAE) -> None:
+def compile_if_asked(cfg: PretrainConfig, model: AdaMAE) -> None:
     """``train.compile``: the transformer blocks, the sampler's included (``setup.compile_blocks``)."""
-    if cfg["train"].get("compile", False):
+    if cfg.train.compile:
         setup.compile_blocks([*model.blocks(), *([model.sampler.block] if model.sampler is not None else [])])
 
 
-def focus_report(engine: Any, cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv) -> dict[str, float]:
+def focus_report(engine: Any, cfg: PretrainConfig, env: setup.DistEnv) -> dict[str, float]:
     """Focus of the sampler on held-out synthetic clips (the same clips every time it is called)."""
+    data = cast(SyntheticData, cfg.data)
     held_out = build_data(
-        {**cfg["data"], "seed": cfg["data"]["eval_seed"]},
-        model_cfg,
-        cfg["train"]["micro_batch_size"],
-        env.rank,
-        env.world_size,
+        replace(data, seed=data.eval_seed), cfg.model.arch, cfg.train.micro_batch_size, env.rank, env.world_size
     )
-    batches = [next(held_out) for _ in range(cfg["eval"]["focus_batches"])]
+    batches = [next(held_out) for _ in range(cfg.eval.focus_batches)]
     held_out.close()
     engine.eval()
-    report = evaluate_focus(engine, model_cfg, batches, engine.device)
+    report = evaluate_focus(engine, cfg.model.arch, batches, engine.device)
     engine.train()
     return report
 
@@ -242,7 +195,7 @@ def report(summary: dict[str, Any]) -> str:
 def _hydra_main(cfg: DictConfig) -> None:
     resolved = cast(dict[str, Any], OmegaConf.to_container(cfg, resolve=True))
     try:
-        validate(resolved)
+        typed = validate(resolved)
     except (ValueError, FileNotFoundError) as err:
         # A configuration mistake: one line naming the field, before any process group exists.
         print(f"adamae-pretrain: error: {err}", file=sys.stderr)
@@ -250,7 +203,7 @@ def _hydra_main(cfg: DictConfig) -> None:
     from .data.pipeline import CorruptDataError
 
     try:
-        summary = run(resolved)
+        summary = run(typed)
     except (InsufficientSpaceError, CheckpointWriteError, NoUsableCheckpoint, TrainingDiverged) as err:
         # A run that cannot go on (full disk, divergence, no usable checkpoint): one line, nothing half-written.
         if int(os.environ.get("RANK", "0")) == 0:
@@ -273,10 +226,11 @@ def main() -> None:
     if not any(a.startswith("-") for a in overrides):  # plain overrides (Hydra's own flags go straight to it)
         # Checked before Hydra creates run_dir and its log there: a bad value leaves nothing behind.
         try:
-            validate(schema.compose(overrides))
+            validate(config.compose(overrides))
         except (ValueError, FileNotFoundError) as err:
             print(f"adamae-pretrain: error: {err}", file=sys.stderr)
             sys.exit(2)
+    config.register()
     _hydra_main()
 
 

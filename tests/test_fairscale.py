@@ -141,15 +141,15 @@ def test_checkpoints_are_complete_and_say_which_engine_wrote_them(runs):
     schema.check_resume(str(tag))  # train.resume=FOLDER accepts it
     # Each engine refuses the other's checkpoints in one line, before loading anything.
     deepspeed_tag = runs["deepspeed"] / "checkpoints" / "step_00000005"
-    for cfg, ref in (
+    for spec, ref in (
         (
-            {"engine": {"name": "fairscale", "sharding": "oss_sdp"}},
+            engines.EngineSpec(micro_batch_size=4, name="fairscale", sharding="oss_sdp"),
             CheckpointRef(deepspeed_tag.parent, "step_00000005", 2),
         ),
-        ({"engine": {"name": "deepspeed"}}, CheckpointRef(tag.parent, tag.name, 2)),
+        (engines.EngineSpec(micro_batch_size=4, name="deepspeed", ds="zero2"), CheckpointRef(tag.parent, tag.name, 2)),
     ):
         with pytest.raises(NoUsableCheckpoint, match="was written by engine="):
-            engines.backend(cfg, {"zero_optimization": {"stage": 2}}).resume_from(ref, 2, True)
+            engines.backend(spec, world_size=2).resume_from(ref, 2, True)
 
 
 def test_consolidate_of_a_fairscale_checkpoint_is_bit_identical_to_the_live_model(runs, tmp_path, capsys):

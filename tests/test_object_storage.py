@@ -162,10 +162,14 @@ def test_training_streams_s3_shards_and_resumes_exactly(s3, s3_shards, capfd):
 
 
 def test_fine_tuning_reads_its_classes_and_evaluates_from_s3(s3, s3_shards):
+    from types import SimpleNamespace
+
+    from adamae_scale.data import ShardData
     from adamae_scale.finetune.run import num_classes
     from adamae_scale.finetune.shard_views import rank_videos
 
-    assert num_classes({"data": {"name": "shards", "urls": "s3://shards/mp4"}}) == 3  # the manifest's label map
+    config = SimpleNamespace(num_classes=None, data=ShardData(urls="s3://shards/mp4"))  # what num_classes reads
+    assert num_classes(config) == 3  # the manifest's label map
     views = lambda urls: [  # noqa: E731
         (key, label, clip.sum().item()) for _, key, label, clip in rank_videos(urls, 0, 1, 4, (32, 32), 2, 2, 1, [])
     ]

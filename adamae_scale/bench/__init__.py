@@ -6,6 +6,8 @@
 - ``memory`` (``memory.py``): per-rank memory implied by a ZeRO stage, and measured from real pre-training steps.
 - ``scale`` (``scale.py``): ``adamae-shards`` videos per second with the process pool, Ray and SLURM-style parts
   at equal workers on a Kinetics-shaped set it makes; loader clips per second from local shards vs S3.
+- ``parity`` (``parity.py``): ``make demo`` per option and seed (decoder masking, cheaper samplers, the
+  ``fast`` preset): held-out focus and final loss against the default's seed band.
 - ``data`` (``data.py``): training clips per second per DataLoader worker from tar shards (each storage format
   present) against decoding a random window straight from the original video files; and their ratio.
 
@@ -41,6 +43,27 @@ def bench_step(args: argparse.Namespace) -> dict[str, Any] | None:
     from . import step
 
     return step.run(*split_settings("step", args.settings, step.DEFAULTS))
+
+
+def bench_parity(args: argparse.Namespace) -> dict[str, Any]:
+    from . import parity
+
+    return parity.run(*split_settings("parity", args.settings, parity.DEFAULTS))
+
+
+def register_parity(sub: argparse._SubParsersAction) -> None:
+    _register_settings_benchmark(
+        sub,
+        "parity",
+        bench_parity,
+        help="make demo per option and seed: held-out focus and final loss against the default's seed band",
+        description="Runs adamae-pretrain +experiment=demo once per option and seed (seed=S data.seed=S), one after "
+        "another, and prints per option the seeds' focus_ratio (sampled masks), focus_ratio_topk, final loss_rec "
+        "and seconds, with mean and range, and whether the option's mean focus lies below, within or above the "
+        "default's range over the seeds. Settings: variants=default,decoder_cell,decoder_random,sampler_half,"
+        "sampler_pool,sampler_bf16,fast seeds=N parallel=N (runs at a time); any other key=value is added to every run "
+        "(train.steps=300 ...).",
+    )
 
 
 def register_data(sub: argparse._SubParsersAction) -> None:
@@ -158,6 +181,7 @@ REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [
     register_memory,
     register_step,
     register_scale,
+    register_parity,
 ]
 
 

@@ -30,6 +30,7 @@ on a busy machine compare figures from one run, and repeat runs to see the sprea
 
 from __future__ import annotations
 
+import dataclasses
 import gc
 import sys
 import time
@@ -42,7 +43,8 @@ from typing import Any
 import torch
 from torch import nn
 
-from .. import schema
+from .. import config
+from ..config import PretrainConfig
 from ..data import synthetic_config
 from ..data.synthetic import SyntheticClips
 from ..engine import collectives, engines, optim, setup, stage
@@ -96,7 +98,7 @@ class EngineRun:
 def compose(overrides: list[str]) -> dict[str, Any]:
     """The resolved pre-training config for ``overrides`` (errors prefixed with ``step:``)."""
     try:
-        return schema.compose(["run_dir=unused", *overrides])
+        return config.compose(["run_dir=unused", *overrides])
     except ValueError as err:
         raise ValueError(f"step: {err}") from err
 
@@ -110,22 +112,21 @@ def run(options: dict[str, str], overrides: list[str]) -> dict[str, Any] | None:
 def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
     """Everything a config check can refuse is refused before the process group starts (one-line errors);
     then the measurements in the module docstring's order, on every rank."""
-    from ..pretrain import validate
-
-    cfg, model_cfg = _config(overrides, validate)
+    cfg = _config(overrides)
+    model_cfg = cfg.model.arch
     random_cfg = None
     if opts.compare_random:
         if model_cfg.masking != "adaptive":
             raise ValueError(f"step: compare_random=true: expected masking=adaptive, got masking={model_cfg.masking}")
-        random_cfg = _config(_random_masking(overrides, cfg["masking"]["ratio"]), validate)
+        random_cfg = _config(_random_masking(overrides, cfg.masking.ratio))
     env = setup.dist_env()
     with torch.device("meta"):
         num_params = build_model(model_cfg).num_params()
-    ds, _ = stage.resolve_ds(cfg["ds"], num_params, env.world_size, stage.local_world_size(env.world_size))
-    requested_ds, cfg = cfg["ds"], {**cfg, "ds": ds}
+    ds, _ = stage.resolve_ds(cfg.run.ds, num_params, env.world_size, stage.local_world_size(env.world_size))
+    requested_ds, cfg = cfg.run.ds, cfg.with_ds(ds)
     setup.init_distributed()
     if env.rank == 0:
-        setup.warn_if_slow_bf16(cfg["precision"], file=sys.stderr)  # stdout is the JSON report
+        setup.warn_if_slow_bf16(cfg.run.precision, file=sys.stderr)  # stdout is the JSON report
 
     timed = time_engine(cfg, model_cfg, env, opts, detailed=True)
     _free_memory(timed.device)
@@ -133,7 +134,7 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
     _free_memory(timed.device)
     random = None
     if random_cfg is not None:
-        random = time_engine({**random_cfg[0], "ds": ds}, random_cfg[1], env, opts, detailed=False)
+        random = time_engine(random_cfg.with_ds(ds), random_cfg.model.arch, env, opts, detailed=False)
         _free_memory(timed.device)
     collectives.barrier()  # every rank measures the peak at the same time, as they step
     peak = max(timed.peak_tflops, matmul_peak_tflops(timed.device, _peak_dtype(cfg)))
@@ -141,9 +142,9 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
     if env.rank != 0:
         return None
 
-    micro = int(cfg["train"]["micro_batch_size"])
+    micro = cfg.train.micro_batch_size
     seconds = timed.seconds
-    engine_name = engines.engine_name(cfg)
+    engine_name = cfg.engine.name
     report: dict[str, Any] = {
         "benchmark": "step",
         "model": model_cfg.name,
@@ -153,13 +154,13 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
         "visible_tokens": model_cfg.num_visible,
         "masking": model_cfg.masking,
         "sampler_precision": model_cfg.sampler_precision,
-        "precision": cfg["precision"],
+        "precision": cfg.run.precision,
         "engine": engine_name,
         # DeepSpeed's stage that ran (and the requested one when ds=auto chose it); other engines ignore ds.
         **({"ds": ds} if engine_name == "deepspeed" else {}),
         **({"ds_requested": requested_ds} if engine_name == "deepspeed" and requested_ds != ds else {}),
-        "checkpoint_every": cfg["model"].get("checkpoint_every", 0),
-        "compile": bool(cfg["train"].get("compile", False)),
+        "checkpoint_every": cfg.model.checkpoint_every,
+        "compile": cfg.train.compile,
         "world_size": env.world_size,
         "micro_batch_size": micro,
         "steps_timed": opts.steps,
@@ -192,17 +193,14 @@ def measure(overrides: list[str], opts: StepOptions) -> dict[str, Any] | None:
 
 
 def time_engine(
-    cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, opts: StepOptions, detailed: bool
+    cfg: PretrainConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, opts: StepOptions, detailed: bool
 ) -> EngineRun:
     """Warm-up and timed steps of the engine ``pretrain.build_engine`` builds; with ``detailed`` also the FLOP
     count, the peak memory and (``opts.breakdown``) the breakdown. The engine is destroyed before returning."""
     from ..pretrain import build_engine
 
-    micro = int(cfg["train"]["micro_batch_size"])
-    ds_config = setup.build_ds_config(
-        setup.load_ds_config(cfg["ds"]), micro, 1, env.world_size, cfg["precision"], cfg["train"]["clip_grad"]
-    )
-    engine = build_engine(cfg, model_cfg, ds_config, _peak_lr(cfg, env))
+    backend = engines.backend(dataclasses.replace(cfg.engine_spec(), accumulation=1), env.world_size)
+    engine = build_engine(cfg, backend, _peak_lr(cfg, env))
     device = engine.device
     batch = fixed_batch(cfg, model_cfg, env, device)
     objective = _objective(cfg, model_cfg)
@@ -238,28 +236,28 @@ def time_engine(
 
 
 def time_plain(
-    cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, opts: StepOptions, device: torch.device
+    cfg: PretrainConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, opts: StepOptions, device: torch.device
 ) -> float:
     """Seconds per step of the same model, loss, AdamW, clipping, batch and precision in plain torch."""
     from ..pretrain import compile_if_asked
 
-    train = cfg["train"]
-    torch.manual_seed(cfg["seed"])  # the engine's initial weights
+    train = cfg.train
+    torch.manual_seed(cfg.run.seed)  # the engine's initial weights
     model = build_model(model_cfg).to(device)
     optimizer = optim.build_adamw(
         model,
         _peak_lr(cfg, env),
-        train["weight_decay"],
-        train["betas"],
-        train["eps"],
-        constant_lr_prefixes=train["constant_lr_params"],
+        train.weight_decay,
+        train.betas,
+        train.eps,
+        constant_lr_prefixes=train.constant_lr_params,
     )
     compile_if_asked(cfg, model)  # before checkpointing, as pretrain.build_engine does
-    setup.apply_activation_checkpointing(model.blocks(), cfg["model"].get("checkpoint_every", 0))
-    forward = autocast_forward(model, cfg["precision"], device)
+    setup.apply_activation_checkpointing(model.blocks(), cfg.model.checkpoint_every)
+    forward = autocast_forward(model, cfg.run.precision, device)
     batch = fixed_batch(cfg, model_cfg, env, device)
     objective = _objective(cfg, model_cfg)
-    clip = float(train["clip_grad"])
+    clip = float(train.clip_grad)
 
     def train_step() -> torch.Tensor:
         loss = objective(forward, batch)["loss"]
@@ -392,17 +390,17 @@ def measure_breakdown(
     return {name: round(max(parts[name], 0.0), 5) for name in BREAKDOWN_PARTS}
 
 
-def fixed_batch(cfg: dict[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, device: torch.device) -> Batch:
+def fixed_batch(cfg: PretrainConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, device: torch.device) -> Batch:
     """This rank's first synthetic batch on ``device``: the same clips for every measurement of a run."""
-    micro = int(cfg["train"]["micro_batch_size"])
-    clips = SyntheticClips(synthetic_config(cfg["data"], model_cfg), micro, env.rank, env.world_size, prefetch=0)
+    micro = cfg.train.micro_batch_size
+    clips = SyntheticClips(synthetic_config(cfg.data, model_cfg), micro, env.rank, env.world_size, prefetch=0)
     return {key: value.to(device) for key, value in clips.batch(0).items()}
 
 
-def _config(overrides: list[str], validate: Callable[[dict[str, Any]], AdaMAEConfig]) -> tuple[dict, AdaMAEConfig]:
+def _config(overrides: list[str]) -> PretrainConfig:
     cfg = compose(overrides)
     try:
-        return cfg, validate(cfg)
+        return config.load_pretrain(cfg)
     except ValueError as err:
         raise ValueError(f"step: {err}") from err
 
@@ -413,17 +411,17 @@ def _random_masking(overrides: list[str], ratio: float) -> list[str]:
     return [*kept, "masking=random", f"masking.ratio={ratio}"]
 
 
-def _objective(cfg: dict[str, Any], model_cfg: AdaMAEConfig) -> AdaMAEObjective:
-    return AdaMAEObjective(model_cfg, cfg["loss"]["target"], cfg["masking"]["sampling_loss_weight"], cfg["seed"])
+def _objective(cfg: PretrainConfig, model_cfg: AdaMAEConfig) -> AdaMAEObjective:
+    return AdaMAEObjective(model_cfg, cfg.loss.target, cfg.masking.sampling_loss_weight, cfg.run.seed)
 
 
-def _peak_dtype(cfg: dict[str, Any]) -> torch.dtype:
+def _peak_dtype(cfg: PretrainConfig) -> torch.dtype:
     """The dtype of the matmul peak a step is read against: bf16 for a bf16 (autocast) step, else fp32."""
-    return torch.bfloat16 if cfg["precision"] == "bf16" else torch.float32
+    return torch.bfloat16 if cfg.run.precision == "bf16" else torch.float32
 
 
-def _peak_lr(cfg: dict[str, Any], env: setup.DistEnv) -> float:
-    return optim.scaled_lr(cfg["train"]["base_lr"], int(cfg["train"]["micro_batch_size"]) * env.world_size)
+def _peak_lr(cfg: PretrainConfig, env: setup.DistEnv) -> float:
+    return optim.scaled_lr(cfg.train.base_lr, cfg.train.micro_batch_size * env.world_size)
 
 
 def _num_params(module: nn.Module) -> int:

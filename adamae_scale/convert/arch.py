@@ -11,7 +11,7 @@ from typing import Any
 import torch
 from omegaconf import OmegaConf
 
-from .. import schema
+from ..config.checks import model_config
 from ..models import AdaMAE, AdaMAEConfig, config_for, make_config, model_names
 from ..models.classifier import VideoClassifier
 from ..models.registry import config_dir
@@ -95,7 +95,7 @@ def named_config(name: str, **overrides: Any) -> AdaMAEConfig:
     if name not in model_names():
         raise ConvertError(f"--model {name!r}: expected one of {model_names()}")
     try:
-        return schema.model_config(config_for(name, **overrides).to_dict())
+        return model_config(config_for(name, **overrides).to_dict())
     except ValueError as err:
         raise ConvertError(str(err)) from err
 
@@ -105,7 +105,7 @@ def with_overrides(cfg: AdaMAEConfig, **overrides: Any) -> AdaMAEConfig:
     values = cfg.to_dict()
     values.update({k: v for k, v in overrides.items() if v is not None})
     try:
-        return schema.model_config(values)
+        return model_config(values)
     except ValueError as err:
         raise ConvertError(str(err)) from err
 
@@ -266,7 +266,7 @@ def infer_config(
         if width % heads:
             raise ArchitectureMismatchError(f"{what} {heads} does not divide the width {width}")
     try:
-        cfg = schema.model_config(values)  # the ranges every model config is held to
+        cfg = model_config(values)  # the ranges every model config is held to
     except ValueError as err:
         raise ConvertError(str(err)) from err
     if has_sampler and shapes["sampler.pos_embed_probs"][1] != cfg.num_tokens:

@@ -8,16 +8,18 @@ from typing import TYPE_CHECKING, Any
 
 import torch
 
+from .sections import SECTIONS, DataSection, ShardData, SyntheticData, section_values
 from .synthetic import SyntheticClips, SyntheticConfig, render_threads
 
 if TYPE_CHECKING:
     from ..models import AdaMAEConfig
     from .pipeline import ShardClips, ShardDataConfig
 
-SOURCES = ("synthetic", "shards")
+SOURCES = tuple(SECTIONS)
 
 
-def synthetic_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> SyntheticConfig:
+def synthetic_config(section: DataSection | Mapping[str, Any], model_cfg: AdaMAEConfig) -> SyntheticConfig:
+    data = section_values(section)
     keys = (
         "num_objects",
         "object_size",
@@ -40,9 +42,11 @@ def synthetic_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> Synthe
     )
 
 
-def shard_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> ShardDataConfig:
+def shard_config(section: DataSection | Mapping[str, Any], model_cfg: AdaMAEConfig) -> ShardDataConfig:
     """``configs/data/shards.yaml`` + the model's clip geometry → ``ShardDataConfig``."""
     from .pipeline import ShardDataConfig
+
+    data = section_values(section)
 
     keys = (
         "urls",
@@ -66,23 +70,12 @@ def shard_config(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> ShardDataC
     )
 
 
-def validate_data(data: Mapping[str, Any], model_cfg: AdaMAEConfig) -> None:
-    """The data checks that can fail before any process group exists: a one-line ``ValueError``."""
-    if data["name"] not in SOURCES:
-        raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")
-    if data["name"] == "shards":
-        from .pipeline import shard_urls
-
-        shard_urls(shard_config(data, model_cfg).urls)
-        if data.get("val_urls"):
-            shard_urls(data["val_urls"])
-
-
 def build_data(
-    data: Mapping[str, Any], model_cfg: AdaMAEConfig, batch_size: int, rank: int, world_size: int
+    section: DataSection | Mapping[str, Any], model_cfg: AdaMAEConfig, batch_size: int, rank: int, world_size: int
 ) -> SyntheticClips | ShardClips:
     """The training stream named by ``data.name`` for this rank. ``data.repeated_aug`` (set by fine-tuning from
     ``finetune.repeated_aug``): ``batch_size`` counts views, ``repeated_aug`` of each clip."""
+    data = section_values(section)
     if data["name"] == "synthetic":
         # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
@@ -100,3 +93,14 @@ def build_data(
 
         return ShardClips(shard_config(data, model_cfg), batch_size, rank, world_size)
     raise ValueError(f"data={data['name']!r}: expected one of {SOURCES}")
+
+
+__all__ = [
+    "SOURCES",
+    "DataSection",
+    "ShardData",
+    "SyntheticData",
+    "build_data",
+    "shard_config",
+    "synthetic_config",
+]

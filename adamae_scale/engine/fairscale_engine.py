@@ -48,6 +48,7 @@ from .checkpoint import NoUsableCheckpoint, atomic_write_text
 from .collectives import barrier
 
 SHARDINGS = ("oss", "oss_sdp", "fsdp")
+DEFAULT_SHARDING = "oss_sdp"
 CHECKPOINT_FORMAT = "adamae-fairscale-checkpoint-v1"
 META_FILE = "fairscale.json"
 MODEL_FILE = "model.safetensors"
@@ -75,24 +76,14 @@ def device_type() -> str:
 
 @dataclass(frozen=True)
 class FairscaleSettings:
-    """What the engine needs from the run config: the fields DeepSpeed's JSON carries, plus the stage."""
+    """What the engine needs of a run: the stage (``engine.sharding``) and the batch, clipping and precision
+    that DeepSpeed applies from its JSON (here from the run's typed config, ``engines.EngineSpec``)."""
 
     sharding: str
     micro_batch_size: int
     accumulation: int
     clip_grad: float
     bf16: bool
-
-    @classmethod
-    def from_config(cls, cfg: Mapping[str, Any], ds_config: Mapping[str, Any]) -> FairscaleSettings:
-        """``ds_config`` is the run's engine config (``setup.build_ds_config``): batch, clipping, precision."""
-        return cls(
-            sharding=cfg["engine"].get("sharding", "oss_sdp"),
-            micro_batch_size=int(ds_config["train_micro_batch_size_per_gpu"]),
-            accumulation=int(ds_config["gradient_accumulation_steps"]),
-            clip_grad=float(ds_config.get("gradient_clipping", 0.0)),
-            bf16=bool(ds_config.get("torch_autocast", {}).get("enabled", False)),
-        )
 
 
 # -- activation checkpointing ------------------------------------------------------------------------------
@@ -388,13 +379,6 @@ def _quiet_root_logger() -> Iterator[None]:
 
 def _load_shard(path: Path) -> dict[str, Any]:
     return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
-
-
-def build(
-    model: nn.Module, optimizer: torch.optim.Optimizer, cfg: Mapping[str, Any], ds_config: Mapping[str, Any]
-) -> FairscaleEngine:
-    """The engine for a run config (``engine.sharding``) and its engine config (batch, clipping, precision)."""
-    return FairscaleEngine(model, optimizer, FairscaleSettings.from_config(cfg, ds_config))
 
 
 def rank_device() -> torch.device:

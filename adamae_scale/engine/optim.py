@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import cast
 
 import torch
@@ -29,6 +30,40 @@ def lr_at(step: int, peak_lr: float, min_lr: float, warmup_steps: int, total_ste
     decay_steps = max(total_steps - warmup_steps, 1)
     progress = min((step - warmup_steps) / decay_steps, 1.0)
     return min_lr + 0.5 * (peak_lr - min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+@dataclass(frozen=True)
+class Schedule:
+    """The run's learning rate per optimizer step: linear warm-up over ``warmup_steps``, then half-cosine from
+    ``peak_lr`` to ``min_lr`` at ``total_steps``. Parameter groups marked ``schedule="constant"``
+    (``train.constant_lr_params``) warm up alike, then hold the peak."""
+
+    peak_lr: float
+    min_lr: float
+    warmup_steps: int
+    total_steps: int
+
+    @classmethod
+    def scaled(cls, base_lr: float, min_lr: float, global_batch: int, warmup_fraction: float, steps: int) -> Schedule:
+        """``train.*`` lrs scaled by ``global_batch`` (``scaled_lr``), warm-up as a share of ``steps``."""
+        return cls(
+            scaled_lr(base_lr, global_batch), scaled_lr(min_lr, global_batch), round(warmup_fraction * steps), steps
+        )
+
+    def lr(self, step: int) -> float:
+        """The lr of step ``step`` (0-based): what most groups use and what the metrics log."""
+        return lr_at(step, self.peak_lr, self.min_lr, self.warmup_steps, self.total_steps)
+
+    def group_lrs(self, step: int) -> dict[str, float]:
+        """The lr of each kind of parameter group at ``step``: ``cosine`` (``lr``) and ``constant``."""
+        return {
+            "cosine": self.lr(step),
+            "constant": lr_at(step, self.peak_lr, self.peak_lr, self.warmup_steps, self.total_steps),
+        }
+
+    def apply(self, optimizer: torch.optim.Optimizer, step: int) -> None:
+        """Set every param group's lr for ``step`` (its ``schedule`` kind times its ``lr_scale``)."""
+        set_lr(optimizer, self.group_lrs(step))
 
 
 def build_adamw(

@@ -22,7 +22,7 @@ from ..metrics import MetricsLogger
 from .checkpoint import Checkpointer, CheckpointRef
 from .collectives import barrier
 from .guard import find_guard, weights_finite
-from .optim import set_lr
+from .optim import Schedule
 
 LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str, Any]]
 # Called on every rank after each optimizer step (after logging, before checkpointing) with the trainer and
@@ -43,7 +43,7 @@ class Trainer:
         data: Iterator[dict[str, torch.Tensor]],
         checkpointer: Checkpointer,
         logger: MetricsLogger,
-        lr_schedule: Callable[[int], dict[str, float]],
+        schedule: Schedule,
         steps: int,
         global_batch: int,
         seed: int = 0,
@@ -56,7 +56,7 @@ class Trainer:
     ):
         self.engine, self.loss_fn, self.data = engine, loss_fn, data
         self.checkpointer, self.logger = checkpointer, logger
-        self.lr_schedule, self.steps, self.global_batch = lr_schedule, steps, global_batch
+        self.schedule, self.steps, self.global_batch = schedule, steps, global_batch
         self.seed, self.log_every = seed, log_every
         self.hooks = list(hooks)
         self.name = name  # the progress bar's label
@@ -110,7 +110,7 @@ class Trainer:
         """One optimizer step; returns the micro-batch mean of every scalar the loss function reported, and
         whether the step was skipped (a non-finite loss or gradient on any rank: weights and optimizer state
         are left as they were)."""
-        set_lr(self.engine.optimizer, self.lr_schedule(self.step))
+        self.schedule.apply(self.engine.optimizer, self.step)
         # Scalars stay on the device until the step ends: one host sync per step, not one per value and micro-batch
         # (on a GPU each sync stalls the queue between forward and backward).
         tensor_totals: dict[str, torch.Tensor] = {}
@@ -260,7 +260,7 @@ class Trainer:
                 if self.step % self.log_every == 0 or last_step:
                     elapsed = time.perf_counter() - window_start
                     values = self._mean_over_ranks(values)
-                    values["lr"] = self.lr_schedule(self.step - 1)["cosine"]
+                    values["lr"] = self.schedule.lr(self.step - 1)
                     values["skipped_steps"] = self.skipped_steps
                     grad_norm = self._grad_norm()
                     if grad_norm is not None:

@@ -13,6 +13,7 @@ by its ``batch_size``.
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import signal
@@ -25,78 +26,59 @@ import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from .. import schema
+from .. import config
+from ..builder import RunBuilder
+from ..config import FinetuneConfig
+from ..config.checks import check_data, model_config
 from ..convert.errors import ConvertError
 from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
 from ..convert.io import atomic_output_dir
-from ..data import build_data, storage, synthetic_config, validate_data
+from ..data import ShardData, SyntheticData, build_data, storage, synthetic_config
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..data.transforms import normalize_
-from ..engine import optim, setup, stage
-from ..engine.checkpoint import Checkpointer, CheckpointWriteError, NoUsableCheckpoint
+from ..engine import optim, setup
+from ..engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from ..engine.collectives import any_rank, gather_objects
 from ..engine.disk import InsufficientSpaceError
+from ..engine.engines import Backend
 from ..engine.trainer import Trainer, TrainingDiverged
-from ..metrics import MetricsLogger
 from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
-from ..pretrain import engine_config
 from . import evaluate
 from .ema import ClassifierEma
 from .recipe import ClassificationObjective, ClipMixup, param_groups
-from .sources import EncoderSource, classifier_config, classifier_state, load_source
+from .sources import EncoderSource, KeyReport, classifier_config, classifier_state, load_source
 
 
-def validate(cfg: Mapping[str, Any], weights: bool = True) -> tuple[EncoderSource, AdaMAEConfig, int]:
-    """Every check before a process group exists: (the source, the classifier's architecture, classes).
-    ``weights=False``: the source's architecture only, not its tensors (the command's check before Hydra)."""
-    schema.check_finetune(cfg)
-    check_options(cfg)
-    source = load_source(cfg["init"], weights)
-    if source.cfg is not None and cfg.get("model"):
+def validate(
+    raw: Mapping[str, Any] | FinetuneConfig, weights: bool = True
+) -> tuple[FinetuneConfig, EncoderSource, AdaMAEConfig, int]:
+    """Every check before a process group exists: (the checked config, the source, the classifier's
+    architecture, classes). ``weights=False``: the source's architecture only, not its tensors (the command's
+    check before Hydra)."""
+    cfg = raw if isinstance(raw, FinetuneConfig) else config.load_finetune(raw)
+    source = load_source(cfg.init, weights)
+    if source.cfg is not None and cfg.model:
         raise ValueError(
-            f"init={cfg['init']} gives the architecture: drop model= (use clip.num_frames / clip.img_size for the clip)"
+            f"init={cfg.init} gives the architecture: drop model= (use clip.num_frames / clip.img_size for the clip)"
         )
-    scratch = make_config(cfg["model"]) if cfg.get("model") else None
-    model_cfg = classifier_config(source, scratch, cfg["clip"], cfg["finetune"]["drop_path"])
-    model_cfg = schema.model_config(model_cfg.to_dict())
-    validate_data(cfg["data"], model_cfg)
-    return source, model_cfg, num_classes(cfg)
+    scratch = make_config(cfg.model) if cfg.model else None
+    model_cfg = classifier_config(source, scratch, dataclasses.asdict(cfg.clip), cfg.finetune.drop_path)
+    model_cfg = model_config(model_cfg.to_dict())
+    check_data(cfg.data, model_cfg)
+    return cfg, source, model_cfg, num_classes(cfg)
 
 
-def check_options(cfg: Mapping[str, Any]) -> None:
-    """``finetune.repeated_aug`` and ``finetune.model_ema*``: one-line errors naming the field."""
-    tune = cfg["finetune"]
-    if cfg["data"].get("repeated_aug", 1) != 1:
-        raise ValueError(
-            f"data.repeated_aug={cfg['data']['repeated_aug']!r}: fine-tuning repeats clips by finetune.repeated_aug"
-        )
-    # The linear probe has no augmentation to repeat: any micro-batch then.
-    micro = cfg["train"]["micro_batch_size"] if tune["mode"] == "full" else None
-    schema.check_repeated_aug("finetune.repeated_aug", tune["repeated_aug"], micro)
-    if not isinstance(tune["model_ema"], bool):
-        raise ValueError(f"finetune.model_ema={tune['model_ema']!r}: expected true or false")
-    decay = tune["model_ema_decay"]
-    if isinstance(decay, bool) or not isinstance(decay, (int, float)) or not 0.0 <= decay < 1.0:
-        raise ValueError(f"finetune.model_ema_decay={decay!r}: expected a number in [0, 1)")
-    stage = setup.load_ds_config(cfg["ds"]).get("zero_optimization", {}).get("stage", 0)
-    if tune["model_ema"] and stage == 3:
-        raise ValueError(
-            f"finetune.model_ema=true needs the full weights on every rank, which ds={cfg['ds']} (ZeRO-3) partitions: "
-            "use ds=zero2 or finetune.model_ema=false"
-        )
-
-
-def num_classes(cfg: Mapping[str, Any]) -> int:
+def num_classes(cfg: FinetuneConfig) -> int:
     """``num_classes``, or what the data says: the synthetic motion task's classes, the shards' label map."""
-    if cfg.get("num_classes") is not None:
-        return int(cfg["num_classes"])
-    data = cfg["data"]
-    if data["name"] == "synthetic":
-        if data.get("label_task", "none") == "none":
+    if cfg.num_classes is not None:
+        return int(cfg.num_classes)
+    data = cfg.data
+    if isinstance(data, SyntheticData):
+        if data.label_task == "none":
             raise ValueError("data=synthetic has no labels unless data.label_task=motion")
         return len(MOTION_CLASSES)
-    urls = str(data["urls"])
+    urls = str(data.urls)
     manifest = urls if urls.endswith(".json") else storage.join(urls, "manifest.json")  # a folder, local or s3://
     if "{" not in urls and storage.exists(manifest):
         labels = json.loads(storage.read_text(manifest)).get("label_map") or {}
@@ -106,48 +88,41 @@ def num_classes(cfg: Mapping[str, Any]) -> int:
     raise ValueError(f"num_classes: not given and {manifest} has no label_map; pass num_classes=K")
 
 
-def run(cfg: dict[str, Any]) -> dict[str, Any]:
-    source, model_cfg, classes = validate(cfg)
-    env = setup.dist_env()
-    train, tune = cfg["train"], cfg["finetune"]
-    full = tune["mode"] == "full"
-    repeats = tune["repeated_aug"] if full else 1  # the linear probe has no augmentation to repeat
-    global_batch = train["micro_batch_size"] * train["accumulation"] * env.world_size  # views
-    peak_lr = optim.scaled_lr(train["base_lr"], global_batch // repeats)  # by clips, as the reference
-    min_lr = optim.scaled_lr(train["min_lr"], global_batch // repeats)
-    warmup_steps = round(train["warmup_fraction"] * train["steps"])
-    run_dir = Path(cfg["run_dir"])
+def run(raw: Mapping[str, Any] | FinetuneConfig) -> dict[str, Any]:
+    cfg, source, model_cfg, classes = validate(raw)
+    train, tune, run_dir = cfg.train, cfg.finetune, cfg.run.run_dir
+    repeats = tune.views_per_clip
 
     with torch.device("meta"):
         num_params = sum(p.numel() for p in VideoClassifier(model_cfg, classes).parameters())
-    ds = stage.resolve_for_run(
-        cfg["ds"], num_params, env.world_size, env.rank, train["resume"], run_dir / "checkpoints"
-    )
-    cfg = {**cfg, "ds": ds}
-    check_options(cfg)  # again, with the stage auto chose (model EMA needs whole weights)
+    builder = RunBuilder.start(cfg, num_params, views_per_clip=repeats)  # the lr scales by clips, as the reference
+    cfg.check_stage(builder.ds)  # again, with the stage auto chose (model EMA needs whole weights)
+    cfg = cfg.with_ds(builder.ds)
+    env, global_batch, peak_lr = builder.env, builder.global_batch, builder.schedule.peak_lr
+    metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": builder.ds}
+    builder.open(metadata)
 
-    setup.init_distributed()
-    metadata = {"model": model_cfg.to_dict(), "num_classes": classes, "task": "classification", "ds": cfg["ds"]}
-    checkpointer = Checkpointer(run_dir / "checkpoints", train["ckpt_every"], metadata, train["keep_last"])
-    ds_config, resume_from = engine_config(cfg, env, checkpointer)
+    ema: ClassifierEma | None = None
+    groups: list[dict[str, Any]] = []
+    report: KeyReport | None = None
 
-    torch.manual_seed(cfg["seed"])  # identical initial head on every rank
-    model = cast(
-        VideoClassifier,
-        setup.build_module(
-            lambda: VideoClassifier(model_cfg, classes, tune["head_init_scale"], tune["head_dropout"]), ds_config
-        ),
+    def prepare(module: torch.nn.Module, backend: Backend) -> torch.optim.Optimizer:
+        nonlocal ema, groups, report
+        expected = {name: _full_shape(p) for name, p in module.named_parameters()}
+        state, report = classifier_state(source, expected)
+        backend.load_weights(module, state)
+        groups = param_groups(module, tune.mode, train.weight_decay, tune.layer_decay)
+        if tune.model_ema:  # from the fp32 weights, before the engine casts them (and before checkpointing wraps)
+            dtype = torch.bfloat16 if cfg.run.precision == "bf16" else None
+            ema = ClassifierEma(module, tune.model_ema_decay, dtype)
+        return optim.adamw(groups, peak_lr, train.betas, train.eps, backend.offloads_optimizer())
+
+    engine, _ = builder.build_engine(
+        lambda: VideoClassifier(model_cfg, classes, tune.head_init_scale, tune.head_dropout),
+        prepare,
+        lambda module: cast(VideoClassifier, module).block_list(),
+        tune.checkpoint_every,
     )
-    expected = {name: _full_shape(p) for name, p in model.named_parameters()}
-    state, report = classifier_state(source, expected)
-    setup.load_weights(model, state, ds_config)
-    groups = param_groups(model, tune["mode"], train["weight_decay"], tune["layer_decay"])
-    ema = None
-    if tune["model_ema"]:  # from the fp32 weights, before the engine casts them (and before checkpointing wraps)
-        ema = ClassifierEma(model, tune["model_ema_decay"], torch.bfloat16 if cfg["precision"] == "bf16" else None)
-    optimizer = optim.adamw(groups, peak_lr, train["betas"], train["eps"], setup.offloads_optimizer(ds_config))
-    setup.apply_activation_checkpointing(model.block_list(), tune["checkpoint_every"])
-    engine = setup.initialize(model, optimizer, ds_config)
     if ema is not None:
         ema.to(engine.device)
     if env.rank == 0:
@@ -155,65 +130,50 @@ def run(cfg: dict[str, Any]) -> dict[str, Any]:
         batch = f"{global_batch}"
         if repeats > 1:
             batch += f" views ({global_batch // repeats} clips x {repeats})"
-        extras = f", model EMA {tune['model_ema_decay']}" if ema is not None else ""
+        extras = f", model EMA {tune.model_ema_decay}" if ema is not None else ""
         print(
-            f"[adamae] finetune ({tune['mode']}) {model_cfg.name}: {classes} classes, "
+            f"[adamae] finetune ({tune.mode}) {model_cfg.name}: {classes} classes, "
             f"{trainable / 1e6:.2f}M trainable, "
             f"clip {model_cfg.num_frames}x{model_cfg.img_size[0]}x{model_cfg.img_size[1]}; world {env.world_size}, "
-            f"global batch {batch}, peak lr {peak_lr:.3g}{extras}, {cfg['precision']}, ds={cfg['ds']}\n"
-            f"[adamae] {report.summary()}",
+            f"global batch {batch}, peak lr {peak_lr:.3g}{extras}, {cfg.run.precision}, ds={cfg.run.ds}\n"
+            f"[adamae] {cast(KeyReport, report).summary()}",
             flush=True,
         )
-        setup.warn_if_slow_bf16(cfg["precision"])
+        setup.warn_if_slow_bf16(cfg.run.precision)
         run_dir.mkdir(parents=True, exist_ok=True)
-        (run_dir / "init_report.json").write_text(json.dumps(report.to_dict(), indent=2))
+        (run_dir / "init_report.json").write_text(json.dumps(cast(KeyReport, report).to_dict(), indent=2))
 
     mix = None
-    if full and (tune["mixup"] > 0 or tune["cutmix"] > 0):
-        mix = ClipMixup(tune["mixup"], tune["cutmix"], tune["mixup_switch_prob"], tune["label_smoothing"], classes)
-    objective = ClassificationObjective(classes, tune["label_smoothing"], mix, tune["random_erasing"] if full else 0.0)
-    train_data = {**cfg["data"], "rand_augment": tune["rand_augment"] if full else None, "repeated_aug": repeats}
-    data = build_data(train_data, model_cfg, train["micro_batch_size"], env.rank, env.world_size)
-    resume_step = resume_from.step if resume_from is not None else 0
+    if tune.mixing:
+        mix = ClipMixup(tune.mixup, tune.cutmix, tune.mixup_switch_prob, tune.label_smoothing, classes)
+    objective = ClassificationObjective(classes, tune.label_smoothing, mix, tune.random_erasing if tune.full else 0.0)
+    train_data = dataclasses.replace(cfg.data, repeated_aug=repeats)
+    if isinstance(train_data, ShardData):
+        train_data = dataclasses.replace(train_data, rand_augment=tune.rand_augment if tune.full else None)
+    data = build_data(train_data, model_cfg, train.micro_batch_size, env.rank, env.world_size)
     hooks: list[Any] = [ema.step_hook] if ema is not None else []  # first: validation sees the updated average
-    if cfg["eval"]["every"] > 0:
+    if cfg.eval.every > 0:
         hooks.append(ValidationHook(cfg, model_cfg, env, ema))
-    trainer = FinetuneTrainer(
-        engine,
-        objective,
-        data,
-        checkpointer,
-        MetricsLogger(run_dir, enabled=env.rank == 0, resume_step=resume_step),
-        lambda step: {"cosine": optim.lr_at(step, peak_lr, min_lr, warmup_steps, train["steps"])},
-        train["steps"],
-        global_batch,
-        cfg["seed"],
-        train["log_every"],
-        hooks=hooks,
-        max_skipped_in_a_row=train["max_skipped_in_a_row"],
-        loss_spike_factor=train["loss_spike_factor"],
-        name="finetune",
-        ema=ema,
+    trainer = cast(
+        FinetuneTrainer,
+        builder.trainer(engine, objective, data, hooks=hooks, name="finetune", trainer_class=FinetuneTrainer, ema=ema),
     )
-    trainer.resume(resume_from)
     summary: dict[str, Any] = {"run_dir": str(run_dir), "resumed_from": trainer.step}
-    if not cfg["eval_only"]:
-        summary.update(trainer.fit(train.get("stop_after")))
+    if not cfg.eval_only:
+        summary.update(trainer.fit(train.stop_after))
     data.close()
     summary["steps"] = trainer.step
     if trainer.stopped_by_signal:
         summary["stopped_by_signal"] = signal.Signals(trainer.stopped_by_signal).name
-    elif trainer.step >= train["steps"] or cfg["eval_only"]:
-        if not cfg["eval_only"]:
+    elif trainer.step >= train.steps or cfg.eval_only:
+        if not cfg.eval_only:
             save_classifier(engine, model_cfg, classes, run_dir / "model", env)
             if ema is not None and env.rank == 0:
-                write_classifier(ema.state_dict(), model_cfg, classes, run_dir / "model_ema", tune["model_ema_decay"])
+                write_classifier(ema.state_dict(), model_cfg, classes, run_dir / "model_ema", tune.model_ema_decay)
         # eval_only without a checkpoint holding an average: there is no EMA to report.
-        tested_ema = ema if ema is not None and (trainer.ema_restored or not cfg["eval_only"]) else None
+        tested_ema = ema if ema is not None and (trainer.ema_restored or not cfg.eval_only) else None
         summary["eval"] = final_evaluation(engine, cfg, model_cfg, classes, env, run_dir, tested_ema)
-    if env.rank == 0:
-        (run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
-    trainer.logger.close()
+    builder.finish(trainer, summary)
     del trainer, engine  # they hold the process group: let setup.shutdown destroy it for good
     setup.shutdown()
     return summary
@@ -288,52 +248,53 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
-def held_out_videos(cfg: Mapping[str, Any], model_cfg: AdaMAEConfig) -> Iterator[tuple[str, int, torch.Tensor]]:
+def held_out_videos(cfg: FinetuneConfig, model_cfg: AdaMAEConfig) -> Iterator[tuple[str, int, torch.Tensor]]:
     """``(key, label, video [C, T', H, W'])`` of the held-out synthetic videos, rendered longer and wider than the
     clip when there are several temporal / spatial views (the views then cover different content)."""
-    views = cfg["eval"]
-    frames = model_cfg.num_frames * (2 if views["temporal_views"] > 1 else 1)
+    views = cfg.eval
+    frames = model_cfg.num_frames * (2 if views.temporal_views > 1 else 1)
     height, width = model_cfg.img_size
-    if views["spatial_views"] > 1:
+    if views.spatial_views > 1:
         width = width + width // 3 // model_cfg.patch_size * model_cfg.patch_size
     eval_model = AdaMAEConfig(**{**model_cfg.to_dict(), "num_frames": frames, "img_size": (height, width)})
-    synthetic = synthetic_config({**cfg["data"], "seed": cfg["data"]["eval_seed"]}, eval_model)
-    for index in range(views["videos"]):
+    data = cast(SyntheticData, cfg.data)
+    synthetic = synthetic_config(dataclasses.replace(data, seed=data.eval_seed), eval_model)
+    for index in range(views.videos):
         video, _ = render_clip(synthetic, index)
         yield f"synthetic-{index:06d}", clip_label(synthetic, index), normalize_(video)
 
 
 def rank_views(
-    cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, skipped: list[str]
+    cfg: FinetuneConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, skipped: list[str]
 ) -> Iterator[tuple[int, str, int, torch.Tensor]]:
     """``(index, key, label, views)`` of the videos this rank evaluates (each video on exactly one rank)."""
-    views = cfg["eval"]
+    views = cfg.eval
     geometry = (model_cfg.num_frames, model_cfg.img_size)
-    if cfg["data"]["name"] == "shards":
+    data = cfg.data
+    if isinstance(data, ShardData):
         from .shard_views import rank_videos
 
-        data = cfg["data"]
         yield from rank_videos(
-            data["val_urls"] or data["urls"],
+            data.val_urls or data.urls,
             env.rank,
             env.world_size,
             *geometry,
-            data["sampling_rate"],
-            views["temporal_views"],
-            views["spatial_views"],
+            data.sampling_rate,
+            views.temporal_views,
+            views.spatial_views,
             skipped,
         )
         return
     videos = list(held_out_videos(cfg, model_cfg))
     for index in evaluate.shard_indices(len(videos), env.rank, env.world_size):
         key, label, video = videos[index]
-        yield index, key, label, evaluate.clip_views(video, *geometry, views["temporal_views"], views["spatial_views"])
+        yield index, key, label, evaluate.clip_views(video, *geometry, views.temporal_views, views.spatial_views)
 
 
 @torch.no_grad()
 def final_evaluation(
     engine: Any,
-    cfg: Mapping[str, Any],
+    cfg: FinetuneConfig,
     model_cfg: AdaMAEConfig,
     classes: int,
     env: setup.DistEnv,
@@ -343,9 +304,9 @@ def final_evaluation(
     """The multi-view test: softmax averaged over each video's views; rank 0 gathers every rank's predictions,
     writes ``eval.json`` and ``predictions.jsonl``; every rank returns the metrics. With ``ema``, the averaged
     weights are tested on the same decoded views too: ``ema_top1`` … in ``eval.json``, ``predictions_ema.jsonl``."""
-    views_cfg = cfg["eval"]
-    views = views_cfg["temporal_views"] * views_cfg["spatial_views"]
-    chunk = views_cfg["micro_batch_size"]
+    views_cfg = cfg.eval
+    views = views_cfg.temporal_views * views_cfg.spatial_views
+    chunk = views_cfg.micro_batch_size
     skipped: list[str] = []
     items = rank_views(cfg, model_cfg, env, skipped)
     idle = torch.zeros(1, model_cfg.in_chans, model_cfg.num_frames, *model_cfg.img_size)
@@ -375,8 +336,8 @@ def final_evaluation(
     skipped_all = [line for part in gather_objects(skipped) for line in part]
     metrics.update(
         {
-            "temporal_views": views_cfg["temporal_views"],
-            "spatial_views": views_cfg["spatial_views"],
+            "temporal_views": views_cfg.temporal_views,
+            "spatial_views": views_cfg.spatial_views,
             "skipped": len(skipped_all),
         }
     )
@@ -393,13 +354,14 @@ class ValidationHook:
     (and ``val_ema_top1`` for the model EMA's weights)."""
 
     def __init__(
-        self, cfg: Mapping[str, Any], model_cfg: AdaMAEConfig, env: setup.DistEnv, ema: ClassifierEma | None = None
+        self, cfg: FinetuneConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, ema: ClassifierEma | None = None
     ):
-        held_out = {**cfg["data"], "seed": cfg["data"].get("eval_seed", 1_000_003)}
-        stream = build_data(held_out, model_cfg, cfg["eval"]["micro_batch_size"], env.rank, env.world_size)
-        self.batches = [next(stream) for _ in range(cfg["eval"]["batches"])]
+        data = cfg.data
+        held_out = dataclasses.replace(data, seed=data.eval_seed) if isinstance(data, SyntheticData) else data
+        stream = build_data(held_out, model_cfg, cfg.eval.micro_batch_size, env.rank, env.world_size)
+        self.batches = [next(stream) for _ in range(cfg.eval.batches)]
         stream.close()
-        self.every = cfg["eval"]["every"]
+        self.every = cfg.eval.every
         self.ema = ema
 
     @torch.no_grad()
@@ -461,10 +423,11 @@ def main() -> None:
     if not any(a.startswith("-") for a in overrides):
         # Before Hydra creates run_dir: a bad value or source is one line and leaves nothing behind.
         try:
-            validate(schema.compose(overrides, config_name="finetune"), weights=False)
+            validate(config.compose(overrides, config_name="finetune"), weights=False)
         except (ValueError, FileNotFoundError, ConvertError) as err:
             print(f"adamae-finetune: error: {err}", file=sys.stderr)
             sys.exit(2)
+    config.register()
     _hydra_main()
 
 

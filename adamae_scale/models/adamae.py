@@ -14,7 +14,17 @@ import torch
 from torch import nn
 
 from .layers import Block, Linear, TubeletEmbed, sincos_table_1d, sincos_table_3d, trunc_normal
-from .masking import STRATEGIES, TokenLayout, num_visible_tokens, sample_mask, split_indices
+from .masking import (
+    STRATEGIES,
+    TokenLayout,
+    check_decoder_mask,
+    decoder_targets,
+    keyed_noise,
+    num_reconstructed_tokens,
+    num_visible_tokens,
+    sample_mask,
+    split_indices,
+)
 from .sampler import SAMPLER_PRECISIONS, TokenSampler, token_log_probs
 
 
@@ -46,6 +56,11 @@ class AdaMAEConfig:
     sampler_num_heads: int = 8
     sampler_dropout: float = 0.1
     sampler_precision: str = "fp32"  # fp32 (reference) | tf32 | bf16: the sampler block only (models/sampler.py)
+    sampler_width_ratio: float = 1.0  # the sampler block's width as a share of the encoder's (1.0 = reference)
+    sampler_pool: int = 1  # the sampler block runs over (pool x pool)-pooled spatial cells; 1 = every token
+    # Decoder masking: the share of the encoder-masked tokens the decoder does not reconstruct (0 = all).
+    decoder_ratio: float = 0.0
+    decoder_mask: str = "running_cell"  # running_cell (VideoMAE V2, ratio 0.5) | random
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):
@@ -57,11 +72,27 @@ class AdaMAEConfig:
             raise ValueError(
                 f"model.sampler_precision must be one of {SAMPLER_PRECISIONS}, got {self.sampler_precision!r}"
             )
+        width = self.sampler_width
+        if not 0.0 < self.sampler_width_ratio <= 1.0 or width < 1 or width % self.sampler_num_heads:
+            raise ValueError(
+                f"model.sampler_width_ratio={self.sampler_width_ratio}: expected a share in (0, 1] of the encoder's "
+                f"width {self.embed_dim} that gives a multiple of model.sampler_num_heads={self.sampler_num_heads} "
+                f"(got {width})"
+            )
         if self.num_frames % self.tubelet_size:
             raise ValueError(f"num_frames={self.num_frames} is not a multiple of tubelet_size={self.tubelet_size}")
         for axis, size in zip(("height", "width"), self.img_size, strict=True):
             if size % self.patch_size:
                 raise ValueError(f"image {axis} {size} is not a multiple of patch_size={self.patch_size}")
+        _, grid_h, grid_w = self.layout.grid
+        if self.sampler_pool < 1 or grid_h % self.sampler_pool or grid_w % self.sampler_pool:
+            raise ValueError(
+                f"model.sampler_pool={self.sampler_pool}: expected a positive integer dividing the {grid_h}x{grid_w} "
+                "token grid"
+            )
+        if not 0.0 <= self.decoder_ratio < 1.0:
+            raise ValueError(f"masking.decoder_ratio={self.decoder_ratio}: expected a share in [0, 1) (0 = off)")
+        check_decoder_mask(self.decoder_mask, self.decoder_ratio)
 
     @property
     def layout(self) -> TokenLayout:
@@ -77,6 +108,15 @@ class AdaMAEConfig:
         return num_visible_tokens(self.masking, self.layout, self.mask_ratio)
 
     @property
+    def sampler_width(self) -> int:
+        return round(self.embed_dim * self.sampler_width_ratio)
+
+    @property
+    def num_reconstructed(self) -> int:
+        """Tokens the decoder reconstructs per clip: every masked one unless decoder masking is on."""
+        return num_reconstructed_tokens(self.num_tokens - self.num_visible, self.decoder_ratio)
+
+    @property
     def pixels_per_token(self) -> int:
         return self.in_chans * self.tubelet_size * self.patch_size**2
 
@@ -89,11 +129,24 @@ class AdaMAEConfig:
 class AdaMAEOutput(NamedTuple):
     """A named tuple so that wrappers which walk module outputs (ZeRO-3's hooks) see every tensor."""
 
-    pred: torch.Tensor  # (B, N_masked, pixels_per_token): predictions for masked tokens, ascending
-    mask: torch.Tensor  # (B, N) bool, True = masked
-    masked_idx: torch.Tensor  # (B, N_masked) token indices of ``pred``'s rows
+    pred: torch.Tensor  # (B, N_rec, pixels_per_token): predictions for the reconstructed tokens, ascending
+    mask: torch.Tensor  # (B, N) bool, True = masked for the encoder
+    # (B, N_rec) token indices of ``pred``'s rows: the masked tokens the decoder reconstructed (all of them
+    # unless masking.decoder_ratio > 0).
+    masked_idx: torch.Tensor
     logits: torch.Tensor | None  # (B, N) fp32 sampler logits (adaptive only)
     log_probs: torch.Tensor | None  # (B, N) fp32 log softmax(logits) (adaptive only)
+
+
+def keyed_mask_noise(cfg: AdaMAEConfig, sample_ids: torch.Tensor, seed: int) -> dict[str, torch.Tensor]:
+    """``AdaMAE.forward``'s noise arguments for clips keyed by their stream positions ``sample_ids [B]``:
+    ``noise`` (the encoder's mask) and, with decoder masking, ``decoder_noise`` (the decoder's targets). A clip
+    gets the same masks whatever the world size, micro-batch split or rank (``masking.keyed_noise``)."""
+    n = cfg.num_tokens
+    if cfg.decoder_ratio == 0:
+        return {"noise": keyed_noise(sample_ids, (n,), seed)[0]}
+    noise, decoder_noise = keyed_noise(sample_ids, (n, n + 1), seed)
+    return {"noise": noise, "decoder_noise": decoder_noise}
 
 
 def position_table(cfg: AdaMAEConfig, dim: int) -> torch.Tensor:
@@ -163,7 +216,14 @@ class AdaMAE(nn.Module):
         self.encoder = Encoder(cfg)
         self.sampler = (
             TokenSampler(
-                cfg.embed_dim, cfg.num_tokens, cfg.sampler_num_heads, cfg.sampler_dropout, cfg.sampler_precision
+                cfg.embed_dim,
+                cfg.num_tokens,
+                cfg.sampler_num_heads,
+                cfg.sampler_dropout,
+                cfg.sampler_precision,
+                width=cfg.sampler_width,
+                pool=cfg.sampler_pool,
+                grid=cfg.layout.grid,
             )
             if cfg.masking == "adaptive"
             else None
@@ -182,10 +242,15 @@ class AdaMAE(nn.Module):
         return None if self.sampler is None else self.sampler(tokens)
 
     def forward(
-        self, video: torch.Tensor, mask: torch.Tensor | None = None, noise: torch.Tensor | None = None
+        self,
+        video: torch.Tensor,
+        mask: torch.Tensor | None = None,
+        noise: torch.Tensor | None = None,
+        decoder_noise: torch.Tensor | None = None,
     ) -> AdaMAEOutput:
         """``video``: ``[B, C, T, H, W]`` normalised pixels. ``mask``: optional ``[B, N]`` bool to use
-        as is. ``noise``: optional uniform noise ``[B, N]`` driving the mask sampling."""
+        as is. ``noise``: optional uniform noise ``[B, N]`` driving the mask sampling; ``decoder_noise``:
+        optional uniform noise ``[B, N + 1]`` driving the decoder's targets (``masking.decoder_ratio > 0``)."""
         batch = video.shape[0]
         tokens = self.encoder.patch_embed(video)  # (B, N, D)
         logits = self.sample_logits(tokens)  # (B, N) fp32 or None
@@ -194,13 +259,17 @@ class AdaMAE(nn.Module):
                 self.cfg.masking, self.cfg.layout, self.cfg.num_visible, batch, video.device, logits, noise
             )
         visible_idx, masked_idx = split_indices(mask)  # (B, N_vis), (B, N_masked)
+        if self.cfg.decoder_ratio > 0:  # the masked tokens the decoder reconstructs: (B, N_rec)
+            masked_idx = decoder_targets(
+                mask, self.cfg.layout.grid, self.cfg.num_reconstructed, self.cfg.decoder_mask, decoder_noise
+            )
 
         latent = self.encoder(tokens, visible_idx)  # (B, N_vis, D)
         x_vis = self.encoder_to_decoder(latent)  # (B, N_vis, D_dec)
         pos = self.decoder_pos_embed.to(x_vis.dtype).expand(batch, -1, -1)  # (B, N, D_dec)
-        x_masked = self.mask_token.to(x_vis.dtype) + _gather_tokens(pos, masked_idx)  # (B, N_masked, D_dec)
-        x = torch.cat([x_vis + _gather_tokens(pos, visible_idx), x_masked], dim=1)  # (B, N, D_dec)
-        pred = self.decoder(x, masked_idx.shape[1])  # (B, N_masked, pixels_per_token)
+        x_masked = self.mask_token.to(x_vis.dtype) + _gather_tokens(pos, masked_idx)  # (B, N_rec, D_dec)
+        x = torch.cat([x_vis + _gather_tokens(pos, visible_idx), x_masked], dim=1)  # (B, N_vis + N_rec, D_dec)
+        pred = self.decoder(x, masked_idx.shape[1])  # (B, N_rec, pixels_per_token)
 
         log_probs = None if logits is None else token_log_probs(logits)
         return AdaMAEOutput(pred=pred, mask=mask, masked_idx=masked_idx, logits=logits, log_probs=log_probs)
@@ -209,4 +278,4 @@ class AdaMAE(nn.Module):
         return sum(p.numel() for p in self.parameters() if p.requires_grad or not trainable_only)
 
 
-__all__ = ["AdaMAE", "AdaMAEConfig", "AdaMAEOutput", "Decoder", "Encoder"]
+__all__ = ["AdaMAE", "AdaMAEConfig", "AdaMAEOutput", "Decoder", "Encoder", "keyed_mask_noise"]

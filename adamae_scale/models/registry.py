@@ -13,6 +13,8 @@ from .adamae import AdaMAE, AdaMAEConfig
 
 # Keys of a model config that configure how the engine runs the model, not the network itself.
 ENGINE_KEYS = ("checkpoint_every", "checkpoint_offload")
+# Keys of the masking section that shape the network's forward (saved in config.json under the same names).
+MASKING_MODEL_KEYS = ("decoder_ratio", "decoder_mask")
 
 
 def config_dir():
@@ -49,6 +51,9 @@ def make_config(model: Mapping[str, Any], masking: Mapping[str, Any] | None = No
     if masking is not None:
         values["masking"] = masking["strategy"]
         values["mask_ratio"] = masking["ratio"]
+        for key in MASKING_MODEL_KEYS:
+            if key in masking:
+                values[key] = masking[key]
     return AdaMAEConfig(**values)
 
 

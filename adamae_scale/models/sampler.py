@@ -4,6 +4,15 @@ By default everything here runs in fp32 even inside a bf16 autocast region: the 
 tokens, the Gumbel noise and the log-probabilities that carry the sampling loss are where bf16's 8-bit
 mantissa would hurt (a logit gap of 1e-2 is invisible to bf16 at magnitude 4). ``precision`` may make
 the block alone cheaper (``SAMPLER_PRECISIONS``); the input sum, head, logits and everything after stay fp32.
+
+Two measured, opt-in ways to make the block itself cheaper (docs/performance.md has the figures); with
+neither, the module is the reference's, parameter for parameter:
+
+- ``width``: the block runs at a narrower width behind a linear projection (half the width: ~4x fewer
+  block FLOPs in the linears, 2x fewer in attention);
+- ``pool``: the block runs over (pool x pool) spatial cells of tokens, averaged (pool 2: 4x fewer tokens, ~4x
+  fewer FLOPs in the linears and 16x in attention); every token's logit is the head of its cell's output plus
+  a per-token projection of its own embedding, so tokens of one cell still get their own probabilities.
 """
 
 from __future__ import annotations
@@ -13,6 +22,7 @@ from collections.abc import Iterator
 
 import torch
 import torch.nn.functional as F
+from einops import reduce, repeat
 from torch import nn
 
 from .layers import Block, Linear
@@ -27,27 +37,66 @@ class TokenSampler(nn.Module):
 
     Structure and initialisation follow the reference ``get_token_probs``: a block of width D with
     8 heads, mlp ratio 4, no qkv bias, LayerNorm eps 1e-5, dropout 0.1; ``pos_embed_probs`` starts
-    at zero.
+    at zero. ``width`` and ``pool`` (with the token ``grid``) select the cheaper blocks of the module docstring.
     """
 
-    def __init__(self, dim: int, num_tokens: int, num_heads: int = 8, dropout: float = 0.1, precision: str = "fp32"):
+    def __init__(
+        self,
+        dim: int,
+        num_tokens: int,
+        num_heads: int = 8,
+        dropout: float = 0.1,
+        precision: str = "fp32",
+        width: int | None = None,
+        pool: int = 1,
+        grid: tuple[int, int, int] | None = None,
+    ):
         super().__init__()
         if precision not in SAMPLER_PRECISIONS:
             raise ValueError(f"model.sampler_precision must be one of {SAMPLER_PRECISIONS}, got {precision!r}")
+        if pool > 1 and (grid is None or grid[1] % pool or grid[2] % pool):
+            raise ValueError(f"model.sampler_pool={pool} needs a token grid whose height and width it divides")
         self.precision = precision
-        self.pos_embed_probs = nn.Parameter(torch.zeros(1, num_tokens, dim))
-        self.block = Block(dim, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=dropout, norm_eps=1e-5)
-        self.head = Linear(dim, 1)
+        self.pool = pool
+        self.grid = grid
+        width = width or dim
+        if width < 1 or width % num_heads:
+            raise ValueError(f"the sampler's width {width} is not a positive multiple of its {num_heads} heads")
+        # Narrower than the tokens: a projection in front of the block (absent in the reference sampler).
+        self.proj = Linear(dim, width) if width != dim else None
+        block_tokens = num_tokens // (pool * pool)
+        self.pos_embed_probs = nn.Parameter(torch.zeros(1, block_tokens, width))
+        self.block = Block(width, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=dropout, norm_eps=1e-5)
+        # Pooled: each token's own term, added to its cell's block output before the head.
+        self.token_proj = Linear(dim, width) if pool > 1 else None
+        self.head = Linear(width, 1)
 
     def forward(self, tokens: torch.Tensor) -> torch.Tensor:
         device_type = tokens.device.type
         with torch.autocast(device_type=device_type, enabled=False):
-            x = tokens.float() + self.pos_embed_probs.float()  # (B, N, D) fp32
+            x = tokens.float()  # (B, N, D) fp32
             with _block_precision(self.precision, device_type):
-                x = self.block(x)  # (B, N, D)
+                if self.pool > 1:
+                    x = self._pooled(x)  # (B, N / pool², D)
+                if self.proj is not None:
+                    x = self.proj(x)  # (B, N', width)
+                x = self.block(x.float() + self.pos_embed_probs.float())  # (B, N', width)
+                if self.token_proj is not None:
+                    x = F.gelu(self._unpooled(x) + self.token_proj(tokens.float()))  # (B, N, width)
             logits = self.head(x.float()).squeeze(-1)  # (B, N)
             # A non-finite logit would poison softmax for the whole clip; the reference zeroes NaNs too.
             return torch.nan_to_num(logits.float(), nan=0.0, posinf=1e4, neginf=-1e4)
+
+    def _cells(self) -> dict[str, int]:
+        assert self.grid is not None
+        t, h, w = self.grid
+        return {"t": t, "h": h // self.pool, "w": w // self.pool, "p1": self.pool, "p2": self.pool}
+
+    def _pooled(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce(x, "b (t h p1 w p2) d -> b (t h w) d", "mean", **self._cells())
+
+    def _unpooled(self, x: torch.Tensor) -> torch.Tensor:
+        return repeat(x, "b (t h w) d -> b (t h p1 w p2) d", **self._cells())
 
 
 @contextlib.contextmanager
