@@ -4,6 +4,8 @@
   measured in the same run: the same step in plain torch, the matmul peak (MFU), where the step goes, and
   optionally random masking.
 - ``memory`` (``memory.py``): per-rank memory implied by a ZeRO stage, and measured from real pre-training steps.
+- ``scale`` (``scale.py``): ``adamae-shards`` videos per second with the process pool, Ray and SLURM-style parts
+  at equal workers on a Kinetics-shaped set it makes; loader clips per second from local shards vs S3.
 - ``parity`` (``parity.py``): ``make demo`` per option and seed (decoder masking, cheaper samplers, the
   ``fast`` preset): held-out focus and final loss against the default's seed band.
 - ``data`` (``data.py``): training clips per second per DataLoader worker from tar shards (each storage format
@@ -141,10 +143,44 @@ def register_step(sub: argparse._SubParsersAction) -> None:
     )
 
 
+def bench_scale(args: argparse.Namespace) -> dict[str, Any]:
+    from . import scale
+
+    return scale.run(args)
+
+
+def register_scale(sub: argparse._SubParsersAction) -> None:
+    parser = sub.add_parser(
+        "scale",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        help="adamae-shards videos/s: process pool vs Ray vs SLURM-style parts; loader clips/s: local vs S3",
+        description="(1) adamae-shards videos per second on a Kinetics-shaped set made by the benchmark (640x360, "
+        "30 fps, 10 s H.264 with B-frames) at the same number of workers: the process pool, Ray tasks on a local "
+        "Ray cluster (its start-up reported apart) and the job split into parts run at the same time plus merge. "
+        "(2) Training clips per second of the shard loader from the local shards and from the same shards in an "
+        "S3-protocol server (--s3-endpoint, or a moto_server started on 127.0.0.1), after a warm-up.",
+    )
+    parser.add_argument("--videos", type=int, default=16, help="Kinetics-shaped videos to make and convert")
+    parser.add_argument("--workers", type=int, default=2, help="processes / Ray CPUs / parts, the same for each")
+    parser.add_argument("--videos-per-shard", type=int, default=2, help="videos per shard")
+    parser.add_argument("--short-side", type=int, default=256, help="adamae-shards --short-side")
+    parser.add_argument("--clips", type=int, default=64, help="clips timed per loader measurement")
+    parser.add_argument("--warmup", type=int, default=4, help="batches before the loader's timing starts")
+    parser.add_argument(
+        "--s3-endpoint", default=None, help="an S3 endpoint to use (credentials from the environment); default: moto"
+    )
+    parser.add_argument(
+        "--repeats", type=int, default=2, help="rounds of every measurement, interleaved; the best of each is reported"
+    )
+    parser.add_argument("--work-dir", default=None, help="where the videos and shards go (default: the temp dir)")
+    parser.set_defaults(func=bench_scale)
+
+
 REGISTRY: list[Callable[[argparse._SubParsersAction], None]] = [
     register_data,
     register_memory,
     register_step,
+    register_scale,
     register_parity,
 ]
 

@@ -17,6 +17,7 @@ Labels become integers: integer labels stay as they are, names are numbered in s
 from __future__ import annotations
 
 import csv
+import io
 import json
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -46,20 +47,31 @@ def scan_folder(folder: Path, extensions: Iterable[str] = VIDEO_EXTENSIONS) -> l
     """Every video under ``folder`` (recursive, sorted). Videos in a sub-folder are labelled with the
     sub-folder's name (``class/video.mp4``, the Kinetics layout); videos at the top level get no label."""
     exts = {e.lower() for e in extensions}
+    paths = sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts)
+    return records_of([str(path.relative_to(folder)) for path in paths])
+
+
+def records_of(relative_paths: Iterable[str]) -> list[Record]:
+    """The records of a folder's videos given by their paths inside it, labelled by their first sub-folder."""
     records = []
-    for path in sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in exts):
-        rel = path.relative_to(folder)
+    for text in relative_paths:
+        rel = Path(text)
         records.append(Record(str(rel), rel.parts[0] if len(rel.parts) > 1 else None))
     return records
 
 
-def detect_format(path: Path) -> str:
+def detect_format(path: Path, text: str | None = None) -> str:
+    """The format of an annotation file, from its name and (CSV) header row; ``text`` is its content when it
+    was read already (a remote file)."""
     suffix = path.suffix.lower()
     if suffix == ".json":
         return "ssv2"
     if suffix == ".csv":
-        with path.open(newline="") as f:
-            header = [c.strip().lower() for c in next(csv.reader(f), [])]
+        if text is None:
+            with path.open(newline="") as f:
+                header = [c.strip().lower() for c in next(csv.reader(f), [])]
+        else:
+            header = [c.strip().lower() for c in next(csv.reader(io.StringIO(text)), [])]
         return "kinetics" if "youtube_id" in header else "csv"
     return "list"
 
@@ -70,11 +82,18 @@ def read_annotations(path: Path, fmt: str = "auto") -> list[Record]:
         raise AnnotationError(f"--format {fmt!r}: expected one of {FORMATS}")
     if not path.is_file():
         raise AnnotationError(f"{path}: annotation file not found")
-    fmt = detect_format(path) if fmt == "auto" else fmt
+    return parse_annotations(str(path), path.read_text(), fmt)
+
+
+def parse_annotations(name: str, text: str, fmt: str = "auto") -> list[Record]:
+    """The records of the annotation file ``name`` (a path or URL, named in errors) whose content is ``text``."""
+    if fmt not in FORMATS:
+        raise AnnotationError(f"--format {fmt!r}: expected one of {FORMATS}")
+    fmt = detect_format(Path(name), text) if fmt == "auto" else fmt
     reader = {"list": _read_list, "csv": _read_csv, "kinetics": _read_kinetics, "ssv2": _read_ssv2}[fmt]
-    records = reader(path)
+    records = reader(name, text)
     if not records:
-        raise AnnotationError(f"{path}: no videos listed (read as format {fmt!r})")
+        raise AnnotationError(f"{name}: no videos listed (read as format {fmt!r})")
     return records
 
 
@@ -85,9 +104,9 @@ def _label(token: str) -> str | int:
         return token
 
 
-def _read_list(path: Path) -> list[Record]:
+def _read_list(path: str, text: str) -> list[Record]:
     records = []
-    for number, raw in enumerate(path.read_text().splitlines(), start=1):
+    for number, raw in enumerate(text.splitlines(), start=1):
         line = raw.strip()
         if not line or line.startswith("#"):
             continue
@@ -101,9 +120,9 @@ def _read_list(path: Path) -> list[Record]:
     return records
 
 
-def _read_csv(path: Path) -> list[Record]:
+def _read_csv(path: str, text: str) -> list[Record]:
     records = []
-    with path.open(newline="") as f:
+    with io.StringIO(text, newline="") as f:
         for number, row in enumerate(csv.reader(f), start=1):
             cells = [c.strip() for c in row]
             if not any(cells):
@@ -116,9 +135,9 @@ def _read_csv(path: Path) -> list[Record]:
     return records
 
 
-def _read_kinetics(path: Path) -> list[Record]:
+def _read_kinetics(path: str, text: str) -> list[Record]:
     records = []
-    with path.open(newline="") as f:
+    with io.StringIO(text, newline="") as f:
         reader = csv.reader(f)
         header = [c.strip().lower() for c in next(reader, [])]
         missing = [c for c in KINETICS_COLUMNS if c not in header]
@@ -151,9 +170,9 @@ def _read_kinetics(path: Path) -> list[Record]:
     return records
 
 
-def _read_ssv2(path: Path) -> list[Record]:
+def _read_ssv2(path: str, text: str) -> list[Record]:
     try:
-        items = json.loads(path.read_text())
+        items = json.loads(text)
     except json.JSONDecodeError as err:
         raise AnnotationError(f"{path}:{err.lineno}: not valid JSON ({err.msg})") from None
     if not isinstance(items, list):
@@ -204,3 +223,13 @@ def index_stems(root: Path) -> dict[str, Path]:
         if path.suffix.lower() in VIDEO_EXTENSIONS and path.is_file():
             index.setdefault(path.stem, path)
     return index
+
+
+def resolve_url(record: Record, root: str, stem_index: dict[str, str] | None = None) -> str | None:
+    """``resolve`` for videos in object storage: ``root`` is a URL, ``stem_index`` maps stems to URLs."""
+    if "://" in record.path:
+        return record.path
+    url = root.rstrip("/") + "/" + record.path
+    if Path(record.path).suffix.lower() in VIDEO_EXTENSIONS or stem_index is None:
+        return url
+    return stem_index.get(Path(record.path).name) or stem_index.get(record.alt_stem or "")

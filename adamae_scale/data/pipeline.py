@@ -65,6 +65,7 @@ from webdataset.tariterators import group_by_keys, tar_file_iterator
 from ..base.collectives import all_gather, all_reduce
 from ..base.pixels import normalized
 from ..base.seeds import derive_seed
+from . import storage
 from .shards import MANIFEST
 from .transforms import REFERENCE_CROP_SCALES, crop_resize, rand_augment_clip
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
@@ -124,10 +125,57 @@ def _is_remote(url: str) -> bool:
     return url.startswith("pipe:") or "://" in url
 
 
+# Read through fsspec, streaming with retries (``storage.RetryingReader``); http(s) and pipe: stay with webdataset.
+OBJECT_STORE = ("s3://", "gs://", "gcs://")
+
+
+def _object_store_urls(text: str) -> list[str] | None:
+    """``data.urls`` in object storage: a manifest.json (its shards, in order), a folder (its manifest, else its
+    ``*.tar``), or a brace pattern of shards. ``None`` when ``text`` is not an object-store URL."""
+    if not text.startswith(OBJECT_STORE):
+        return None
+    shown = storage.redact(text)
+    try:
+        if text.endswith(".json"):
+            return _manifest_shards(text, storage.read_text(text), storage.parent(text))
+        if not text.endswith(".tar") and "{" not in text and storage.is_dir(text):
+            manifest = storage.join(text, MANIFEST)
+            if storage.exists(manifest):
+                return _manifest_shards(manifest, storage.read_text(manifest), text.rstrip("/"))
+            names = storage.names(text, "*.tar")
+            if not names:
+                raise ValueError(f"data.urls={shown}: no .tar shards and no {MANIFEST} in that folder")
+            return [storage.join(text, name) for name in names]
+        if "{" not in text and not storage.exists(text):
+            storage.check_bucket(text)
+            raise FileNotFoundError(text)
+    except FileNotFoundError as err:
+        detail = storage.redact(str(err))
+        raise ValueError(f"data.urls={shown}: not found" + (f" ({detail})" if detail != shown else "")) from None
+    except storage.StorageError as err:
+        raise ValueError(f"data.urls={shown}: {str(err).removeprefix(shown + ': ')}") from None
+    return list(braceexpand.braceexpand(text))
+
+
+def _manifest_shards(where: str, text: str, folder: str) -> list[str]:
+    shown = storage.redact(where)
+    try:
+        manifest = json.loads(text)
+        names = [s["name"] for s in manifest["shards"]]
+    except (json.JSONDecodeError, KeyError, TypeError) as err:
+        raise ValueError(f"data.urls={shown}: not an adamae-shards manifest ({err})") from None
+    if not manifest.get("complete", False):
+        warnings.warn(f"{shown}: the shard job is not complete (adamae-shards --resume finishes it)", stacklevel=3)
+    if not names:
+        raise ValueError(f"data.urls={shown}: the manifest lists no shards")
+    return [storage.join(folder, name) for name in names]
+
+
 def shard_urls(urls: str | Sequence[str]) -> list[str]:
     """``data.urls`` → shard list: a brace pattern (``/d/shard-{000000..000009}.tar``), a list, a folder
-    (its ``manifest.json`` order, else its ``*.tar`` sorted) or a ``manifest.json``; local paths and
-    ``pipe:`` commands. Local shards must exist."""
+    (its ``manifest.json`` order, else its ``*.tar`` sorted) or a ``manifest.json``; local paths, ``s3://`` and
+    ``gs://`` URLs (streamed through fsspec, with retries), ``http(s)://`` URLs and ``pipe:`` commands. Local
+    shards must exist."""
     if urls is None or urls == "" or urls == []:
         raise ValueError(
             "data.urls is required for data=shards: a brace pattern, a list, a folder of shards "
@@ -135,6 +183,8 @@ def shard_urls(urls: str | Sequence[str]) -> list[str]:
         )
     if isinstance(urls, (list, tuple)):
         expanded = [u for item in urls for u in shard_urls(item)]
+    elif (remote := _object_store_urls(str(urls))) is not None:
+        return remote
     else:
         text = str(urls)
         path = Path(text)
@@ -239,7 +289,7 @@ def _tar_files(url: str, damage: list[tuple[Exception, int]]) -> Generator[dict[
     into ``damage`` with the number of files read before it, instead of being retried member by member."""
     files, stream = 0, None
     try:
-        stream = wds.gopen(url)
+        stream = storage.open_read(url) if url.startswith(OBJECT_STORE) else wds.gopen(url)
         for member in tar_file_iterator(stream):  # re-raises: the stream cannot be trusted past an error
             member["__url__"] = url
             files += 1

@@ -27,6 +27,7 @@ import random
 import re
 import sys
 import tarfile
+import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
@@ -39,7 +40,7 @@ from typing import Any
 import av
 from tqdm import tqdm
 
-from ..base.atomic import atomic_write_text
+from . import storage
 from .annotations import (
     FORMATS,
     AnnotationError,
@@ -47,8 +48,11 @@ from .annotations import (
     build_label_map,
     index_stems,
     label_index,
+    parse_annotations,
     read_annotations,
+    records_of,
     resolve,
+    resolve_url,
     scan_folder,
 )
 from .video import VIDEO_EXTENSIONS, Geometry, Mp4Encoder, VideoError, VideoReader, encode_jpeg, short_side_size
@@ -169,8 +173,8 @@ class _ClipSink:
         return [("mjpeg", b"".join(self.jpegs))], {"frame_offsets": offsets}
 
 
-def transcode(path: Path, opts: ShardOptions, key_prefix: str, meta: dict[str, Any]) -> list[Sample]:
-    """The samples of one video; ``VideoError`` (with the reason) when it cannot be used."""
+def transcode(path: Path | bytes, opts: ShardOptions, key_prefix: str, meta: dict[str, Any]) -> list[Sample]:
+    """The samples of one video (a file, or its bytes); ``VideoError`` (with the reason) when it cannot be used."""
     with VideoReader(path) as reader:
         info = reader.info
         if info.width <= 0 or info.height <= 0:
@@ -233,11 +237,23 @@ def process_video(job: tuple[int, int, str, dict[str, Any], dict[str, Any]]) -> 
     bad video."""
     position, record_index, path, meta, options = job
     try:
-        return position, transcode(Path(path), ShardOptions(**options), f"{record_index:08d}", meta)
+        return position, transcode(_video_source(path), ShardOptions(**options), f"{record_index:08d}", meta)
     except VideoError as err:
         return position, str(err)
     except Exception as err:  # whatever a strange file triggers in a decoder: report it, go on
         return position, f"{type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}"[:300]
+
+
+def _video_source(path: str) -> Path | bytes:
+    """A local video file, or the bytes of one in object storage (``VideoError`` when it cannot be fetched)."""
+    if not storage.is_url(path):
+        return Path(path)
+    try:
+        return storage.read_bytes(path)
+    except FileNotFoundError:
+        raise VideoError("file not found") from None
+    except storage.StorageError as err:
+        raise VideoError(f"cannot be fetched: {err}") from None
 
 
 # -- ordered parallel map that survives a crashing decoder ---------------------------------------------------
@@ -292,14 +308,6 @@ def _run_alone(fn: Callable[[Any], Any], job: Any) -> Any:
 # -- atomic tar shards ---------------------------------------------------------------------------------------
 
 
-def _fsync_dir(folder: Path) -> None:
-    fd = os.open(folder, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with path.open("rb") as f:
@@ -309,14 +317,19 @@ def sha256_file(path: Path) -> str:
 
 
 class ShardSink:
-    """One tar shard, written to a hidden temporary name; ``close`` fsyncs and renames it into place.
+    """One tar shard, written to a hidden temporary name; ``close`` fsyncs and renames it into place (in
+    object storage: uploads it whole from a local temporary file).
 
     Members get fixed metadata (mtime 0, mode 0444, no owner) so a shard is a pure function of its samples.
     """
 
-    def __init__(self, folder: Path, name: str, first_position: int):
+    def __init__(self, folder: Path | str, name: str, first_position: int):
         self.folder, self.name, self.first_position = folder, name, first_position
-        self.tmp = folder / f".{name}.tmp-{os.getpid()}"
+        self.remote = storage.is_url(folder)
+        if self.remote:
+            self.tmp = Path(tempfile.mkdtemp(prefix="adamae-shards-")) / f".{name}.tmp-{os.getpid()}"
+        else:
+            self.tmp = Path(folder) / f".{name}.tmp-{os.getpid()}"
         self.file = self.tmp.open("wb")
         self.tar = tarfile.open(fileobj=self.file, mode="w", format=tarfile.USTAR_FORMAT)
         self.samples = 0
@@ -344,31 +357,49 @@ class ShardSink:
             "sha256": sha256_file(self.tmp),
             "records": [self.first_position, end_position],
         }
-        os.replace(self.tmp, self.folder / self.name)
-        _fsync_dir(self.folder)
+        if self.remote:
+            try:
+                storage.upload(self.tmp, storage.join(str(self.folder), self.name))
+            finally:
+                self._remove_tmp()
+        else:
+            os.replace(self.tmp, Path(self.folder) / self.name)
+            storage._fsync_dir(Path(self.folder))
         return entry
 
     def abort(self) -> None:
         self.tar.close()
         self.file.close()
+        self._remove_tmp()
+
+    def _remove_tmp(self) -> None:
         self.tmp.unlink(missing_ok=True)
+        if self.remote:
+            self.tmp.parent.rmdir()
 
 
-def write_manifest(folder: Path, manifest: dict[str, Any]) -> None:
-    atomic_write_text(folder / MANIFEST, json.dumps(manifest, indent=1))
-    _fsync_dir(folder)
+def write_manifest(folder: Path | str, manifest: dict[str, Any], name: str = MANIFEST) -> None:
+    storage.write_bytes_atomic(storage.join(str(folder), name), json.dumps(manifest, indent=1).encode())
 
 
-def verify_shard(folder: Path, entry: dict[str, Any]) -> bool:
-    path = folder / entry["name"]
-    return path.is_file() and path.stat().st_size == entry["bytes"] and sha256_file(path) == entry["sha256"]
+def verify_shard(folder: Path | str, entry: dict[str, Any]) -> bool:
+    location = storage.join(str(folder), entry["name"])
+    return storage.size(location) == entry["bytes"] and storage.sha256(location) == entry["sha256"]
 
 
 # -- the whole job -------------------------------------------------------------------------------------------
 
 
-def load_records(src: Path, root: Path | None, fmt: str) -> tuple[list[Record], Path, dict[str, Path] | None]:
+Location = Path | str  # a local path, or a URL (s3://, gs://, http(s)://) read and written through fsspec
+
+
+def load_records(
+    src: Location, root: Location | None, fmt: str
+) -> tuple[list[Record], Location, dict[str, Path] | dict[str, str] | None]:
     """Records, the root their paths are relative to, and a stem index when the format names videos by id."""
+    if storage.is_url(src) or (root is not None and storage.is_url(root)):
+        return _load_remote_records(str(src), None if root is None else str(root), fmt)
+    src, root = Path(src), None if root is None else Path(root)
     if not src.exists():
         raise FileNotFoundError(f"SRC {src}: no such file or directory")
     if root is not None and not root.is_dir():
@@ -384,12 +415,103 @@ def load_records(src: Path, root: Path | None, fmt: str) -> tuple[list[Record], 
     return records, base, index_stems(base) if needs_index else None
 
 
+def _load_remote_records(src: str, root: str | None, fmt: str) -> tuple[list[Record], str, dict[str, str] | None]:
+    """``load_records`` for a folder or annotation file in object storage (or an annotation file on the web)."""
+    if storage.is_dir(src):
+        records = records_of(storage.find(src, VIDEO_EXTENSIONS))
+        if not records:
+            raise FileNotFoundError(
+                f"SRC {storage.redact(src)}: no video files found (looked for {', '.join(VIDEO_EXTENSIONS)})"
+            )
+        return records, src.rstrip("/"), None
+    try:
+        text = storage.read_text(src)
+    except FileNotFoundError:
+        raise FileNotFoundError(f"SRC {storage.redact(src)}: no such file or folder") from None
+    records = parse_annotations(storage.redact(src), text, fmt)
+    base = str(root or storage.parent(src))
+    needs_index = any(r.alt_stem is not None or not Path(r.path).suffix for r in records)
+    if not needs_index:
+        return records, base, None
+    if not storage.is_url(base):
+        return records, base, {stem: str(path) for stem, path in index_stems(Path(base)).items()}
+    index: dict[str, str] = {}
+    for rel in storage.find(base, VIDEO_EXTENSIONS):
+        index.setdefault(Path(rel).stem, storage.join(base, rel))
+    return records, base, index
+
+
+def _display(location: Location) -> str:
+    """How a location is recorded in the manifest: an absolute local path, or the URL without secrets."""
+    return storage.redact(str(location)) if storage.is_url(location) else str(Path(location).resolve())
+
+
+class ShardJob:
+    """The videos of a job in their seeded order, their labels, and what identifies the job in its manifest."""
+
+    def __init__(
+        self,
+        src: Location,
+        opts: ShardOptions,
+        root: Location | None = None,
+        fmt: str = "auto",
+        label_map: dict[str, int] | None = None,
+    ):
+        self.opts = opts
+        self.records, self.base, stems = load_records(src, root, fmt)
+        self.remote = storage.is_url(self.base)
+        # Stem → video, for formats that name videos by id: URLs in object storage, paths on disk.
+        self.url_stems: dict[str, str] | None = None
+        self.path_stems: dict[str, Path] | None = None
+        if stems is not None and self.remote:
+            self.url_stems = {k: str(v) for k, v in stems.items()}
+        elif stems is not None:
+            self.path_stems = {k: Path(v) for k, v in stems.items()}
+        self.labels = build_label_map(self.records, label_map)
+        self.order = list(range(len(self.records)))
+        if opts.shuffle:
+            random.Random(opts.seed).shuffle(self.order)
+        self.identity: dict[str, Any] = {
+            "source": _display(src),
+            "root": _display(self.base),
+            "format": fmt,
+            "num_videos": len(self.records),
+            "options": asdict(opts),
+        }
+
+    def video(self, position: int) -> tuple[int, int, str, dict[str, Any], dict[str, Any]]:
+        """The worker job (``process_video``'s argument) of the video at ``position`` in the shuffled order."""
+        index = self.order[position]
+        record = self.records[index]
+        if self.remote:
+            path: Path | str | None = resolve_url(record, str(self.base), self.url_stems)
+        else:
+            path = resolve(record, Path(self.base), self.path_stems)
+        meta = {
+            "label": label_index(record.label, self.labels),
+            "label_name": record.label if isinstance(record.label, str) else None,
+            "source": record.path,
+        }
+        return position, index, str(path) if path is not None else "", meta, asdict(self.opts)
+
+    def failure(self, position: int, reason: str, log: Callable[[str], None]) -> dict[str, Any]:
+        """The manifest entry of a skipped video, reported through ``log`` as it always was."""
+        record = self.records[self.order[position]]
+        where = f" (line {record.line})" if record.line else ""
+        log(f"adamae-shards: skipped {record.path}{where}: {reason}")
+        return {"path": record.path, "line": record.line, "reason": reason, "position": position}
+
+
+def default_log(line: str) -> None:
+    tqdm.write(line, file=sys.stderr)
+
+
 def build_shards(
-    src: Path,
-    out_dir: Path,
+    src: Location,
+    out_dir: Location,
     opts: ShardOptions,
     *,
-    root: Path | None = None,
+    root: Location | None = None,
     fmt: str = "auto",
     label_map: dict[str, int] | None = None,
     workers: int = 1,
@@ -398,46 +520,23 @@ def build_shards(
     log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run the whole job; returns the final manifest. Bad videos are reported, never fatal."""
-    log = log or (lambda line: tqdm.write(line, file=sys.stderr))
-    records, base, stems = load_records(src, root, fmt)
-    labels = build_label_map(records, label_map)
-    out_dir.mkdir(parents=True, exist_ok=True)
+    log = log or default_log
+    shard_job = ShardJob(src, opts, root, fmt, label_map)
+    order, labels = shard_job.order, shard_job.labels
+    storage.make_dirs(out_dir)
 
-    order = list(range(len(records)))
-    if opts.shuffle:
-        random.Random(opts.seed).shuffle(order)
-    identity = {
-        "source": str(src.resolve()),
-        "root": str(base.resolve()),
-        "format": fmt,
-        "num_videos": len(records),
-        "options": asdict(opts),
-    }
-    manifest, redo = _start_manifest(out_dir, identity, labels, resume, log)
-    for stale in out_dir.glob(f".{opts.prefix}-*.tar.tmp-*"):  # left by a killed run: never a finished shard
-        stale.unlink()
+    manifest, redo = _start_manifest(out_dir, shard_job.identity, labels, resume, log)
+    remove_stale_temporaries(out_dir, opts.prefix)
     shards: list[dict[str, Any]] = manifest["shards"]
     failures: list[dict[str, Any]] = manifest["failures"]
     next_position = _range_start(shards)
     failures[:] = [f for f in failures if f["position"] < next_position]  # the rest is done again
     done_positions = next_position - sum(s["records"][1] - s["records"][0] for s in redo)
 
-    def job(position: int) -> tuple[Any, ...]:
-        index = order[position]
-        record = records[index]
-        path = resolve(record, base, stems)
-        meta = {
-            "label": label_index(record.label, labels),
-            "label_name": record.label if isinstance(record.label, str) else None,
-            "source": record.path,
-        }
-        return position, index, str(path) if path is not None else "", meta, asdict(opts)
+    job = shard_job.video
 
     def fail(position: int, reason: str) -> dict[str, Any]:
-        record = records[order[position]]
-        where = f" (line {record.line})" if record.line else ""
-        log(f"adamae-shards: skipped {record.path}{where}: {reason}")
-        return {"path": record.path, "line": record.line, "reason": reason, "position": position}
+        return shard_job.failure(position, reason, log)
 
     positions = [p for entry in redo for p in range(*entry["records"])] + list(range(next_position, len(order)))
     bar = tqdm(
@@ -513,6 +612,17 @@ def build_shards(
     return manifest
 
 
+def remove_stale_temporaries(out_dir: Location, prefix: str, names: Iterable[str] | None = None) -> None:
+    """Half-written shards left by a killed run: every one of the job (``prefix``), or only those of the shards
+    ``names`` (other processes may be writing the others). Local folders only: an object store never shows one."""
+    if storage.is_url(out_dir):
+        return
+    patterns = [f".{prefix}-*.tar.tmp-*"] if names is None else [f".{name}.tmp-*" for name in names]
+    for pattern in patterns:
+        for stale in Path(out_dir).glob(pattern):
+            stale.unlink(missing_ok=True)
+
+
 def _range_start(shards: list[dict[str, Any]]) -> int:
     return max((s["records"][1] for s in shards), default=0)
 
@@ -524,15 +634,23 @@ def _full(sink: ShardSink, opts: ShardOptions) -> bool:
 
 
 def _start_manifest(
-    out_dir: Path, identity: dict[str, Any], labels: dict[str, int], resume: bool, log: Callable[[str], None]
+    out_dir: Location,
+    identity: dict[str, Any],
+    labels: dict[str, int],
+    resume: bool,
+    log: Callable[[str], None],
+    name: str = MANIFEST,
 ) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """A fresh manifest, or (``--resume``) the previous one with the shards that need re-making."""
-    path = out_dir / MANIFEST
-    if not path.exists():
-        existing = sorted(p.name for p in out_dir.glob("*.tar"))
+    """A fresh manifest, or (``--resume``) the previous one with the shards that need re-making. ``name``: where
+    in OUT_DIR it lives (a part of a job keeps its own, and shares the folder with the other parts' shards)."""
+    path = storage.join(str(out_dir), name)
+    shown = storage.redact(path)
+    if not storage.exists(path):
+        existing = storage.names(out_dir, "*.tar") if name == MANIFEST else []
         if existing:
             raise FileExistsError(
-                f"{out_dir} holds tar files ({existing[0]}, ...) but no {MANIFEST}: use an empty OUT_DIR"
+                f"{storage.redact(str(out_dir))} holds tar files ({existing[0]}, ...) but no {MANIFEST}: "
+                "use an empty OUT_DIR"
             )
         manifest = {
             "tool": "adamae-shards",
@@ -544,18 +662,19 @@ def _start_manifest(
             "shards": [],
             "failures": [],
         }
-        write_manifest(out_dir, manifest)
+        write_manifest(out_dir, manifest, name)
         return manifest, []
     if not resume:
-        raise FileExistsError(f"{path} exists: pass --resume to continue that job, or use an empty OUT_DIR")
+        raise FileExistsError(f"{shown} exists: pass --resume to continue that job, or use an empty OUT_DIR")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as err:
-        raise ValueError(f"{path}: not valid JSON ({err}); remove OUT_DIR to start over") from None
+        raise ValueError(f"{shown}: not valid JSON ({err}); remove OUT_DIR to start over") from None
     differing = [k for k in identity if manifest.get(k) != identity[k]]
     if differing:
         detail = "; ".join(f"{k}: was {manifest.get(k)!r}, now {identity[k]!r}" for k in differing)
-        raise ValueError(f"--resume: the job in {out_dir} was made with other inputs or options ({detail})")
+        shown_dir = storage.redact(str(out_dir))
+        raise ValueError(f"--resume: the job in {shown_dir} was made with other inputs or options ({detail})")
     redo = []
     for entry in manifest["shards"]:
         if not verify_shard(out_dir, entry):
@@ -563,7 +682,7 @@ def _start_manifest(
             redo.append(entry)
     manifest["complete"] = False
     kept = len(manifest["shards"]) - len(redo)
-    log(f"adamae-shards: resuming {out_dir}: {kept} shards verified, {len(redo)} to re-make")
+    log(f"adamae-shards: resuming {storage.redact(str(out_dir))}: {kept} shards verified, {len(redo)} to re-make")
     return manifest, redo
 
 
@@ -604,15 +723,22 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "src",
         metavar="SRC",
-        type=Path,
+        type=location,
         help="a folder of videos (searched recursively; sub-folder names become labels) or an "
-        "annotation file: 'path label' list, CSV 'path,label', Kinetics CSV or SSv2 JSON",
+        "annotation file: 'path label' list, CSV 'path,label', Kinetics CSV or SSv2 JSON; "
+        "a local path or a URL (s3://, gs://; an annotation file also http(s)://)",
     )
-    parser.add_argument("out_dir", metavar="OUT_DIR", type=Path, help="where the shards and manifest.json go")
+    parser.add_argument(
+        "out_dir",
+        metavar="OUT_DIR",
+        type=location,
+        help="where the shards and manifest.json go: a local folder or s3:// / gs:// (credentials from the "
+        "usual environment variables and config files, AWS_ENDPOINT_URL for other S3 services)",
+    )
     src = parser.add_argument_group("input")
     src.add_argument(
         "--root",
-        type=Path,
+        type=location,
         default=None,
         help="folder that relative paths in the annotation file start from (default: the annotation file's folder)",
     )
@@ -697,11 +823,72 @@ def build_parser() -> argparse.ArgumentParser:
         "re-make the others, process the remaining videos",
     )
     run.add_argument("--no-progress", action="store_true", help="no progress bar")
+    scale = parser.add_argument_group(
+        "many machines",
+        "every shard gets a fixed set of --samples-per-shard videos; the samples are those the "
+        "process pool makes. OUT_DIR must be reachable from every machine (shared file system or object storage)",
+    )
+    scale.add_argument(
+        "--distributor",
+        choices=("pool", "ray"),
+        default="pool",
+        help="pool: --workers processes on this machine; ray: one Ray task per shard on a Ray cluster "
+        "(a dead worker's task is retried), the driver writes manifest.json",
+    )
+    scale.add_argument(
+        "--ray-address",
+        default=None,
+        help="the Ray cluster to use, e.g. 'auto' on a node of a cluster made with `ray start` "
+        "(default: a new local one with --workers CPUs)",
+    )
+    scale.add_argument(
+        "--part",
+        default=None,
+        help="I/N: make part I (0 <= I < N) of the shards, those whose index is I mod N, into OUT_DIR, and keep its "
+        "progress in OUT_DIR/parts/; inside a SLURM array job SLURM_ARRAY_TASK_ID/SLURM_ARRAY_TASK_COUNT give it. "
+        "When all parts are done, `adamae-shards merge OUT_DIR` writes manifest.json",
+    )
     return parser
 
 
+def location(text: str) -> Path | str:
+    """A command-line path: a URL stays as it is, anything else is a local ``Path``."""
+    return text if storage.is_url(text) else Path(text)
+
+
+def build_merge_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="adamae-shards merge",
+        description="Check that every part (--part I/N) of a shard job finished and every shard is in OUT_DIR, "
+        "then write OUT_DIR/manifest.json for training.",
+        formatter_class=_HelpFormatter,
+    )
+    parser.add_argument("out_dir", metavar="OUT_DIR", type=location, help="the OUT_DIR the parts wrote into")
+    parser.add_argument("--verify", action="store_true", help="check every shard's sha256 too (reads every shard)")
+    return parser
+
+
+def merge_main(argv: list[str]) -> int:
+    from .distribute import MergeError, merge_parts
+
+    args = build_merge_parser().parse_args(argv)
+    try:
+        merge_parts(args.out_dir, verify=args.verify)
+    except (MergeError, storage.StorageError, FileNotFoundError, ValueError) as err:
+        print(f"adamae-shards merge: error: {storage.redact(str(err))}", file=sys.stderr)
+        return 1
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["merge"]:
+        return merge_main(argv[1:])
     args = build_parser().parse_args(argv)
+    from .distribute import IncompleteJob, build_distributed, part_from_environment
+    from .distribute import part_name as manifest_name
+
+    part = None
     try:
         opts = ShardOptions(
             store=args.store,
@@ -728,10 +915,8 @@ def main(argv: list[str] | None = None) -> int:
                 raise ValueError(
                     f"--label-map {args.label_map}: expected a JSON object {{name: index}} ({err})"
                 ) from None
-        manifest = build_shards(
-            args.src,
-            args.out_dir,
-            opts,
+        part = part_from_environment(args.part) if args.part is not None or args.distributor == "pool" else None
+        common = dict(
             root=args.root,
             fmt=args.fmt,
             label_map=label_map,
@@ -739,14 +924,34 @@ def main(argv: list[str] | None = None) -> int:
             resume=args.resume,
             progress=not args.no_progress,
         )
-    except (AnnotationError, FileNotFoundError, FileExistsError, ValueError) as err:
-        print(f"adamae-shards: error: {err}", file=sys.stderr)
+        if args.distributor == "pool" and part is None:
+            manifest = build_shards(args.src, args.out_dir, opts, **common)
+        else:
+            manifest = build_distributed(
+                args.src,
+                args.out_dir,
+                opts,
+                distributor=args.distributor,
+                ray_address=args.ray_address,
+                part=part,
+                **common,
+            )
+    except (AnnotationError, FileNotFoundError, FileExistsError, ValueError, storage.StorageError) as err:
+        print(f"adamae-shards: error: {storage.redact(str(err))}", file=sys.stderr)
         return 2
+    except IncompleteJob as err:
+        print(f"adamae-shards: error: {err}", file=sys.stderr)
+        return 1
+    out = storage.redact(str(args.out_dir))
+    done = f"part {part[0]}/{part[1]}: " if part is not None else ""
+    where = storage.join(out, MANIFEST if part is None else manifest_name(*part))
     print(
-        f"adamae-shards: {manifest['num_samples']} samples in {len(manifest['shards'])} shards in {args.out_dir}"
-        f" ({manifest['num_failures']} videos skipped, reasons in {args.out_dir / MANIFEST})",
+        f"adamae-shards: {done}{manifest['num_samples']} samples in {len(manifest['shards'])} shards in {out}"
+        f" ({manifest['num_failures']} videos skipped, reasons in {where})",
         file=sys.stderr,
     )
+    if part is not None:
+        print(f"adamae-shards: when every part is done: adamae-shards merge {out}", file=sys.stderr)
     return 0
 
 

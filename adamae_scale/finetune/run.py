@@ -41,7 +41,7 @@ from ..config import FinetuneConfig
 from ..config.checks import check_data, model_config
 from ..convert.errors import ConvertError
 from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
-from ..data import ShardData, SyntheticData, build_data, synthetic_config
+from ..data import ShardData, SyntheticData, build_data, storage, synthetic_config
 from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
 from ..engine import optim, setup
 from ..engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
@@ -105,11 +105,13 @@ def num_classes(cfg: FinetuneConfig) -> int:
         if data.label_task == "none":
             raise ValueError("data=synthetic has no labels unless data.label_task=motion")
         return len(MOTION_CLASSES)
-    manifest = Path(str(data.urls)) / "manifest.json"
-    if manifest.is_file():
-        labels = json.loads(manifest.read_text()).get("label_map") or {}
+    urls = str(data.urls)
+    manifest = urls if urls.endswith(".json") else storage.join(urls, "manifest.json")  # a folder, local or s3://
+    if "{" not in urls and storage.exists(manifest):
+        labels = json.loads(storage.read_text(manifest)).get("label_map") or {}
         if labels:
             return len(labels)
+    manifest = storage.redact(manifest)
     raise ValueError(f"num_classes: not given and {manifest} has no label_map; pass num_classes=K")
 
 
