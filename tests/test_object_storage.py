@@ -46,7 +46,7 @@ def s3(tmp_path_factory):
 def shards_cli(*args: str, env: dict[str, str], unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     full = {k: v for k, v in cli_env(**env).items() if k not in unset}
     return subprocess.run(
-        [sys.executable, "-m", "adamae_scale.data.shards", *args],
+        [sys.executable, "-m", "adamae_scale.data.shards_cli", *args],
         cwd=REPO,
         env=full,
         capture_output=True,
@@ -214,7 +214,7 @@ def one_line(proc: subprocess.CompletedProcess, prog: str = "adamae-shards") -> 
 
 def run_main(capsys, *args: str) -> tuple[int, str]:
     """``adamae-shards ARGS`` in this process: (exit status, its one error line)."""
-    from adamae_scale.data.shards import main
+    from adamae_scale.data.shards_cli import main
 
     status = main(list(args))
     err = capsys.readouterr().err

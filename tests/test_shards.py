@@ -12,7 +12,8 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from adamae_scale.data.shards import ShardOptions, build_parser, build_shards, sha256_file
+from adamae_scale.data.shards import ShardOptions, build_shards, sha256_file
+from adamae_scale.data.shards_cli import build_parser
 from adamae_scale.data.video import Geometry, VideoReader, decode_jpeg
 
 from .conftest import REPO, cli_env
@@ -314,7 +315,7 @@ def test_annotation_files_with_root(folder, tmp_path):
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [sys.executable, "-m", "adamae_scale.data.shards", *args],
+        [sys.executable, "-m", "adamae_scale.data.shards_cli", *args],
         cwd=REPO,
         env=cli_env(),
         capture_output=True,

@@ -79,7 +79,7 @@ def check_same_as_pool(manifest: dict, folder: Path, pool: tuple[dict, Path]) ->
 
 
 def shards_cli(*args: str) -> list[str]:
-    return [sys.executable, "-m", "adamae_scale.data.shards", *args]
+    return [sys.executable, "-m", "adamae_scale.data.shards_cli", *args]
 
 
 def test_ray_tasks_on_a_running_cluster_store_what_the_pool_stores(videos, pool, ray_address, tmp_path):
@@ -191,7 +191,7 @@ def test_part_and_layout_errors_are_one_line(videos, tmp_path, monkeypatch):
 
 
 def test_merge_of_nothing_is_one_line(tmp_path, capsys):
-    from adamae_scale.data.shards import main
+    from adamae_scale.data.shards_cli import main
 
     assert main(["merge", str(tmp_path)]) == 1
     assert capsys.readouterr().err == (

@@ -3,7 +3,7 @@
 
 import sys
 
-from adamae_scale.data.shards import main
+from adamae_scale.data.shards_cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

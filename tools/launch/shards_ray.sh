@@ -10,4 +10,4 @@
 # is reported, and running the same command again makes only what is missing (--resume).
 set -euo pipefail
 export OMP_NUM_THREADS=1
-exec "${PYTHON:-python}" -m adamae_scale.data.shards "$@" --distributor ray --ray-address "${RAY_ADDRESS:-auto}" --resume
+exec "${PYTHON:-python}" -m adamae_scale.data.shards_cli "$@" --distributor ray --ray-address "${RAY_ADDRESS:-auto}" --resume
