@@ -95,12 +95,12 @@ def probe_overrides(probe: str, seed: int, run_dir: Path, clips: int, videos: in
 
 def probe(init: str, probe_kind: str, seed: int, run_dir: Path, clips: int, videos: int) -> dict[str, Any]:
     """The sweep in this process; returns its ``sweep.json`` best row."""
-    from .. import schema
+    from ..config import compose
     from .run import run
 
     encoder = [f"init={init}"] + ([*MODEL, *CLIP] if init == "none" else [])
     overrides = [*encoder, *probe_overrides(probe_kind, seed, run_dir, clips, videos)]
-    cfg = schema.compose(overrides, config_name="finetune")
+    cfg = compose(overrides, config_name="finetune")
     summary = run(cfg)
     return dict(summary["eval"]["sweep_best"])
 

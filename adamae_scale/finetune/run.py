@@ -23,8 +23,7 @@ import json
 import os
 import signal
 import sys
-from collections.abc import Callable, Iterator, Mapping
-from dataclasses import dataclass
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any, cast
 
@@ -33,16 +32,13 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from .. import config
-from ..base.atomic import atomic_output_dir, atomic_write_text
 from ..base.collectives import all_reduce, any_rank, gather_objects
-from ..base.pixels import normalize_
 from ..builder import RunBuilder, claim_run_dir
 from ..config import FinetuneConfig
 from ..config.checks import check_data, model_config
 from ..convert.errors import ConvertError
-from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
-from ..data import ShardData, SyntheticData, build_data, storage, synthetic_config
-from ..data.synthetic import MOTION_CLASSES, clip_label, render_clip
+from ..data import ShardData, SyntheticData, build_data, storage
+from ..data.synthetic import MOTION_CLASSES
 from ..engine import optim, setup
 from ..engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from ..engine.disk import InsufficientSpaceError
@@ -51,13 +47,13 @@ from ..engine.run_lock import RunDirBusy
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..models import AdaMAEConfig, make_config
 from ..models.classifier import VideoClassifier
-from ..models.pooler import AttentiveSpec
 from . import evaluate
-from .confusion_png import write_confusion
 from .ema import ClassifierEma
 from .labels import class_names
+from .outputs import ClassifierHead, attentive_spec, save_classifier, write_classifier, write_evaluation
 from .recipe import ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, KeyReport, classifier_config, classifier_state, load_source
+from .views import rank_views
 
 
 def validate(
@@ -80,20 +76,6 @@ def validate(
     classes = num_classes(cfg)
     class_names(cfg.data, classes)  # the label maps of data.urls and data.val_urls agree
     return cfg, source, model_cfg, classes
-
-
-def attentive_spec(cfg: FinetuneConfig, model_cfg: AdaMAEConfig) -> AttentiveSpec | None:
-    """``finetune.mode=attentive``: the pooler's queries and heads (``None`` for the other modes)."""
-    tune = cfg.finetune
-    if tune.mode != "attentive":
-        return None
-    heads = tune.pooler_heads if tune.pooler_heads is not None else model_cfg.num_heads
-    if model_cfg.embed_dim % heads:
-        raise ValueError(
-            f"finetune.pooler_heads={heads!r}: expected an integer >= 1 dividing the encoder's width "
-            f"{model_cfg.embed_dim} (null: the encoder's {model_cfg.num_heads})"
-        )
-    return AttentiveSpec(tune.pooler_queries, heads)
 
 
 def num_classes(cfg: FinetuneConfig) -> int:
@@ -219,55 +201,6 @@ def run(raw: Mapping[str, Any] | FinetuneConfig) -> dict[str, Any]:
     return summary
 
 
-@dataclass(frozen=True)
-class ClassifierHead:
-    """What a classifier folder records besides the encoder: the classes, their names, the pooling."""
-
-    classes: int
-    names: list[str]
-    attentive: AttentiveSpec | None = None
-
-
-def save_classifier(
-    engine: Any, model_cfg: AdaMAEConfig, head: ClassifierHead, out_dir: Path, env: setup.DistEnv
-) -> None:
-    """The trained classifier as a weight folder (``format: adamae-classifier``, fp32), written atomically by
-    rank 0 (under ZeRO-3 every rank takes part in gathering each parameter)."""
-    import deepspeed
-
-    state = {}
-    for name, param in engine.module.named_parameters():
-        with deepspeed.zero.GatheredParameters([param], enabled=hasattr(param, "ds_id")):
-            if env.rank == 0:
-                state[name] = param.detach().float().cpu().clone()
-    if env.rank == 0:
-        write_classifier(state, model_cfg, head, out_dir)
-
-
-def write_classifier(
-    state: dict[str, torch.Tensor],
-    model_cfg: AdaMAEConfig,
-    head: ClassifierHead,
-    out_dir: Path,
-    ema_decay: float | None = None,
-) -> None:
-    """``state`` as a classifier weight folder (``RUN_DIR/model``, or ``RUN_DIR/model_ema`` for the average)."""
-    source: dict[str, Any] = {"kind": "adamae-finetune", "run_dir": str(out_dir.parent.absolute())}
-    if ema_decay is not None:
-        source["model_ema_decay"] = ema_decay
-    config = {
-        "format": FORMAT_CLASSIFIER,
-        "format_version": FORMAT_VERSION,
-        "model": model_cfg.to_dict(),
-        "num_classes": head.classes,
-        "class_names": head.names,
-        **({"attentive": head.attentive.to_dict()} if head.attentive is not None else {}),
-        "source": source,
-    }
-    with atomic_output_dir(out_dir, overwrite=True) as tmp:
-        write_folder(tmp, state, config, torch.float32)
-
-
 class FinetuneTrainer(Trainer):
     """The trainer, with the model EMA (if any) in its checkpointed state: a resumed run averages on exactly as
     the uninterrupted one. The average travels in DeepSpeed's client state, written by rank 0 only (under ZeRO
@@ -301,58 +234,6 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
 
 
 # -- evaluation --------------------------------------------------------------------------------------------------
-def held_out_videos(cfg: FinetuneConfig, model_cfg: AdaMAEConfig) -> Iterator[tuple[str, int, torch.Tensor]]:
-    """``(key, label, video [C, T', H, W'])`` of the held-out synthetic videos, rendered longer and wider than the
-    clip when there are several temporal / spatial views (the views then cover different content)."""
-    views = cfg.eval
-    frames = model_cfg.num_frames * (2 if views.temporal_views > 1 else 1)
-    height, width = model_cfg.img_size
-    if views.spatial_views > 1:
-        width = width + width // 3 // model_cfg.patch_size * model_cfg.patch_size
-    eval_model = AdaMAEConfig(**{**model_cfg.to_dict(), "num_frames": frames, "img_size": (height, width)})
-    data = cast(SyntheticData, cfg.data)
-    synthetic = synthetic_config(dataclasses.replace(data, seed=data.eval_seed), eval_model)
-    for index in range(views.videos):
-        video, _ = render_clip(synthetic, index)
-        yield f"synthetic-{index:06d}", clip_label(synthetic, index), normalize_(video)
-
-
-def rank_views(
-    cfg: FinetuneConfig,
-    model_cfg: AdaMAEConfig,
-    env: setup.DistEnv,
-    skipped: list[str],
-    done: Callable[[int], bool] | None = None,
-) -> Iterator[evaluate.VideoViews]:
-    """The videos this rank evaluates (each video on exactly one rank), as views; ``done(index)``: a video to
-    pass over (a resumed feature cache)."""
-    views = cfg.eval
-    geometry = (model_cfg.num_frames, model_cfg.img_size)
-    data = cfg.data
-    if isinstance(data, ShardData):
-        from .shard_views import rank_videos
-
-        yield from rank_videos(
-            data.val_urls or data.urls,
-            env.rank,
-            env.world_size,
-            *geometry,
-            data.sampling_rate,
-            views.temporal_views,
-            views.spatial_views,
-            skipped,
-            done,
-        )
-        return
-    videos = list(held_out_videos(cfg, model_cfg))
-    for index in evaluate.shard_indices(len(videos), env.rank, env.world_size):
-        if done is not None and done(index):
-            continue
-        key, label, video = videos[index]
-        clips = evaluate.clip_views(video, *geometry, views.temporal_views, views.spatial_views)
-        yield evaluate.VideoViews(index, key, label, None, clips)
-
-
 @torch.no_grad()
 def final_evaluation(
     engine: Any,
@@ -410,23 +291,6 @@ def final_evaluation(
 def _prediction(item: evaluate.VideoViews, logits: torch.Tensor, views: int) -> evaluate.Prediction:
     probs = evaluate.average_views(logits, views)[0].cpu()
     return evaluate.Prediction(item.index, item.key, item.label, probs, item.source)
-
-
-def write_evaluation(
-    run_dir: Path,
-    metrics: Mapping[str, Any],
-    rows: list[dict[str, Any]],
-    skipped: list[str],
-    ema_rows: list[dict[str, Any]] | None = None,
-) -> None:
-    """``eval.json``, ``predictions.jsonl`` (and ``predictions_ema.jsonl``), ``confusion_matrix.png``."""
-    atomic_write_text(run_dir / "eval.json", json.dumps({**metrics, "skipped_videos": skipped[:100]}, indent=2))
-    atomic_write_text(run_dir / "predictions.jsonl", "".join(json.dumps(r) + "\n" for r in rows))
-    if ema_rows is not None:
-        atomic_write_text(run_dir / "predictions_ema.jsonl", "".join(json.dumps(r) + "\n" for r in ema_rows))
-    matrix = metrics["confusion_matrix"]
-    title = f"top-1 {metrics['top1']:.3f} over {metrics['videos']} videos"
-    write_confusion(run_dir / "confusion_matrix.png", matrix["counts"], matrix["class_names"], title)
 
 
 class ValidationHook:

@@ -38,8 +38,10 @@ from ..models.classifier import ProbeHead, VideoClassifier
 from . import evaluate
 from .features import FeatureCache, Split, file_identity, fill_train, fill_val
 from .labels import class_names
+from .outputs import ClassifierHead, attentive_spec, write_classifier, write_evaluation
 from .recipe import PROBE_MODES
 from .sources import EncoderSource, classifier_state
+from .views import rank_views
 
 
 @dataclass(frozen=True)
@@ -161,8 +163,6 @@ def cache_identity(cfg: FinetuneConfig, source: EncoderSource, model_cfg: AdaMAE
 
 
 def run_sweep(cfg: FinetuneConfig, source: EncoderSource, model_cfg: AdaMAEConfig, classes: int) -> dict[str, Any]:
-    from .run import ClassifierHead, attentive_spec, rank_views, write_classifier, write_evaluation
-
     settings = sweep_settings(cfg)
     env = setup.dist_env()
     if env.world_size > 1:
