@@ -171,7 +171,7 @@ def test_fine_tuning_reads_its_classes_and_evaluates_from_s3(s3, s3_shards):
     config = SimpleNamespace(num_classes=None, data=ShardData(urls="s3://shards/mp4"))  # what num_classes reads
     assert num_classes(config) == 3  # the manifest's label map
     views = lambda urls: [  # noqa: E731
-        (key, label, clip.sum().item()) for _, key, label, clip in rank_videos(urls, 0, 1, 4, (32, 32), 2, 2, 1, [])
+        (item.key, item.label, item.views.sum().item()) for item in rank_videos(urls, 0, 1, 4, (32, 32), 2, 2, 1, [])
     ]
     remote = views("s3://shards/mp4/manifest.json")
     assert len(remote) == 7 and remote == views(str(s3_shards["local"]))
