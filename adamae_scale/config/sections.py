@@ -10,6 +10,7 @@ from typing import Any, TypeVar
 
 from ..engine.fairscale_engine import DEFAULT_SHARDING
 from ..engine.optim import Schedule
+from ..models import AdaMAEConfig
 from . import checks
 
 T = TypeVar("T")
@@ -64,9 +65,9 @@ class MaskingSection:
     strategy: str
     ratio: float
     sampling_loss_weight: float = 0.0
-    # Decoder masking: checked with the model (models/masking.py), whose config carries both keys.
-    decoder_ratio: float = 0.0
-    decoder_mask: str = "running_cell"
+    # Decoder masking: checked and defaulted by the model's config, which carries both keys into checkpoints.
+    decoder_ratio: float = AdaMAEConfig.decoder_ratio
+    decoder_mask: str = AdaMAEConfig.decoder_mask
 
     def __post_init__(self) -> None:
         checks.number("masking.sampling_loss_weight", self.sampling_loss_weight, 0.0)
