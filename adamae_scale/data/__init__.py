@@ -1,4 +1,7 @@
-"""Data sources: each yields dicts of tensors ``{"video": [B, 3, T, H, W], ...}`` and has a state."""
+"""Data sources: each yields dicts of tensors ``{"video": [B, 3, T, H, W], ...}`` and has a state.
+
+torch is imported where a source is built, not here: the video tools (``adamae-shards`` and its worker processes)
+import this package and start faster without it."""
 
 from __future__ import annotations
 
@@ -6,19 +9,19 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-import torch
-
 from .sections import SECTIONS, DataSection, ShardData, SyntheticData, section_values
-from .synthetic import SyntheticClips, SyntheticConfig, render_threads
 
 if TYPE_CHECKING:
     from ..models import AdaMAEConfig
     from .pipeline import ShardClips, ShardDataConfig
+    from .synthetic import SyntheticClips, SyntheticConfig
 
 SOURCES = tuple(SECTIONS)
 
 
 def synthetic_config(section: DataSection | Mapping[str, Any], model_cfg: AdaMAEConfig) -> SyntheticConfig:
+    from .synthetic import SyntheticConfig
+
     data = section_values(section)
     keys = (
         "num_objects",
@@ -77,6 +80,10 @@ def build_data(
     ``finetune.repeated_aug``): ``batch_size`` counts views, ``repeated_aug`` of each clip."""
     data = section_values(section)
     if data["name"] == "synthetic":
+        import torch
+
+        from .synthetic import SyntheticClips, render_threads
+
         # Ranks per node: torchrun's LOCAL_WORLD_SIZE, the deepspeed launcher's LOCAL_SIZE.
         local_ranks = int(os.environ.get("LOCAL_WORLD_SIZE") or os.environ.get("LOCAL_SIZE") or 1)
         accelerated = torch.cuda.is_available()

@@ -22,6 +22,7 @@ import argparse
 import hashlib
 import io
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -268,7 +269,7 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
         yield from map(fn, jobs)
         return
     window = window or 4 * workers
-    pool = ProcessPoolExecutor(max_workers=workers)
+    pool = _process_pool(workers)
     pending: deque = deque()
 
     def refill() -> None:
@@ -287,7 +288,7 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 result = _run_alone(fn, job)
-                pool = ProcessPoolExecutor(max_workers=workers)
+                pool = _process_pool(workers)
                 pending = deque((j, pool.submit(fn, j)) for j, _ in pending)
             yield result
             refill()
@@ -295,8 +296,16 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
         pool.shutdown(wait=True, cancel_futures=True)
 
 
+def _process_pool(workers: int) -> ProcessPoolExecutor:
+    """Workers started fresh ("spawn"), never forked from this process: by the time a pool starts, this process may
+    run threads (fsspec's I/O loop for s3:// sources, Ray's, a test runner's), and a child forked while one of them
+    holds a lock waits on it forever. Unlike a fork server, each pool's workers see the environment of the moment
+    (credentials, endpoints)."""
+    return ProcessPoolExecutor(max_workers=workers, mp_context=multiprocessing.get_context("spawn"))
+
+
 def _run_alone(fn: Callable[[Any], Any], job: Any) -> Any:
-    with ProcessPoolExecutor(max_workers=1) as alone:
+    with _process_pool(1) as alone:
         try:
             return alone.submit(fn, job).result()
         except BrokenProcessPool:
