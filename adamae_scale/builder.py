@@ -27,8 +27,9 @@ from .config.sections import EngineSection, TrainSection
 from .engine import engines, run_lock, setup, stage
 from .engine.checkpoint import Checkpointer, CheckpointRef
 from .engine.engines import Backend, EngineSpec
+from .engine.interface import TrainingEngine
 from .engine.optim import Schedule
-from .engine.trainer import LossFn, StepHook, Trainer
+from .engine.trainer import LossFn, StepHook, Trainer, TrainPlan
 from .metrics import MetricsLogger
 
 
@@ -117,7 +118,7 @@ class RunBuilder:
 
     def trainer(
         self,
-        engine: Any,
+        engine: TrainingEngine,
         objective: LossFn,
         data: Any,
         hooks: Sequence[StepHook] = (),
@@ -135,13 +136,15 @@ class RunBuilder:
             checkpointer,
             MetricsLogger(self.cfg.run.run_dir, enabled=self.is_rank0, resume_step=resume_step),
             self.schedule,
-            train.steps,
-            self.global_batch,
-            self.cfg.run.seed,
-            train.log_every,
+            TrainPlan(
+                steps=train.steps,
+                global_batch=self.global_batch,
+                seed=self.cfg.run.seed,
+                log_every=train.log_every,
+                max_skipped_in_a_row=train.max_skipped_in_a_row,
+                loss_spike_factor=train.loss_spike_factor,
+            ),
             hooks=hooks,
-            max_skipped_in_a_row=train.max_skipped_in_a_row,
-            loss_spike_factor=train.loss_spike_factor,
             name=name,
             **extra,
         )
@@ -172,7 +175,7 @@ def assemble_engine(
     blocks: Callable[[nn.Module], Iterable[nn.Module]],
     checkpoint_every: int,
     checkpoint_offload: bool = False,
-) -> tuple[Any, nn.Module]:
+) -> tuple[TrainingEngine, nn.Module]:
     """``RunBuilder.build_engine`` for a backend made elsewhere (the step benchmark's)."""
     torch.manual_seed(seed)  # identical initial weights on every rank
     model = backend.build_module(make_model)

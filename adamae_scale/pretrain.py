@@ -25,6 +25,7 @@ from .engine import optim, setup
 from .engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.engines import Backend
+from .engine.interface import TrainingEngine
 from .engine.run_lock import RunDirBusy
 from .engine.trainer import Trainer, TrainingDiverged
 from .models import AdaMAE, build_model
@@ -103,7 +104,7 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     return summary
 
 
-def build_engine(cfg: PretrainConfig, backend: Backend | None, peak_lr: float) -> Any:
+def build_engine(cfg: PretrainConfig, backend: Backend | None, peak_lr: float) -> TrainingEngine:
     """Model (sharded at birth under ZeRO-3) → AdamW groups → ``train.compile`` → activation checkpointing → the
     engine of ``backend`` (DeepSpeed or fairscale)."""
     if backend is None:
@@ -143,7 +144,7 @@ def compile_if_asked(cfg: PretrainConfig, model: AdaMAE) -> None:
         setup.compile_blocks([*model.blocks(), *([model.sampler.block] if model.sampler is not None else [])])
 
 
-def focus_report(engine: Any, cfg: PretrainConfig, env: setup.DistEnv) -> dict[str, float]:
+def focus_report(engine: TrainingEngine, cfg: PretrainConfig, env: setup.DistEnv) -> dict[str, float]:
     """Focus of the sampler on held-out synthetic clips (the same clips every time it is called)."""
     data = cast(SyntheticData, cfg.data)
     held_out = build_data(

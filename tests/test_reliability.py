@@ -19,6 +19,7 @@ from adamae_scale import schema
 from adamae_scale.bench.step import compose
 from adamae_scale.engine.checkpoint import MANIFEST, Checkpointer, verify
 from adamae_scale.engine.guard import GuardedAdamW
+from adamae_scale.engine.trainer import Trainer, TrainPlan
 from adamae_scale.metrics import MetricsLogger, read_metrics
 
 from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain, run_torchrun
@@ -456,3 +457,31 @@ def test_checkpointer_refuses_a_tag_folder_that_does_not_verify(saved_run, tmp_p
     with pytest.raises(ValueError, match="no readable manifest.json"):
         Checkpointer(tmp_path, 1).find(str(tag))
     assert os.path.isdir(tag)
+
+
+def test_an_engine_without_the_trainers_interface_is_named_before_training():
+    class HalfEngine:  # an engine that forgot checkpoint loading and the accumulation boundary
+        module = torch.nn.Linear(1, 1)
+        optimizer = torch.optim.SGD(module.parameters(), lr=0.1)
+        device, global_rank, world_size = torch.device("cpu"), 0, 1
+
+        def __call__(self, *args, **kwargs): ...
+        def train(self, mode=True): ...
+        def eval(self): ...
+        def backward(self, loss): ...
+        def step(self): ...
+        def gradient_accumulation_steps(self):
+            return 1
+
+        def train_micro_batch_size_per_gpu(self):
+            return 1
+
+        def save_checkpoint(self, save_dir, tag, client_state=None, save_latest=True): ...
+
+    plan = TrainPlan(steps=1, global_batch=1)
+    with pytest.raises(
+        TypeError,
+        match=r"^HalfEngine is not a TrainingEngine: it has no "
+        r"is_gradient_accumulation_boundary, load_checkpoint$",
+    ):
+        Trainer(HalfEngine(), lambda engine, batch: {}, iter([]), None, None, None, plan)

@@ -38,7 +38,7 @@ from collections import defaultdict
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, cast
 
 import torch
 from torch import nn
@@ -228,7 +228,7 @@ def time_engine(
         result.peak_memory = peak_memory_bytes(device)
         if opts.breakdown:
             result.breakdown = measure_breakdown(
-                engine.module, engine, objective, batch, engine.backward, engine.step, opts.steps, device
+                cast(AdaMAE, engine.module), engine, objective, batch, engine.backward, engine.step, opts.steps, device
             )
     destroy = getattr(engine, "destroy", None)
     if callable(destroy):

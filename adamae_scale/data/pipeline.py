@@ -66,8 +66,9 @@ from ..base.collectives import all_gather, all_reduce
 from ..base.pixels import normalized
 from ..base.seeds import derive_seed
 from . import storage
+from .sections import ShardData
 from .shards import MANIFEST
-from .transforms import REFERENCE_CROP_SCALES, crop_resize, rand_augment_clip
+from .transforms import crop_resize, rand_augment_clip
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
 
 RngFor = Callable[[str, str], np.random.Generator]  # (sample key, purpose) → a generator for that sample
@@ -83,25 +84,28 @@ class CorruptDataError(RuntimeError):
 
 @dataclass
 class ShardDataConfig:
+    """What the loader needs: the ``data=shards`` section (whose defaults these are) and the model's clip size."""
+
     urls: str | Sequence[str]
     num_frames: int = 16
     img_size: tuple[int, int] = (224, 224)
-    sampling_rate: int = 4
-    crop_scales: tuple[float, ...] = REFERENCE_CROP_SCALES
-    max_distort: int = 1
-    flip: bool = False
-    shuffle_buffer: int = 256
-    shuffle_initial: int = 64
-    workers: int = 4
-    prefetch: int = 2
-    resampled: bool = False
-    max_corrupt_fraction: float = 0.01
-    corrupt_check_after: int = 200
-    seed: int = 0
-    rand_augment: str | None = None  # timm RandAugment policy, the same for every frame of a clip (fine-tuning)
+    sampling_rate: int = ShardData.sampling_rate
+    crop_scales: tuple[float, ...] = ShardData.crop_scales
+    max_distort: int = ShardData.max_distort
+    flip: bool = ShardData.flip
+    shuffle_buffer: int = ShardData.shuffle_buffer
+    shuffle_initial: int = ShardData.shuffle_initial
+    workers: int = ShardData.workers
+    prefetch: int = ShardData.prefetch
+    resampled: bool = ShardData.resampled
+    max_corrupt_fraction: float = ShardData.max_corrupt_fraction
+    corrupt_check_after: int = ShardData.corrupt_check_after
+    seed: int = ShardData.seed
+    # timm RandAugment policy, the same for every frame of a clip (fine-tuning).
+    rand_augment: str | None = ShardData.rand_augment
     # Repeated augmentation: each decoded window gives this many independently augmented views,
     # consecutive samples of a batch with the same label and key. ``batch_size`` counts views.
-    repeated_aug: int = 1
+    repeated_aug: int = ShardData.repeated_aug
 
     def __post_init__(self) -> None:
         if isinstance(self.img_size, int):

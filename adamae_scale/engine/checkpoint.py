@@ -23,6 +23,7 @@ from typing import Any
 from ..base.atomic import atomic_write_text
 from ..base.collectives import barrier, gather_objects, rank_and_world
 from .disk import check_free_space
+from .interface import TrainingEngine
 
 TAG_FORMAT = "step_{:08d}"
 
@@ -67,7 +68,7 @@ class Checkpointer:
     def should_save(self, step: int, last_step: bool) -> bool:
         return last_step or (self.interval > 0 and step % self.interval == 0)
 
-    def save(self, engine: Any, step: int, state: dict[str, Any]) -> Path:
+    def save(self, engine: TrainingEngine, step: int, state: dict[str, Any]) -> Path:
         """Save after ``step`` optimizer steps; every rank must call this."""
         tag = tag_for(step)
         tag_dir = self.folder / tag
@@ -183,7 +184,7 @@ class Checkpointer:
             "use train.resume=none to start over or train.resume=FOLDER for a specific one"
         )
 
-    def load(self, engine: Any, ref: CheckpointRef) -> dict[str, Any]:
+    def load(self, engine: TrainingEngine, ref: CheckpointRef) -> dict[str, Any]:
         """Load ``ref`` into the engine (model, optimizer, scheduler); returns the saved client state."""
         load_path, client_state = engine.load_checkpoint(str(ref.folder), tag=ref.tag)
         if load_path is None:

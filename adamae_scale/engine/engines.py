@@ -20,6 +20,7 @@ from torch import nn
 
 from . import fairscale_engine, setup
 from .checkpoint import CheckpointRef, NoUsableCheckpoint, to_universal
+from .interface import TrainingEngine
 
 DEFAULT = "deepspeed"
 
@@ -44,7 +45,7 @@ class Backend(Protocol):
     def load_weights(self, model: nn.Module, state: dict[str, torch.Tensor]) -> None: ...
     def offloads_optimizer(self) -> bool: ...
     def checkpoint_activations(self, blocks: Iterable[nn.Module], every: int, offload: bool) -> int: ...
-    def initialize(self, model: nn.Module, optimizer: Any) -> Any: ...
+    def initialize(self, model: nn.Module, optimizer: Any) -> TrainingEngine: ...
     def resume_from(self, ref: CheckpointRef, world_size: int, is_rank0: bool) -> CheckpointRef: ...
 
 
@@ -78,7 +79,7 @@ class DeepSpeedBackend:
     def checkpoint_activations(self, blocks: Iterable[nn.Module], every: int, offload: bool) -> int:
         return setup.apply_activation_checkpointing(blocks, every)
 
-    def initialize(self, model: nn.Module, optimizer: Any) -> Any:
+    def initialize(self, model: nn.Module, optimizer: Any) -> TrainingEngine:
         return setup.initialize(model, optimizer, self.ds_config)
 
     def resume_from(self, ref: CheckpointRef, world_size: int, is_rank0: bool) -> CheckpointRef:
@@ -113,7 +114,7 @@ class FairscaleBackend:
     def checkpoint_activations(self, blocks: Iterable[nn.Module], every: int, offload: bool) -> int:
         return fairscale_engine.checkpoint_blocks(blocks, every, offload_to_cpu=offload)
 
-    def initialize(self, model: nn.Module, optimizer: Any) -> Any:
+    def initialize(self, model: nn.Module, optimizer: Any) -> TrainingEngine:
         spec = self.spec
         settings = fairscale_engine.FairscaleSettings(
             spec.sharding, spec.micro_batch_size, spec.accumulation, float(spec.clip_grad), spec.precision == "bf16"

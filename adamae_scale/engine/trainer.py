@@ -12,6 +12,7 @@ import sys
 import time
 from collections import deque
 from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass
 from types import FrameType
 from typing import Any
 
@@ -23,6 +24,7 @@ from ..base.seeds import TORCH_SEED_RANGE, derive_seed
 from ..metrics import MetricsLogger
 from .checkpoint import Checkpointer, CheckpointRef
 from .guard import find_guard, weights_finite
+from .interface import TrainingEngine
 from .optim import Schedule
 
 LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str, Any]]
@@ -31,39 +33,58 @@ LossFn = Callable[[Callable[..., Any], Mapping[str, torch.Tensor]], Mapping[str,
 StepHook = Callable[["Trainer", bool], None]
 
 
+_ENGINE_MEMBERS = sorted(
+    {n for n in vars(TrainingEngine) if not n.startswith("_")} | set(TrainingEngine.__annotations__) | {"__call__"}
+)
+
+
 def step_seed(seed: int, step: int, micro: int, rank: int) -> int:
     """The RNG seed of one micro-batch: dropout and mask sampling replay exactly after a resume."""
     return derive_seed(seed, step * 1_009, micro * 101, rank * 7_919) % TORCH_SEED_RANGE
 
 
+@dataclass(frozen=True)
+class TrainPlan:
+    """How long to train and when to give up: the loop's numbers, from the run's ``train`` section."""
+
+    steps: int
+    global_batch: int
+    seed: int = 0
+    log_every: int = 1
+    max_skipped_in_a_row: int = 3  # non-finite steps in a row before the run stops (TrainingDiverged)
+    loss_spike_factor: float | None = None  # a loss this many times the recent median counts as a bad step
+
+
 class Trainer:
     def __init__(
         self,
-        engine: Any,
+        engine: TrainingEngine,
         loss_fn: LossFn,
         data: Iterator[dict[str, torch.Tensor]],
         checkpointer: Checkpointer,
         logger: MetricsLogger,
         schedule: Schedule,
-        steps: int,
-        global_batch: int,
-        seed: int = 0,
-        log_every: int = 1,
-        progress: bool = True,
+        plan: TrainPlan,
         hooks: Sequence[StepHook] = (),
-        max_skipped_in_a_row: int = 3,
-        loss_spike_factor: float | None = None,
+        progress: bool = True,
         name: str = "pretrain",
     ):
+        if not isinstance(engine, TrainingEngine):  # a third engine is told what it lacks, here rather than mid-run
+            missing = [name for name in _ENGINE_MEMBERS if not hasattr(engine, name)]
+            raise TypeError(f"{type(engine).__name__} is not a TrainingEngine: it has no {', '.join(missing)}")
         self.engine, self.loss_fn, self.data = engine, loss_fn, data
-        self.checkpointer, self.logger = checkpointer, logger
-        self.schedule, self.steps, self.global_batch = schedule, steps, global_batch
-        self.seed, self.log_every = seed, log_every
+        self.checkpointer, self.logger, self.schedule, self.plan = checkpointer, logger, schedule, plan
+        self.steps, self.global_batch, self.seed, self.log_every = (
+            plan.steps,
+            plan.global_batch,
+            plan.seed,
+            plan.log_every,
+        )
         self.hooks = list(hooks)
         self.name = name  # the progress bar's label
         self.guard = find_guard(engine.optimizer)
-        self.max_skipped_in_a_row = max_skipped_in_a_row
-        self.loss_spike_factor = loss_spike_factor
+        self.max_skipped_in_a_row = plan.max_skipped_in_a_row
+        self.loss_spike_factor = plan.loss_spike_factor
         self.skipped_steps = 0  # optimizer steps skipped for non-finite loss/gradients, this invocation included
         self.skipped_in_a_row = 0
         self._recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)

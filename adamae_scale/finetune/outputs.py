@@ -15,6 +15,7 @@ from ..base.atomic import atomic_output_dir, atomic_write_text
 from ..config import FinetuneConfig
 from ..convert.folder import FORMAT_CLASSIFIER, FORMAT_VERSION, write_folder
 from ..engine import setup
+from ..engine.interface import TrainingEngine
 from ..models import AdaMAEConfig
 from ..models.pooler import AttentiveSpec
 from .confusion_png import write_confusion
@@ -44,7 +45,7 @@ class ClassifierHead:
 
 
 def save_classifier(
-    engine: Any, model_cfg: AdaMAEConfig, head: ClassifierHead, out_dir: Path, env: setup.DistEnv
+    engine: TrainingEngine, model_cfg: AdaMAEConfig, head: ClassifierHead, out_dir: Path, env: setup.DistEnv
 ) -> None:
     """The trained classifier as a weight folder (``format: adamae-classifier``, fp32), written atomically by
     rank 0 (under ZeRO-3 every rank takes part in gathering each parameter)."""

@@ -43,6 +43,7 @@ from ..engine import optim, setup
 from ..engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
 from ..engine.disk import InsufficientSpaceError
 from ..engine.engines import Backend
+from ..engine.interface import TrainingEngine
 from ..engine.run_lock import RunDirBusy
 from ..engine.trainer import Trainer, TrainingDiverged
 from ..models import AdaMAEConfig, make_config
@@ -236,7 +237,7 @@ def _full_shape(param: torch.nn.Parameter) -> torch.Size:
 # -- evaluation --------------------------------------------------------------------------------------------------
 @torch.no_grad()
 def final_evaluation(
-    engine: Any,
+    engine: TrainingEngine,
     cfg: FinetuneConfig,
     model_cfg: AdaMAEConfig,
     head: ClassifierHead,

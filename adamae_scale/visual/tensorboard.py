@@ -15,12 +15,13 @@ import sys
 from dataclasses import dataclass, replace
 from itertools import islice
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 import torch
 
 from ..data import DataSection, SyntheticData, synthetic_config
 from ..data.synthetic import render_clip
+from ..engine.interface import TrainingEngine
 from ..engine.trainer import StepHook, Trainer
 from ..metrics import MetricsLogger
 from ..models.adamae import AdaMAEConfig
@@ -110,7 +111,7 @@ def panel_hooks(cfg: PretrainConfig, model_cfg: AdaMAEConfig) -> list[StepHook]:
 
 @torch.no_grad()
 def write_pictures(
-    engine: Any, cfg: PretrainConfig, model_cfg: AdaMAEConfig, out_dir: Path, count: int, rank: int
+    engine: TrainingEngine, cfg: PretrainConfig, model_cfg: AdaMAEConfig, out_dir: Path, count: int, rank: int
 ) -> list[Path]:
     """The ``adamae-visualize`` picture (PNG, GIF, JSON) of the first ``count`` held-out synthetic clips, ground
     truth outlined, into ``out_dir``; every rank runs the forward passes, rank 0 writes. Returns the PNGs."""
