@@ -220,7 +220,7 @@ def test_synthetic_repeated_augmentation_renders_each_clip_once_for_its_views():
     views = SyntheticClips(cfg, 6, rank=1, world_size=2, prefetch=0, repeated_aug=2).batch(1)  # the same clips
     for key in ("video", "label", "motion"):
         assert torch.equal(views[key], plain[key].repeat_interleave(2, dim=0)), key
-    with pytest.raises(ValueError, match="train.micro_batch_size=5: it counts views, repeated_aug=2"):
+    with pytest.raises(ValueError, match="train.micro_batch_size=5: it counts views, data.repeated_aug=2 "):
         SyntheticClips(cfg, 5, repeated_aug=2)
 
 
@@ -528,5 +528,5 @@ def check_repeated_views(urls, monkeypatch):
     for want in expected:
         got = next(resumed)
         assert got["key"] == want["key"] and torch.equal(got["video"], want["video"])
-    with pytest.raises(ValueError, match="train.micro_batch_size=4: it counts views, repeated_aug=3"):
+    with pytest.raises(ValueError, match="train.micro_batch_size=4: it counts views, data.repeated_aug=3 "):
         ShardClips(cfg, batch_size=4)

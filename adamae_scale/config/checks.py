@@ -135,18 +135,6 @@ def check_rand_augment(name: str, policy: Any) -> None:
         ) from err
 
 
-def check_repeated_aug(field: str, repeats: Any, micro_batch_size: int | None) -> None:
-    """Repeated augmentation (``field``: ``data.repeated_aug`` or ``finetune.repeated_aug``): an integer >= 1, and
-    ``train.micro_batch_size``, which counts views, a whole number of clips (``None``: no batch to check)."""
-    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
-        raise ValueError(f"{field}={repeats!r}: expected an integer >= 1 (1 = off)")
-    if micro_batch_size is not None and micro_batch_size % repeats:
-        raise ValueError(
-            f"train.micro_batch_size={micro_batch_size}: it counts views, {field}={repeats} of each clip, so it "
-            f"must be a multiple of it (or set {field}=1)"
-        )
-
-
 def check_ds(name_or_path: str) -> dict[str, Any]:
     """``ds``: a shipped name or a JSON file holding an object whose ``zero_optimization.stage`` is 0-3."""
     config = setup.load_ds_config(name_or_path)

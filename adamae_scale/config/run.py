@@ -8,7 +8,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any
 
-from ..data import SECTIONS, DataSection
+from ..data import SECTIONS, DataSection, check_repeated_aug
 from ..engine import setup
 from ..engine.engines import EngineSpec
 from ..models import AdaMAEConfig
@@ -85,7 +85,7 @@ class PretrainConfig:
         data = data_section(cfg["data"])
         checks.check_data(data, model.arch)
         train = build(TrainSection, cfg["train"], "train")
-        checks.check_repeated_aug("data.repeated_aug", data.repeated_aug, train.micro_batch_size)
+        check_repeated_aug("data.repeated_aug", data.repeated_aug, train.micro_batch_size)
         run = RunSection.from_config(cfg)
         masking = build(MaskingSection, cfg["masking"], "masking")
         loss = build(LossSection, cfg["loss"], "loss")
@@ -140,7 +140,7 @@ class FinetuneConfig:
             )
         # The linear probe has no augmentation to repeat: any micro-batch then.
         micro = train.micro_batch_size if tune.full else None
-        checks.check_repeated_aug("finetune.repeated_aug", tune.repeated_aug, micro)
+        check_repeated_aug("finetune.repeated_aug", tune.repeated_aug, micro)
         config = cls(
             init=str(cfg["init"]),
             num_classes=cfg.get("num_classes"),

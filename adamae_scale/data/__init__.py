@@ -9,7 +9,7 @@ import os
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from .sections import SECTIONS, DataSection, ShardData, SyntheticData, section_values
+from .sections import SECTIONS, DataSection, ShardData, SyntheticData, check_repeated_aug, section_values
 
 if TYPE_CHECKING:
     from ..models import AdaMAEConfig
@@ -108,6 +108,7 @@ __all__ = [
     "ShardData",
     "SyntheticData",
     "build_data",
+    "check_repeated_aug",
     "shard_config",
     "synthetic_config",
 ]

@@ -66,7 +66,7 @@ from ..base.collectives import all_gather, all_reduce
 from ..base.pixels import normalized
 from ..base.seeds import derive_seed
 from . import storage
-from .sections import ShardData
+from .sections import ShardData, check_repeated_aug
 from .shards import MANIFEST
 from .transforms import crop_resize, rand_augment_clip
 from .video import VideoError, VideoReader, decode_jpeg, window_indices
@@ -568,11 +568,7 @@ class ShardClips:
     def __init__(self, cfg: ShardDataConfig, batch_size: int, rank: int = 0, world_size: int = 1):
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.urls = shard_urls(cfg.urls)
-        if batch_size % cfg.repeated_aug:
-            raise ValueError(
-                f"train.micro_batch_size={batch_size}: it counts views, repeated_aug={cfg.repeated_aug} "
-                "of each clip, so it must be a multiple of it"
-            )
+        check_repeated_aug("data.repeated_aug", cfg.repeated_aug, batch_size)
         if not cfg.resampled and len(self.urls) < world_size:
             raise ValueError(
                 f"data.urls: {len(self.urls)} shards for {world_size} ranks; every rank needs at least "

@@ -60,3 +60,15 @@ SECTIONS: dict[str, type[SyntheticData] | type[ShardData]] = {"synthetic": Synth
 def section_values(data: DataSection | Mapping[str, Any]) -> dict[str, Any]:
     """The keys of a data section (typed, or a plain mapping as tests and tools write them)."""
     return asdict(data) if isinstance(data, (SyntheticData, ShardData)) else dict(data)
+
+
+def check_repeated_aug(field: str, repeats: Any, micro_batch_size: int | None) -> None:
+    """Repeated augmentation (``field``: ``data.repeated_aug`` or ``finetune.repeated_aug``): an integer >= 1, and
+    ``train.micro_batch_size``, which counts views, a whole number of clips (``None``: no batch to check)."""
+    if not isinstance(repeats, int) or isinstance(repeats, bool) or repeats < 1:
+        raise ValueError(f"{field}={repeats!r}: expected an integer >= 1 (1 = off)")
+    if micro_batch_size is not None and micro_batch_size % repeats:
+        raise ValueError(
+            f"train.micro_batch_size={micro_batch_size}: it counts views, {field}={repeats} of each clip, so it "
+            f"must be a multiple of it (or set {field}=1)"
+        )

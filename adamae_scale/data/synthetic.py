@@ -21,6 +21,7 @@ import torch.nn.functional as F
 
 from ..base.pixels import normalize_
 from ..base.seeds import derive_seed
+from .sections import check_repeated_aug
 
 
 @dataclass
@@ -192,11 +193,7 @@ class SyntheticClips:
         threads: int = 1,
         repeated_aug: int = 1,
     ):
-        if repeated_aug < 1 or batch_size % repeated_aug:
-            raise ValueError(
-                f"train.micro_batch_size={batch_size}: it counts views, repeated_aug={repeated_aug} "
-                "of each clip, so it must be a multiple of it"
-            )
+        check_repeated_aug("data.repeated_aug", repeated_aug, batch_size)
         self.cfg, self.batch_size, self.rank, self.world_size = cfg, batch_size, rank, world_size
         self.repeated_aug = repeated_aug
         self.next_batch = 0
