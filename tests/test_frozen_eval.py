@@ -2,6 +2,7 @@
 feature cache (equal to a fresh forward) and the lr sweep (heads independent of each other), on a random
 encoder of the tiny shape (``init=none``: no pre-training needed to test the machinery)."""
 
+import dataclasses
 import json
 
 import pytest
@@ -10,10 +11,13 @@ from safetensors.torch import load_file
 
 from adamae_scale import schema
 from adamae_scale.data import build_data
-from adamae_scale.finetune.features import FeatureCache
+from adamae_scale.engine import setup
+from adamae_scale.finetune import features
+from adamae_scale.finetune.features import FeatureCache, fill_train, fill_val
 from adamae_scale.finetune.recipe import param_groups
 from adamae_scale.finetune.run import validate
 from adamae_scale.finetune.sweep import HeadSetting, cache_identity, train_heads
+from adamae_scale.finetune.views import rank_views
 from adamae_scale.models import config_for, make_config
 from adamae_scale.models.classifier import ProbeHead, VideoClassifier
 from adamae_scale.models.pooler import AttentiveSpec
@@ -127,3 +131,63 @@ def test_cached_features_equal_a_fresh_forward_and_sweep_heads_are_independent(t
     other = [o for o in sweep if o != "model.depth=2"] + ["model.depth=1", f"finetune.cache_dir={run_dir / 'features'}"]
     proc = run_finetune(*other, "finetune.lr_sweep=[0.05]", f"run_dir={tmp_path / 'other'}", check=False)
     assert proc.returncode == 2 and "holds features of another encoder" in proc.stderr
+
+
+class Stopped(Exception):
+    """The run stopped (a signal, a pre-emption) right after a shard of the cache landed."""
+
+
+def test_a_feature_cache_stopped_after_a_shard_resumes_to_the_same_features(tmp_path, monkeypatch):
+    """A sweep stopped while filling its cache resumes at the last whole shard: the training stream from the data
+    state stored with that shard, the held-out videos already stored passed over. Stopped once in each split and
+    resumed, the cache equals one filled in one go, bit for bit."""
+    monkeypatch.setattr(features, "CLIPS_PER_SHARD", 8)  # several shards from a small set
+    monkeypatch.setattr(features, "VIDEOS_PER_SHARD", 2)
+    probe = [*TINY_FT, *RANDOM_ENCODER, "finetune.mode=linear", "finetune.lr_sweep=[0.1]", "finetune.cache_clips=20"]
+    probe += ["eval.temporal_views=1", "eval.spatial_views=2", "eval.videos=5", f"run_dir={tmp_path / 'run'}"]
+    cfg, source, model_cfg, classes = validate(schema.compose(probe, config_name="finetune"))
+    torch.manual_seed(0)
+    model = VideoClassifier(model_cfg, classes).eval()
+    train_data = dataclasses.replace(cfg.data, repeated_aug=1)
+
+    def encode(video: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad():
+            return model.probe_input(video)
+
+    def fill(folder, log):
+        cache = FeatureCache(folder, cache_identity(cfg, source, model_cfg))
+        fill_train(cache, encode, lambda: build_data(train_data, model_cfg, 4, 0, 1), 20, torch.float32, log)
+        views = lambda done, skipped: rank_views(cfg, model_cfg, setup.dist_env(), skipped, done)  # noqa: E731
+        fill_val(cache, encode, views, 2, 4, torch.float32, log)
+        return cache
+
+    lines: list[str] = []
+
+    def stop_at(marker: str):
+        def log(line: str) -> None:
+            lines.append(line)
+            if marker in line:
+                raise Stopped(line)
+
+        return log
+
+    with pytest.raises(Stopped):
+        fill(tmp_path / "stopped", stop_at("8/20 training clips"))
+    with pytest.raises(Stopped):
+        fill(tmp_path / "stopped", stop_at("held-out videos"))
+    resumed = fill(tmp_path / "stopped", lines.append)
+    # Each shard was encoded once: the resumed runs went on from where the stopped ones had got to.
+    assert [line.split("feature cache: ")[1] for line in lines] == [
+        "8/20 training clips",
+        "16/20 training clips",
+        "20/20 training clips",
+        "2 held-out videos",
+        "4 held-out videos",
+        "5 held-out videos",
+    ]
+    whole = fill(tmp_path / "whole", lambda line: None)
+    for split in ("train", "val"):
+        got, want = resumed.load(split), whole.load(split)
+        assert torch.equal(got.features, want.features) and torch.equal(got.labels, want.labels), split
+        assert (got.keys, got.sources, got.index) == (want.keys, want.sources, want.index), split
+    assert resumed.load("val").features.shape == (5, 2, 192)
