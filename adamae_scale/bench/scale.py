@@ -235,6 +235,9 @@ def _clips_per_s(urls: str, args: argparse.Namespace) -> float:
         workers=args.workers,
         shuffle_buffer=16,
         shuffle_initial=4,
+        # Shards drawn with replacement, as a long run streams them: the timing never crosses an epoch's end, where
+        # the loader starts new workers (and new S3 clients), a cost a real epoch of 240k clips pays once.
+        resampled=True,
     )
     stream = ShardClips(cfg, batch_size=4)
     try:
