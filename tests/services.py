@@ -1,5 +1,6 @@
 """Real services for the tests, every one bound to and addressed on 127.0.0.1: an S3-protocol server (moto's
-standalone ``moto_server``) in a subprocess, and a local Ray cluster."""
+standalone ``moto_server``) and a Google Cloud Storage emulator (``gcp-storage-emulator``) in subprocesses, and a
+local Ray cluster."""
 
 from __future__ import annotations
 
@@ -31,19 +32,18 @@ def wait_for_port(port: int, process: subprocess.Popen, what: str, timeout: floa
 
 
 @contextlib.contextmanager
-def moto_server(**env: str) -> Iterator[str]:
-    """An S3 server on 127.0.0.1 and a free port, for the time of the block; yields its endpoint URL."""
-    port = free_port()
-    binary = Path(sys.executable).with_name("moto_server")
+def _serving(command: list[str], port: int, what: str, env: dict[str, str] | None = None) -> Iterator[None]:
+    """``command`` (a server of this venv) running until the block ends, once it listens on 127.0.0.1:``port``."""
+    binary = Path(sys.executable).with_name(command[0])
     process = subprocess.Popen(
-        [str(binary), "-H", "127.0.0.1", "-p", str(port)],
+        [str(binary), *command[1:]],
         stdout=subprocess.DEVNULL,
         stderr=subprocess.DEVNULL,
-        env={**os.environ, **env},
+        env={**os.environ, **(env or {})},
     )
     try:
-        wait_for_port(port, process, "moto_server")
-        yield f"http://127.0.0.1:{port}"
+        wait_for_port(port, process, what)
+        yield
     finally:
         process.terminate()
         try:
@@ -51,6 +51,28 @@ def moto_server(**env: str) -> Iterator[str]:
         except subprocess.TimeoutExpired:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def moto_server(**env: str) -> Iterator[str]:
+    """An S3 server on 127.0.0.1 and a free port, for the time of the block; yields its endpoint URL."""
+    port = free_port()
+    with _serving(["moto_server", "-H", "127.0.0.1", "-p", str(port)], port, "moto_server", env):
+        yield f"http://127.0.0.1:{port}"
+
+
+@contextlib.contextmanager
+def gcs_emulator(bucket: str) -> Iterator[dict[str, str]]:
+    """A Google Cloud Storage emulator on 127.0.0.1 and a free port holding an empty ``bucket``, for the time of the
+    block; yields the environment that points gcsfs at it."""
+    port = free_port()
+    command = ["gcp-storage-emulator", "start", "--host", "127.0.0.1", "--port", str(port), "--in-memory", "--quiet"]
+    with _serving([*command, "--default-bucket", bucket], port, "gcp-storage-emulator"):
+        yield {
+            "STORAGE_EMULATOR_HOST": f"http://127.0.0.1:{port}",
+            # gcsfs's default filesystem first asks the bucket's type over gRPC, which the emulator does not serve.
+            "GCSFS_EXPERIMENTAL_ZB_HNS_SUPPORT": "false",
+        }
 
 
 def s3_env(endpoint: str, home: Path, **extra: str) -> dict[str, str]:
