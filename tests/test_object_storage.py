@@ -96,6 +96,20 @@ def s3_shards(s3, tmp_path_factory):
     return {"proc": proc, "local": local}
 
 
+def stopped_and_resumed(cfg: ShardDataConfig, before: int, after: int) -> list[dict]:
+    """``before`` batches of a loader, its state through JSON (as a checkpoint keeps it), then ``after`` batches of
+    a new loader resumed from that state."""
+    interrupted = ShardClips(cfg, batch_size=2)
+    got = [summary(next(interrupted)) for _ in range(before)]
+    state = json.loads(json.dumps(interrupted.state_dict()))
+    interrupted.close()
+    resumed = ShardClips(cfg, batch_size=2)
+    resumed.load_state_dict(state)
+    got += [summary(next(resumed)) for _ in range(after)]
+    resumed.close()
+    return got
+
+
 def test_shards_from_and_to_s3_hold_the_local_pool_s_samples(s3, s3_shards):
     local = s3_shards["local"]
     expected = {}
@@ -137,15 +151,7 @@ def test_training_streams_s3_shards_and_resumes_exactly(s3, s3_shards, capfd):
     assert [b["key"] for b in expected] == [summary(next(local))["key"] for _ in range(6)]  # the same stream
     local.close()
 
-    interrupted = ShardClips(cfg, batch_size=2)
-    got = [summary(next(interrupted)) for _ in range(3)]
-    state = json.loads(json.dumps(interrupted.state_dict()))
-    interrupted.close()
-    resumed = ShardClips(cfg, batch_size=2)
-    resumed.load_state_dict(state)
-    got += [summary(next(resumed)) for _ in range(3)]
-    resumed.close()
-    assert got == expected
+    assert stopped_and_resumed(cfg, 3, 3) == expected
 
     # A shard deleted after the run listed it: one line naming it, and training goes on with the others.
     fs, _ = storage.filesystem("s3://shards")
@@ -319,15 +325,7 @@ def test_shards_to_gcs_and_a_stream_from_them_that_resumes_exactly(s3, s3_shards
         local = ShardClips(ShardDataConfig(**{**cfg.__dict__, "urls": str(s3_shards["local"])}), batch_size=2)
         expected_stream = [summary(next(local)) for _ in range(5)]  # into the second epoch
         local.close()
-        interrupted = ShardClips(cfg, batch_size=2)
-        got = [summary(next(interrupted)) for _ in range(2)]
-        state = json.loads(json.dumps(interrupted.state_dict()))
-        interrupted.close()
-        resumed = ShardClips(cfg, batch_size=2)
-        resumed.load_state_dict(state)
-        got += [summary(next(resumed)) for _ in range(3)]
-        resumed.close()
-        assert got == expected_stream
+        assert stopped_and_resumed(cfg, 2, 3) == expected_stream
 
         run_dir = tmp_path / "from-gcs"
         overrides = [*pretrain_overrides(tiny_run, "gs://gshards/mp4"), "train.steps=2", "train.ckpt_every=0"]
