@@ -371,8 +371,12 @@ class Mp4Encoder:
     """Frames → H.264 mp4 bytes at ``width × height``, constant frame rate, single-threaded (parallelism
     comes from worker processes). ``gop`` bounds how far a reader decodes after a seek.
 
-    The bytes are not guaranteed identical from run to run: libx264 here occasionally varies its output
-    for identical input frames, so shards are checked against their recorded sha256, never re-derived."""
+    The same frames give the same bytes on every run and in every process (with the same libx264 on the same kind
+    of CPU): x264's macroblock-tree rate control (``mbtree``) is off, because with it on, about one encode in
+    fifteen of the same frames came out different (never with x264's assembly off: a read of memory it did not
+    write), so shards written by the local pool, Ray or to object storage differed. Measured on 4 real videos at
+    short side 256, crf 23: mbtree off stores 6% more bytes at the same PSNR (within 0.5 dB either way) and encodes
+    7% faster."""
 
     def __init__(
         self,
@@ -398,6 +402,7 @@ class Mp4Encoder:
             "g": str(gop),
             "threads": "1",
             "b-pyramid": "none",
+            "x264-params": "mbtree=0",  # reproducible bytes (see above)
         }
         if tune:
             options["tune"] = tune
