@@ -56,7 +56,7 @@ def shards_cli(*args: str, env: dict[str, str], unset: tuple[str, ...] = ()) -> 
     )
 
 
-def s3_samples(prefix: str) -> dict[str, dict[str, bytes]]:
+def bucket_samples(prefix: str) -> dict[str, dict[str, bytes]]:
     """The samples of the shards under ``prefix`` (any bucket URL), each shard of the size its manifest says."""
     fs, _ = storage.filesystem(prefix)
     manifest = json.loads(fs.cat_file(f"{prefix}/manifest.json"))
@@ -115,7 +115,7 @@ def test_shards_from_and_to_s3_hold_the_local_pool_s_samples(s3, s3_shards):
     expected = {}
     for tar in sorted(local.glob("*.tar")):
         expected.update(read_tar(tar))
-    assert s3_samples("s3://shards/mp4") == expected and len(expected) == 7
+    assert bucket_samples("s3://shards/mp4") == expected and len(expected) == 7
     manifest = json.loads(storage.read_text("s3://shards/mp4/manifest.json"))
     assert manifest["source"] == "s3://videos/clips" and manifest["complete"]
     assert manifest["label_map"] == json.loads((local / "manifest.json").read_text())["label_map"]
@@ -135,7 +135,7 @@ def test_shards_from_and_to_s3_hold_the_local_pool_s_samples(s3, s3_shards):
     )
     assert got["num_samples"] == 2 and [f["reason"] for f in got["failures"]] == ["file not found"]
     assert log == ["adamae-shards: skipped none/x.mp4 (line 3): file not found"]
-    assert {json.loads(f["json"])["label"] for f in s3_samples("s3://shards/listed").values()} == {5, 6}
+    assert {json.loads(f["json"])["label"] for f in bucket_samples("s3://shards/listed").values()} == {5, 6}
     assert_no_secrets(s3_shards["proc"].stdout, s3_shards["proc"].stderr, *log, prefixes=("s3://shards",))
 
 
@@ -318,7 +318,7 @@ def test_shards_to_gcs_and_a_stream_from_them_that_resumes_exactly(s3, s3_shards
         expected = {}
         for tar in sorted(s3_shards["local"].glob("*.tar")):
             expected.update(read_tar(tar))
-        assert s3_samples("gs://gshards/mp4") == expected and len(expected) == 7
+        assert bucket_samples("gs://gshards/mp4") == expected and len(expected) == 7
         assert "7 samples in 3 shards in gs://gshards/mp4" in proc.stderr
 
         cfg = ShardDataConfig(urls="gs://gshards/mp4", workers=2, shuffle_buffer=4, shuffle_initial=2, **CLIP)

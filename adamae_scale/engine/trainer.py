@@ -74,17 +74,9 @@ class Trainer:
             raise TypeError(f"{type(engine).__name__} is not a TrainingEngine: it has no {', '.join(missing)}")
         self.engine, self.loss_fn, self.data = engine, loss_fn, data
         self.checkpointer, self.logger, self.schedule, self.plan = checkpointer, logger, schedule, plan
-        self.steps, self.global_batch, self.seed, self.log_every = (
-            plan.steps,
-            plan.global_batch,
-            plan.seed,
-            plan.log_every,
-        )
         self.hooks = list(hooks)
         self.name = name  # the progress bar's label
         self.guard = find_guard(engine.optimizer)
-        self.max_skipped_in_a_row = plan.max_skipped_in_a_row
-        self.loss_spike_factor = plan.loss_spike_factor
         self.skipped_steps = 0  # optimizer steps skipped for non-finite loss/gradients, this invocation included
         self.skipped_in_a_row = 0
         self._recent_losses: deque[float] = deque(maxlen=SPIKE_WINDOW)
@@ -140,7 +132,7 @@ class Trainer:
         calls_before, skipped_before = (self.guard.calls, self.guard.skipped) if self.guard is not None else (0, 0)
         nonfinite = torch.zeros((), dtype=torch.bool, device=self.engine.device)
         for micro in range(self.accumulation):
-            torch.manual_seed(step_seed(self.seed, self.step, micro, self.rank))
+            torch.manual_seed(step_seed(self.plan.seed, self.step, micro, self.rank))
             batch = dict(next(self.data))
             batch["sample_position"] = self.sample_positions(micro)
             batch = self._to_device(batch)
@@ -181,24 +173,24 @@ class Trainer:
                 f"[adamae] step {self.step}: non-finite loss or gradients; optimizer step skipped "
                 f"({self.skipped_in_a_row} in a row, {self.skipped_steps} in all)"
             )
-            if self.skipped_in_a_row >= self.max_skipped_in_a_row:
+            if self.skipped_in_a_row >= self.plan.max_skipped_in_a_row:
                 first = self.step - self.skipped_in_a_row + 1
                 return (
                     f"step {self.step}: the loss or gradients were not finite for {self.skipped_in_a_row} optimizer "
                     f"steps in a row (steps {first}-{self.step}, "
-                    f"train.max_skipped_in_a_row={self.max_skipped_in_a_row})"
+                    f"train.max_skipped_in_a_row={self.plan.max_skipped_in_a_row})"
                 )
             return None
         self.skipped_in_a_row = 0
-        if self.loss_spike_factor is None:
+        if self.plan.loss_spike_factor is None:
             return None
         loss = self._mean_over_ranks({"loss": values["loss"]})["loss"]
         if len(self._recent_losses) >= SPIKE_MIN_HISTORY:
             reference = sum(self._recent_losses) / len(self._recent_losses)
-            if loss > self.loss_spike_factor * reference:
+            if loss > self.plan.loss_spike_factor * reference:
                 return (
                     f"step {self.step}: the loss jumped to {loss:.4g}, more than train.loss_spike_factor="
-                    f"{self.loss_spike_factor} times the mean of the previous {len(self._recent_losses)} steps "
+                    f"{self.plan.loss_spike_factor} times the mean of the previous {len(self._recent_losses)} steps "
                     f"({reference:.4g})"
                 )
         self._recent_losses.append(loss)
@@ -261,7 +253,7 @@ class Trainer:
     def fit(self, stop_after: int | None = None) -> dict[str, float]:
         """Train until ``steps`` (or ``stop_after`` steps of the schedule); log, checkpoint; return the
         last logged metrics."""
-        end = self.steps if stop_after is None else min(self.steps, stop_after)
+        end = self.plan.steps if stop_after is None else min(self.plan.steps, stop_after)
         bar = tqdm(total=end, initial=self.step, disable=not self.progress, desc=self.name, unit="step")
         last: dict[str, float] = {}
         window_start, window_steps = time.perf_counter(), 0
@@ -275,7 +267,7 @@ class Trainer:
                 stop_reason = self._after_step(values, skipped)
                 self.stopped_by_signal = self._signal_received()
                 last_step = self.step == end or bool(self.stopped_by_signal) or stop_reason is not None
-                if self.step % self.log_every == 0 or last_step:
+                if self.step % self.plan.log_every == 0 or last_step:
                     elapsed = time.perf_counter() - window_start
                     values = self._mean_over_ranks(values)
                     values["lr"] = self.schedule.lr(self.step - 1)
@@ -283,7 +275,7 @@ class Trainer:
                     grad_norm = self._grad_norm()
                     if grad_norm is not None:
                         values["grad_norm"] = grad_norm
-                    values["clips_per_s"] = window_steps * self.global_batch / max(elapsed, 1e-9)
+                    values["clips_per_s"] = window_steps * self.plan.global_batch / max(elapsed, 1e-9)
                     values["mem_peak_bytes"] = self._all_ranks_max([float(peak_memory_bytes(self.engine.device))])[0]
                     if hasattr(self.data, "metrics"):  # e.g. samples skipped as corrupt
                         values.update(self.data.metrics())
