@@ -22,7 +22,7 @@ from ..metrics import read_metrics
 from .settings import integer
 
 DEFAULTS = {
-    "variants": "default,decoder_cell,decoder_random,sampler_half,sampler_pool,sampler_bf16,fast",
+    "variants": "default,decoder_cell,decoder_random,sampler_half,sampler_pool,sampler_bf16,fast,fast_pool",
     "seeds": "3",
     "parallel": "1",
 }
@@ -36,6 +36,7 @@ VARIANTS: dict[str, list[str]] = {
     "sampler_pool": ["model.sampler_pool=2"],
     "sampler_bf16": ["model.sampler_precision=bf16"],
     "fast": ["+preset=fast"],
+    "fast_pool": ["+preset=fast", "model.sampler_pool=2"],
 }
 FOCUS_KEYS = ("focus_ratio", "focus_ratio_topk")
 
