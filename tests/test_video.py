@@ -3,6 +3,7 @@
 import subprocess
 import sys
 from fractions import Fraction
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -201,6 +202,11 @@ def test_display_matrix_orientations():
         Geometry.from_matrix([46341, 46341, 0, -46341, 46341, 0, 0, 0, 1 << 30])
 
 
+def all_frames(path: Path) -> np.ndarray:
+    with VideoReader(path) as reader:
+        return np.stack([reader.to_rgb(frame) for frame in reader.frames()]).astype(np.float32)
+
+
 def test_the_real_footage_direction_set_holds_each_segment_forward_and_backward(tmp_path):
     """``tools/real_probe_set.py --task direction`` (the real-footage probe recipe): every segment of the shipped
     films as filmed and played backwards, in the same split, and no segment in both splits."""
@@ -217,10 +223,7 @@ def test_the_real_footage_direction_set_holds_each_segment_forward_and_backward(
     assert names["train"]["forward"] == names["train"]["backward"] and len(names["train"]["forward"]) == 14
     assert names["val"]["forward"] == names["val"]["backward"] and len(names["val"]["forward"]) == 11
     assert not set(names["train"]["forward"]) & set(names["val"]["forward"])
-    with VideoReader(out / "val" / "forward" / "bikes_001.mp4") as reader:
-        forward = np.stack([reader.to_rgb(frame) for frame in reader.frames()]).astype(np.float32)
-    with VideoReader(out / "val" / "backward" / "bikes_001.mp4") as reader:
-        backward = np.stack([reader.to_rgb(frame) for frame in reader.frames()]).astype(np.float32)
+    forward, backward = (all_frames(out / "val" / way / "bikes_001.mp4") for way in ("forward", "backward"))
     assert forward.shape == backward.shape and forward.shape[0] == 18
     # Both are lossy re-encodings of the same frames: reversed, they agree far better than unreversed.
     assert np.abs(backward[::-1] - forward).mean() < 0.25 * np.abs(backward - forward).mean()
