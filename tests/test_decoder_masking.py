@@ -274,6 +274,8 @@ def test_the_fast_preset_sets_only_options_that_passed_parity_and_composes_with_
     assert VARIANTS["fast"] == ["+preset=fast"]
     for key in ("decoder_cell", "sampler_half", "sampler_bf16"):  # each of the preset's options is measured alone
         schema.validate(schema.compose([*TINY_RUN, *VARIANTS[key]]))
+    pooled = schema.validate(schema.compose([*TINY_RUN, *VARIANTS["fast_pool"]]))  # measured, failed parity: not in it
+    assert (pooled.sampler_width_ratio, pooled.sampler_pool, pooled.decoder_ratio) == (0.5, 2, 0.5)
 
 
 def test_parity_bench_runs_the_demo_per_option_and_seed_and_places_each_against_the_default_band(capsys):
