@@ -106,6 +106,38 @@ def test_prediction_of_a_masked_token_does_not_depend_on_its_own_pixels():
     torch.testing.assert_close(a.pred, b.pred)
 
 
+def test_a_training_block_drops_out_where_the_reference_does():
+    """The reference block (the sampler's, dropout 0.1) drops out after the attention projection and after
+    ``fc2``, not after the MLP's activation: written here with plain ops, it draws the same dropout masks."""
+    import torch.nn.functional as F
+
+    from adamae_scale.models.layers import Block
+
+    torch.manual_seed(0)
+    block = Block(16, 2, qkv_bias=False, drop=0.5, norm_eps=1e-5).train()
+    x = torch.randn(2, 6, 16)
+
+    def reference(x):
+        h = block.norm1(x)
+        q, k, v = F.linear(h, block.attn.qkv.weight).view(2, 6, 3, 2, 8).permute(2, 0, 3, 1, 4).unbind(0)
+        attn = (q @ k.transpose(-2, -1) * 8**-0.5).softmax(-1) @ v
+        x = x + F.dropout(block.attn.proj(attn.transpose(1, 2).reshape(2, 6, 16)), 0.5)
+        h = F.gelu(block.mlp.fc1(block.norm2(x)))
+        return x + F.dropout(block.mlp.fc2(h), 0.5)
+
+    torch.manual_seed(1)
+    ours = block(x)
+    torch.manual_seed(1)
+    torch.testing.assert_close(ours, reference(x), rtol=1e-5, atol=1e-5)
+
+
+def test_the_mask_token_is_drawn_within_one_standard_deviation_like_the_reference():
+    torch.manual_seed(0)
+    model = build_model(config_for("vit_tiny", decoder_embed_dim=512))
+    token = model.mask_token.detach()
+    assert token.abs().max() <= 0.02 and token.std() > 0.008  # within ±std, and not degenerate
+
+
 def test_bad_geometry_is_a_clear_error():
     with pytest.raises(ValueError, match="multiple of patch_size"):
         config_for("vit_tiny", img_size=[30, 32], patch_size=8)

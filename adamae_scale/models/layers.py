@@ -60,7 +60,11 @@ class Linear(nn.Linear):
 
 
 class Mlp(nn.Module):
-    """``fc2(drop(gelu(fc1(x))))``, with timm's parameter names."""
+    """``drop(fc2(gelu(fc1(x))))``, with timm's parameter names.
+
+    One dropout, after ``fc2``: the reference (VideoMAE's block, which AdaMAE's sampler uses) has the one
+    after the activation commented out, unlike timm's ``Mlp``.
+    """
 
     def __init__(self, dim: int, hidden: int, drop: float = 0.0):
         super().__init__()
@@ -70,7 +74,7 @@ class Mlp(nn.Module):
         self.drop = nn.Dropout(drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.drop(self.fc2(self.drop(self.act(self.fc1(x)))))
+        return self.drop(self.fc2(self.act(self.fc1(x))))
 
 
 class TubeletEmbed(nn.Module):
@@ -158,8 +162,9 @@ def _drop_path(rate: float) -> nn.Module:
 
 
 def trunc_normal(shape: tuple[int, ...], std: float = 0.02) -> torch.Tensor:
-    """A tensor drawn from N(0, std) truncated at two standard deviations (the reference mask token)."""
-    return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-2 * std, b=2 * std)
+    """A tensor drawn from N(0, std) truncated at one standard deviation, as the reference draws its mask token
+    (its pre-training model wraps ``trunc_normal_`` with bounds ``±std``)."""
+    return nn.init.trunc_normal_(torch.empty(shape), std=std, a=-std, b=std)
 
 
 __all__ = [
