@@ -133,7 +133,9 @@ def test_scratch_needs_a_model_and_bad_sources_are_one_line(tmp_path):
     with pytest.raises(ValueError, match=r"^train.micro_batch_size=4: it counts views, finetune.repeated_aug=3 "):
         validate(odd)
     probe = [*TINY_FT, "model=vit_tiny", "finetune.repeated_aug=3", "finetune.mode=linear"]
-    validate(schema.compose(probe, config_name="finetune"))  # the linear probe has no augmentation to repeat
+    _, _, probe_model, _ = validate(schema.compose(probe, config_name="finetune"))  # no augmentation to repeat
+    _, _, full_model, _ = validate(schema.compose([*TINY_FT, "model=vit_tiny"], config_name="finetune"))
+    assert (probe_model.drop_path, full_model.drop_path) == (0.0, 0.1)  # a frozen encoder drops no paths
     pretraining_field = schema.compose([*TINY_FT, "model=vit_tiny", "+data.repeated_aug=2"], config_name="finetune")
     with pytest.raises(ValueError, match=r"^data.repeated_aug=2: fine-tuning repeats clips by finetune.repeated_aug"):
         validate(pretraining_field)
@@ -438,7 +440,7 @@ def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monk
         build_shards(tmp_path / "videos", tmp_path / store, opts, workers=1, progress=False)
     check_repeated_views(tmp_path / "mp4", monkeypatch)
     run_dir = tmp_path / "run"
-    proc = run_finetune(
+    overrides = [
         *[o for o in TINY_FT if not o.startswith(("data.", "eval.videos"))],
         "model=vit_tiny",
         "model.depth=1",
@@ -447,15 +449,19 @@ def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monk
         "model.patch_size=8",
         "data=shards",
         f"data.urls={tmp_path / 'mp4'}",
-        f"data.val_urls={tmp_path / 'jpg'}",
         "data.sampling_rate=2",
         "data.workers=1",
         "train.steps=2",
         "eval.temporal_views=2",
         "eval.spatial_views=2",
-        f"run_dir={run_dir}",
-    )
+    ]
+    with pytest.raises(ValueError, match=r"^data.val_urls: not set; with data=shards every evaluation"):
+        validate(schema.compose(overrides, config_name="finetune"))
+    overrides.append(f"data.val_urls={tmp_path / 'jpg'}")
+    check_single_view_batches(validate(schema.compose(overrides, config_name="finetune")), tmp_path / "jpg")
+    proc = run_finetune(*overrides, "eval.every=1", f"run_dir={run_dir}")
     assert "3 classes" in proc.stdout  # from the shards' label map
+    assert len([r for r in read_metrics(run_dir / "metrics.jsonl") if "val_top1" in r]) == 2
     result = json.loads((run_dir / "eval.json").read_text())
     assert result["videos"] == 7 and result["skipped"] == 0
     rows = [json.loads(line) for line in (run_dir / "predictions.jsonl").read_text().splitlines()]
@@ -484,6 +490,21 @@ def test_finetune_on_shards_tests_every_validation_video_in_views(tmp_path, monk
     assert code == 0 and stdout.rstrip().endswith("transformers VideoMAEForVideoClassification"), stderr
     hf = json.loads((tmp_path / "hf" / "config.json").read_text())
     assert hf["id2label"] == {"0": "class0", "1": "class1", "2": "class2"} and hf["label2id"]["class2"] == 2
+
+
+def check_single_view_batches(checked, val_urls):
+    """``eval.every`` on shards scores the centre clip of every validation video (7 here, fewer than
+    eval.batches × eval.micro_batch_size), not batches of the augmented training stream."""
+    from adamae_scale.engine.setup import DistEnv
+    from adamae_scale.finetune.shard_views import rank_videos
+    from adamae_scale.finetune.views import single_view_batches
+
+    cfg, _, model_cfg, _ = checked
+    batches = single_view_batches(cfg, model_cfg, DistEnv(rank=0, world_size=1, local_rank=0))
+    centre = list(rank_videos(str(val_urls), 0, 1, 4, (32, 32), 2, 1, 1, []))
+    assert [len(b["label"]) for b in batches] == [6, 1]
+    assert torch.equal(torch.cat([b["video"] for b in batches]), torch.cat([v.views for v in centre]))
+    assert torch.cat([b["label"] for b in batches]).tolist() == [v.label for v in centre]
 
 
 def check_repeated_views(urls, monkeypatch):

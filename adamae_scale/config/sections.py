@@ -219,6 +219,12 @@ class FinetuneSection:
     def mixing(self) -> bool:
         return self.full and (self.mixup > 0 or self.cutmix > 0)
 
+    @property
+    def encoder_drop_path(self) -> float:
+        """Stochastic depth in the encoder: ``drop_path`` when it trains; 0 for a frozen one (a probe's features
+        are the same in training and at test)."""
+        return self.drop_path if self.full else 0.0
+
 
 @dataclass(frozen=True)
 class ViewsEvalSection:

@@ -54,7 +54,7 @@ from .labels import class_names
 from .outputs import ClassifierHead, attentive_spec, save_classifier, write_classifier, write_evaluation
 from .recipe import ClassificationObjective, ClipMixup, param_groups
 from .sources import EncoderSource, KeyReport, classifier_config, classifier_state, load_source
-from .views import rank_views
+from .views import rank_views, single_view_batches
 
 
 def validate(
@@ -70,9 +70,15 @@ def validate(
             f"init={cfg.init} gives the architecture: drop model= (use clip.num_frames / clip.img_size for the clip)"
         )
     scratch = make_config(cfg.model) if cfg.model else None
-    model_cfg = classifier_config(source, scratch, dataclasses.asdict(cfg.clip), cfg.finetune.drop_path)
+    model_cfg = classifier_config(source, scratch, dataclasses.asdict(cfg.clip), cfg.finetune.encoder_drop_path)
     model_cfg = model_config(model_cfg.to_dict())
     check_data(cfg.data, model_cfg)
+    if isinstance(cfg.data, ShardData) and not cfg.data.val_urls:
+        raise ValueError(
+            "data.val_urls: not set; with data=shards every evaluation (eval.every, the final multi-view test, "
+            "an lr sweep's choice of head) runs on these held-out shards: pass them (the training shards only if "
+            "you mean to score on them)"
+        )
     attentive_spec(cfg, model_cfg)  # the pooler's heads divide the width
     classes = num_classes(cfg)
     class_names(cfg.data, classes)  # the label maps of data.urls and data.val_urls agree
@@ -296,16 +302,20 @@ def _prediction(item: evaluate.VideoViews, logits: torch.Tensor, views: int) -> 
 
 class ValidationHook:
     """Every ``eval.every`` steps: single-view top-1 on ``eval.batches`` held-out batches, logged as ``val_top1``
-    (and ``val_ema_top1`` for the model EMA's weights)."""
+    (and ``val_ema_top1`` for the model EMA's weights): the synthetic task's held-out clips, or the centre clips of
+    the first videos of ``data.val_urls``."""
 
     def __init__(
         self, cfg: FinetuneConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv, ema: ClassifierEma | None = None
     ):
         data = cfg.data
-        held_out = dataclasses.replace(data, seed=data.eval_seed) if isinstance(data, SyntheticData) else data
-        stream = build_data(held_out, model_cfg, cfg.eval.micro_batch_size, env.rank, env.world_size)
-        self.batches = [next(stream) for _ in range(cfg.eval.batches)]
-        stream.close()
+        if isinstance(data, SyntheticData):
+            held_out = dataclasses.replace(data, seed=data.eval_seed)
+            stream = build_data(held_out, model_cfg, cfg.eval.micro_batch_size, env.rank, env.world_size)
+            self.batches = [next(stream) for _ in range(cfg.eval.batches)]
+            stream.close()
+        else:
+            self.batches = single_view_batches(cfg, model_cfg, env)
         self.every = cfg.eval.every
         self.ema = ema
 

@@ -49,7 +49,7 @@ def rank_views(
         from .shard_views import rank_videos
 
         yield from rank_videos(
-            data.val_urls or data.urls,
+            data.val_urls,
             env.rank,
             env.world_size,
             *geometry,
@@ -67,3 +67,25 @@ def rank_views(
         key, label, video = videos[index]
         clips = evaluate.clip_views(video, *geometry, views.temporal_views, views.spatial_views)
         yield evaluate.VideoViews(index, key, label, None, clips)
+
+
+def single_view_batches(
+    cfg: FinetuneConfig, model_cfg: AdaMAEConfig, env: setup.DistEnv
+) -> list[dict[str, torch.Tensor]]:
+    """The periodic check's batches on shards: the centre clip (one temporal window, the middle crop) of this
+    rank's first ``eval.batches × eval.micro_batch_size`` videos of ``data.val_urls``, labelled ones only."""
+    one_view = dataclasses.replace(cfg, eval=dataclasses.replace(cfg.eval, temporal_views=1, spatial_views=1))
+    size = cfg.eval.micro_batch_size
+    videos: list[evaluate.VideoViews] = []
+    for item in rank_views(one_view, model_cfg, env, skipped=[]):
+        if item.label >= 0:
+            videos.append(item)
+        if len(videos) == cfg.eval.batches * size:
+            break
+    return [
+        {
+            "video": torch.cat([item.views for item in videos[start : start + size]]),
+            "label": torch.tensor([item.label for item in videos[start : start + size]]),
+        }
+        for start in range(0, len(videos), size)
+    ]
