@@ -4,6 +4,8 @@ By default everything here runs in fp32 even inside a bf16 autocast region: the 
 tokens, the Gumbel noise and the log-probabilities that carry the sampling loss are where bf16's 8-bit
 mantissa would hurt (a logit gap of 1e-2 is invisible to bf16 at magnitude 4). ``precision`` may make
 the block alone cheaper (``SAMPLER_PRECISIONS``); the input sum, head, logits and everything after stay fp32.
+The tokens it is given are the shared patch embedding, bf16-rounded under bf16 autocast; fp32 here keeps what
+is computed from them exact, not the rounding of the input.
 
 Two measured, opt-in ways to make the block itself cheaper (docs/performance.md has the figures); with
 neither, the module is the reference's, parameter for parameter:
@@ -36,7 +38,7 @@ class TokenSampler(nn.Module):
     """``logits = head(block(x + pos_embed_probs))``: unnormalised log-probabilities ``[B, N]``.
 
     Structure and initialisation follow the reference ``get_token_probs``: a block of width D with
-    8 heads, mlp ratio 4, no qkv bias, LayerNorm eps 1e-5, dropout 0.1; ``pos_embed_probs`` starts
+    8 heads, mlp ratio 4, no qkv bias, LayerNorm eps 1e-5, dropout 0.1 (after the attention projection and fc2); ``pos_embed_probs`` starts
     at zero. ``width`` and ``pool`` (with the token ``grid``) select the cheaper blocks of the module docstring.
     """
 
