@@ -17,7 +17,14 @@ import torch
 
 from adamae_scale import schema
 from adamae_scale.bench.step import compose
-from adamae_scale.engine.checkpoint import MANIFEST, Checkpointer, verify
+from adamae_scale.engine.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointRef,
+    NoUsableCheckpoint,
+    to_universal,
+    verify,
+)
 from adamae_scale.engine.guard import GuardedAdamW
 from adamae_scale.engine.trainer import Trainer, TrainPlan
 from adamae_scale.metrics import MetricsLogger, read_metrics
@@ -253,9 +260,7 @@ def test_consolidate_verifies_the_manifest_and_refuses_nonfinite_weights(saved_r
     with torch.no_grad():
         state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0][7] = float("nan")
     torch.save(state, states)
-    manifest = json.loads((tag / MANIFEST).read_text())
-    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": _sha256(states)}
-    (tag / MANIFEST).write_text(json.dumps(manifest))
+    reseal(tag, states)
     code, _, err = convert_cli(capsys, "consolidate", tag, tmp_path / "out")
     assert code == 2 and "NaN/inf" in one_line_error(err) and "--allow-nonfinite" in err
     assert not (tmp_path / "out").exists()
@@ -267,6 +272,45 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reseal(tag: Path, changed: Path) -> None:
+    """Rewrite ``changed``'s manifest entry, so the edited checkpoint verifies."""
+    manifest = json.loads((tag / MANIFEST).read_text())
+    manifest["files"][changed.name] = {"bytes": changed.stat().st_size, "sha256": _sha256(changed)}
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(saved_run, tmp_path):
+    """DeepSpeed un-pickles its checkpoint files in full: a planted object must be refused before that, in one line."""
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    shutil.copytree(saved_run, run_dir)
+    tag = run_dir / "checkpoints" / "step_00000004"
+    states = tag / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)  # our own file, made by this test's run
+    state["payload"] = RunsCodeWhenUnpickled(marker)
+    torch.save(state, states)
+    reseal(tag, states)
+    assert verify(tag) is None
+
+    proc = run_pretrain(*FP32, "ds=zero1", "train.steps=6", f"run_dir={run_dir}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert f"refusing to load {states}" in line and "posix.system" in line
+    assert not marker.exists()
+
+    # Resuming on another world size converts with DeepSpeed's ds_to_universal, which un-pickles too.
+    with pytest.raises(NoUsableCheckpoint, match="posix.system"):
+        to_universal(CheckpointRef(tag.parent, tag.name, world_size=2), is_rank0=True)
+    assert not marker.exists() and not (tag.parent / "step_00000004_universal").exists()
 
 
 def test_import_of_a_text_file_is_one_line(tmp_path, capsys):

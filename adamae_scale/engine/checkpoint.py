@@ -186,6 +186,7 @@ class Checkpointer:
 
     def load(self, engine: TrainingEngine, ref: CheckpointRef) -> dict[str, Any]:
         """Load ``ref`` into the engine (model, optimizer, scheduler); returns the saved client state."""
+        refuse_unsafe_pickles(ref.path)
         load_path, client_state = engine.load_checkpoint(str(ref.folder), tag=ref.tag)
         if load_path is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load checkpoint {ref.path}")
@@ -298,6 +299,7 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
     import deepspeed.comm as dist
 
     target = ref.folder / f"{ref.tag}{UNIVERSAL_SUFFIX}"
+    refuse_unsafe_pickles(ref.path)  # on every rank, so all stop together: the converter un-pickles in full
     if is_rank0 and not target.is_dir():
         tmp = ref.folder / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -323,6 +325,20 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
         os.replace(tmp, target)
     dist.barrier()
     return CheckpointRef(ref.folder, target.name, ref.world_size)
+
+
+def refuse_unsafe_pickles(tag_dir: Path) -> None:
+    """Raise ``NoUsableCheckpoint`` naming the file and the global when a ``.pt`` file under ``tag_dir`` pickles
+    anything besides tensors, plain containers and DeepSpeed's few state classes. DeepSpeed un-pickles its files
+    in full (``weights_only=False``), which would run such code: this scan reads the pickles without running them."""
+    from ..base.errors import ConvertError
+    from ..base.weights import DEEPSPEED_GLOBALS, refuse_unsafe_pickle
+
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            refuse_unsafe_pickle(path, DEEPSPEED_GLOBALS)
+        except ConvertError as err:
+            raise NoUsableCheckpoint(f"train.resume: {err}") from err
 
 
 def _read_client_state(tag_dir: Path) -> dict[str, Any]:
