@@ -243,6 +243,32 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(saved_run, t
     assert "does not match its checksum (damaged)" in proc.stderr
 
 
+def converted_step(universal: Path) -> int:
+    """The optimizer step a universal checkpoint was converted at (AdamW's step count of one parameter)."""
+    return int(torch.load(universal / "zero" / "decoder.head.bias" / "step.pt", weights_only=True))
+
+
+def test_a_rewritten_checkpoint_is_never_resumed_through_its_old_universal_form(saved_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    four = CheckpointRef(ckpts, "step_00000004", world_size=2)  # as a 2-rank resume sees it
+    universal = to_universal(four, is_rank0=True)
+    assert converted_step(universal.path) == 4 and (ckpts / "latest_universal").read_text() == universal.tag
+
+    # step_4 replaced behind the checkpointer's back (here by step_2's files): its universal form is redone.
+    shutil.rmtree(ckpts / "step_00000004")
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000004")
+    assert converted_step(to_universal(four, is_rank0=True).path) == 2
+
+    # A run that saves step 4 again (resumed from step 2) drops the universal form of the old step 4.
+    common = [*FP32, "ds=zero1", "train.steps=4", "train.ckpt_every=2", f"run_dir={run_dir}"]
+    run_pretrain(*common, f"train.resume={ckpts / 'step_00000002'}")
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 2
+    assert not (ckpts / "step_00000004_universal").exists() and not (ckpts / "latest_universal").exists()
+    assert verify(ckpts / "step_00000004") is None
+
+
 def test_consolidate_verifies_the_manifest_and_refuses_nonfinite_weights(saved_run, tmp_path, capsys):
     tag = tmp_path / "step_00000004"
     shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
