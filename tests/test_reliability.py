@@ -186,6 +186,17 @@ def test_diverged_weights_never_become_latest_and_a_sane_rerun_recovers(tmp_path
     assert losses(run_dir) == reference  # bit-exact: the skipped steps left nothing behind
 
 
+def test_a_run_whose_last_steps_were_skipped_still_saves_its_final_checkpoint(tmp_path):
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    common = [*FP32, "ds=zero0", "train.steps=5", "train.ckpt_every=2", "train.max_skipped_in_a_row=100"]
+    proc = run_pretrain(*common, "train.base_lr=1e30", f"run_dir={run_dir}")
+    assert "step 2: checkpoint postponed (this step was skipped)" in proc.stderr  # a periodic save waits
+    assert "the run ends after 4 skipped step(s): saving the weights of step 1" in proc.stderr
+    assert (ckpts / "latest").read_text() == "step_00000005" and verify(ckpts / "step_00000005") is None
+    run_pretrain(*common, "train.steps=6", f"run_dir={run_dir}")  # resumes from it
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 5
+
+
 def test_a_loss_spike_stops_the_run(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_pretrain(
