@@ -254,6 +254,18 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(saved_run, t
     assert "does not match its checksum (damaged)" in proc.stderr
 
 
+def test_resuming_with_another_zero_stage_is_refused_in_one_line(saved_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)  # written with ds=zero1 (ZeRO-2 shares its layout and loads it)
+    for ds in ("zero0", "zero3"):
+        proc = run_pretrain(*FP32, f"ds={ds}", "train.steps=6", f"run_dir={run_dir}", check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = error_line(proc)
+        assert f"ds={ds}: the checkpoint to resume was written with ds=zero1 (ZeRO stage 1)" in line
+        assert "pass ds=zero1 (or ds=auto" in line and "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
 def converted_step(universal: Path) -> int:
     """The optimizer step a universal checkpoint was converted at (AdamW's step count of one parameter)."""
     return int(torch.load(universal / "zero" / "decoder.head.bias" / "step.pt", weights_only=True))
