@@ -266,6 +266,14 @@ def test_resuming_with_another_zero_stage_is_refused_in_one_line(saved_run, tmp_
     assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
 
 
+def test_a_renamed_checkpoint_folder_resumes_at_the_step_it_records(saved_run, tmp_path):
+    run_dir, best = tmp_path / "run", tmp_path / "best"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", best)  # e.g. kept aside as the best one
+    run_pretrain(*FP32, "ds=zero1", "train.steps=5", f"train.resume={best}", f"run_dir={run_dir}")
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 4
+    assert steps_logged(run_dir) == [5]
+
+
 def converted_step(universal: Path) -> int:
     """The optimizer step a universal checkpoint was converted at (AdamW's step count of one parameter)."""
     return int(torch.load(universal / "zero" / "decoder.head.bias" / "step.pt", weights_only=True))

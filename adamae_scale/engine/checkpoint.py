@@ -164,8 +164,12 @@ class Checkpointer:
             if problem is not None:
                 raise NoUsableCheckpoint(f"train.resume={resume}: {problem}")
         config = path / "config.json"
-        world_size = json.loads(config.read_text()).get("world_size") if config.is_file() else None
-        return CheckpointRef(path.parent, path.name, world_size)
+        recorded = json.loads(config.read_text()) if config.is_file() else {}
+        # The step from the checkpoint itself: a tag folder may have been renamed (best/, step_N.diverged/).
+        step = recorded.get("step")
+        return CheckpointRef(
+            path.parent, path.name, recorded.get("world_size"), step if isinstance(step, int) else None
+        )
 
     def _newest_verified(self) -> Path | None:
         latest = self.latest_tag()
@@ -283,6 +287,7 @@ class CheckpointRef:
     folder: Path
     tag: str
     world_size: int | None = None
+    saved_step: int | None = None  # as recorded in its config.json
 
     @property
     def path(self) -> Path:
@@ -294,7 +299,15 @@ class CheckpointRef:
 
     @property
     def step(self) -> int:
-        return int(self.tag[len("step_") :].removesuffix(UNIVERSAL_SUFFIX))
+        if self.saved_step is not None:
+            return self.saved_step
+        match = re.fullmatch(r"step_(\d+)", self.tag.removesuffix(UNIVERSAL_SUFFIX))
+        if match is None:
+            raise NoUsableCheckpoint(
+                f"train.resume={self.path}: its config.json records no step and the folder is not named "
+                "step_NNNNNNNN; rename it so, or start over with train.resume=none"
+            )
+        return int(match.group(1))
 
 
 def drop_universal(folder: Path, tag: str) -> None:
@@ -353,7 +366,7 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
         os.replace(tmp, target)
         atomic_write_text(ref.folder / LATEST_UNIVERSAL, target.name)  # the converter wrote the temporary name
     barrier()
-    return CheckpointRef(ref.folder, target.name, ref.world_size)
+    return CheckpointRef(ref.folder, target.name, ref.world_size, ref.saved_step)
 
 
 def refuse_unsafe_pickles(tag_dir: Path) -> None:
