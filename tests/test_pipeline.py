@@ -4,8 +4,10 @@ pre-training from shards."""
 
 import io
 import json
+import os
 import pickle
 import random
+import signal
 import subprocess
 import sys
 import tarfile
@@ -397,6 +399,30 @@ def pretrain_overrides(tiny_run, urls) -> list[str]:
         "train.steps=6",
         "eval.focus_batches=0",
     ]
+
+
+def test_sigterm_to_the_process_group_with_workers_running_checkpoints(shards, tmp_path, tiny_run):
+    """SLURM pre-emption and scancel signal every process of the job, DataLoader workers included."""
+    from .test_scale import wait_for_step
+
+    run_dir = tmp_path / "run"
+    args = [*pretrain_overrides(tiny_run, shards["jpg"]), "train.steps=400", "train.ckpt_every=0", f"run_dir={run_dir}"]
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "adamae_scale.pretrain", *args],
+        cwd=REPO,
+        env=cli_env(),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        start_new_session=True,  # its own process group, as a batch job has
+    )
+    wait_for_step(run_dir, 2, proc)
+    os.killpg(proc.pid, signal.SIGTERM)
+    out, err = proc.communicate(timeout=120)
+    assert proc.returncode == 128 + signal.SIGTERM, err[-3000:]
+    assert "stopped by SIGTERM" in out and "Traceback" not in err
+    stopped_at = read_metrics(run_dir / "metrics.jsonl")[-1]["step"]
+    assert (run_dir / "checkpoints" / "latest").read_text() == f"step_{stopped_at:08d}"
 
 
 def test_pretrain_from_shards_logs_corrupt_count_and_resumes_exactly(shards, tmp_path, tiny_run):

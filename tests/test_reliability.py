@@ -17,7 +17,14 @@ import torch
 
 from adamae_scale import schema
 from adamae_scale.bench.step import compose
-from adamae_scale.engine.checkpoint import MANIFEST, Checkpointer, verify
+from adamae_scale.engine.checkpoint import (
+    MANIFEST,
+    Checkpointer,
+    CheckpointRef,
+    NoUsableCheckpoint,
+    to_universal,
+    verify,
+)
 from adamae_scale.engine.guard import GuardedAdamW
 from adamae_scale.engine.trainer import Trainer, TrainPlan
 from adamae_scale.metrics import MetricsLogger, read_metrics
@@ -179,6 +186,17 @@ def test_diverged_weights_never_become_latest_and_a_sane_rerun_recovers(tmp_path
     assert losses(run_dir) == reference  # bit-exact: the skipped steps left nothing behind
 
 
+def test_a_run_whose_last_steps_were_skipped_still_saves_its_final_checkpoint(tmp_path):
+    run_dir, ckpts = tmp_path / "run", tmp_path / "run" / "checkpoints"
+    common = [*FP32, "ds=zero0", "train.steps=5", "train.ckpt_every=2", "train.max_skipped_in_a_row=100"]
+    proc = run_pretrain(*common, "train.base_lr=1e30", f"run_dir={run_dir}")
+    assert "step 2: checkpoint postponed (this step was skipped)" in proc.stderr  # a periodic save waits
+    assert "the run ends after 4 skipped step(s): saving the weights of step 1" in proc.stderr
+    assert (ckpts / "latest").read_text() == "step_00000005" and verify(ckpts / "step_00000005") is None
+    run_pretrain(*common, "train.steps=6", f"run_dir={run_dir}")  # resumes from it
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 5
+
+
 def test_a_loss_spike_stops_the_run(tmp_path):
     run_dir = tmp_path / "run"
     proc = run_pretrain(
@@ -236,6 +254,52 @@ def test_a_damaged_newest_checkpoint_falls_back_to_the_previous_one(saved_run, t
     assert "does not match its checksum (damaged)" in proc.stderr
 
 
+def test_resuming_with_another_zero_stage_is_refused_in_one_line(saved_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)  # written with ds=zero1 (ZeRO-2 shares its layout and loads it)
+    for ds in ("zero0", "zero3"):
+        proc = run_pretrain(*FP32, f"ds={ds}", "train.steps=6", f"run_dir={run_dir}", check=False)
+        assert proc.returncode == 2, proc.stderr[-3000:]
+        line = error_line(proc)
+        assert f"ds={ds}: the checkpoint to resume was written with ds=zero1 (ZeRO stage 1)" in line
+        assert "pass ds=zero1 (or ds=auto" in line and "Traceback" not in proc.stderr
+    assert (run_dir / "checkpoints" / "latest").read_text() == "step_00000004"
+
+
+def test_a_renamed_checkpoint_folder_resumes_at_the_step_it_records(saved_run, tmp_path):
+    run_dir, best = tmp_path / "run", tmp_path / "best"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", best)  # e.g. kept aside as the best one
+    run_pretrain(*FP32, "ds=zero1", "train.steps=5", f"train.resume={best}", f"run_dir={run_dir}")
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 4
+    assert steps_logged(run_dir) == [5]
+
+
+def converted_step(universal: Path) -> int:
+    """The optimizer step a universal checkpoint was converted at (AdamW's step count of one parameter)."""
+    return int(torch.load(universal / "zero" / "decoder.head.bias" / "step.pt", weights_only=True))
+
+
+def test_a_rewritten_checkpoint_is_never_resumed_through_its_old_universal_form(saved_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    ckpts = run_dir / "checkpoints"
+    four = CheckpointRef(ckpts, "step_00000004", world_size=2)  # as a 2-rank resume sees it
+    universal = to_universal(four, is_rank0=True)
+    assert converted_step(universal.path) == 4 and (ckpts / "latest_universal").read_text() == universal.tag
+
+    # step_4 replaced behind the checkpointer's back (here by step_2's files): its universal form is redone.
+    shutil.rmtree(ckpts / "step_00000004")
+    shutil.copytree(ckpts / "step_00000002", ckpts / "step_00000004")
+    assert converted_step(to_universal(four, is_rank0=True).path) == 2
+
+    # A run that saves step 4 again (resumed from step 2) drops the universal form of the old step 4.
+    common = [*FP32, "ds=zero1", "train.steps=4", "train.ckpt_every=2", f"run_dir={run_dir}"]
+    run_pretrain(*common, f"train.resume={ckpts / 'step_00000002'}")
+    assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 2
+    assert not (ckpts / "step_00000004_universal").exists() and not (ckpts / "latest_universal").exists()
+    assert verify(ckpts / "step_00000004") is None
+
+
 def test_consolidate_verifies_the_manifest_and_refuses_nonfinite_weights(saved_run, tmp_path, capsys):
     tag = tmp_path / "step_00000004"
     shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
@@ -253,9 +317,7 @@ def test_consolidate_verifies_the_manifest_and_refuses_nonfinite_weights(saved_r
     with torch.no_grad():
         state["optimizer_state_dict"]["single_partition_of_fp32_groups"][0][7] = float("nan")
     torch.save(state, states)
-    manifest = json.loads((tag / MANIFEST).read_text())
-    manifest["files"][states.name] = {"bytes": states.stat().st_size, "sha256": _sha256(states)}
-    (tag / MANIFEST).write_text(json.dumps(manifest))
+    reseal(tag, states)
     code, _, err = convert_cli(capsys, "consolidate", tag, tmp_path / "out")
     assert code == 2 and "NaN/inf" in one_line_error(err) and "--allow-nonfinite" in err
     assert not (tmp_path / "out").exists()
@@ -267,6 +329,45 @@ def _sha256(path: Path) -> str:
     import hashlib
 
     return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def reseal(tag: Path, changed: Path) -> None:
+    """Rewrite ``changed``'s manifest entry, so the edited checkpoint verifies."""
+    manifest = json.loads((tag / MANIFEST).read_text())
+    manifest["files"][changed.name] = {"bytes": changed.stat().st_size, "sha256": _sha256(changed)}
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+
+
+class RunsCodeWhenUnpickled:
+    def __init__(self, marker: Path):
+        self.marker = marker
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(saved_run, tmp_path):
+    """DeepSpeed un-pickles its checkpoint files in full: a planted object must be refused before that, in one line."""
+    run_dir, marker = tmp_path / "run", tmp_path / "code-ran"
+    shutil.copytree(saved_run, run_dir)
+    tag = run_dir / "checkpoints" / "step_00000004"
+    states = tag / "mp_rank_00_model_states.pt"
+    state = torch.load(states, weights_only=False)  # our own file, made by this test's run
+    state["payload"] = RunsCodeWhenUnpickled(marker)
+    torch.save(state, states)
+    reseal(tag, states)
+    assert verify(tag) is None
+
+    proc = run_pretrain(*FP32, "ds=zero1", "train.steps=6", f"run_dir={run_dir}", check=False)
+    assert proc.returncode == 2, proc.stderr[-3000:]
+    line = error_line(proc)
+    assert f"refusing to load {states}" in line and "posix.system" in line
+    assert not marker.exists()
+
+    # Resuming on another world size converts with DeepSpeed's ds_to_universal, which un-pickles too.
+    with pytest.raises(NoUsableCheckpoint, match="posix.system"):
+        to_universal(CheckpointRef(tag.parent, tag.name, world_size=2), is_rank0=True)
+    assert not marker.exists() and not (tag.parent / "step_00000004_universal").exists()
 
 
 def test_import_of_a_text_file_is_one_line(tmp_path, capsys):

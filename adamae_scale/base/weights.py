@@ -1,8 +1,9 @@
 """Reading and writing weights safely: restricted un-pickling and streamed safetensors.
 
-- ``safe_torch_load``: ``torch.load(weights_only=True)`` after a scan of the pickle's globals, with an
-  explicit allowlist of classes by name. Nothing outside tensors, plain containers and that list is
-  ever constructed, so a malicious ``.pth`` is refused before any of it runs.
+- ``safe_torch_load``: ``torch.load(weights_only=True)`` after a scan of the pickle's globals
+  (``refuse_unsafe_pickle``), with an explicit allowlist of classes by name. Nothing outside tensors, plain
+  containers and that list is ever constructed, so a malicious ``.pth`` is refused before any of it runs.
+  The scan alone guards files that another library un-pickles in full (DeepSpeed's checkpoint loading).
 - ``write_safetensors``: writes one tensor at a time (header first, from shapes), so a model is never
   held twice in memory. Values may be lazy: anything with ``shape``, ``dtype`` and ``contiguous()``
   (DeepSpeed's ``GatheredTensor`` has exactly that interface, and so does ``LazyTensor`` below).
@@ -77,11 +78,33 @@ def _globals_in_pickles(path: Path, max_pickles: int = 8) -> set[str]:
 def safe_torch_load(path: str | os.PathLike[str], allowed_globals: Sequence[str] = (), mmap: bool = True) -> Any:
     """Load a PyTorch checkpoint with ``weights_only=True`` plus exactly ``allowed_globals``.
 
-    ``allowed_globals`` are fully qualified class names (``"argparse.Namespace"``). For zip-format
-    files (everything ``torch.save`` wrote since PyTorch 1.6) the pickle's globals are listed without
-    executing anything and any name outside the allowlist is refused up front, with its name in the
-    message; older formats rely on the ``weights_only`` un-pickler alone, which refuses them too.
-    ``mmap=True`` maps zip files instead of reading them, so only the tensors used are paged in.
+    ``allowed_globals`` are fully qualified class names (``"argparse.Namespace"``). The pickle's globals are
+    checked first by ``refuse_unsafe_pickle`` (nothing is executed); older formats rely on the ``weights_only``
+    un-pickler too, which refuses them as well. ``mmap=True`` maps zip files instead of reading them, so only
+    the tensors used are paged in.
+    """
+    path = Path(path)
+    needed = [_resolve_global(name) for name in sorted(refuse_unsafe_pickle(path, allowed_globals))]
+    is_zip = zipfile.is_zipfile(path)
+    try:
+        with torch.serialization.safe_globals(needed):
+            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
+    except pickle.UnpicklingError as err:
+        line = _first_informative_line(err)
+        if "GLOBAL" in line or "global" in line:
+            raise UnsafeCheckpointError(f"refusing to load {path}: {line}") from err
+        raise ConvertError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({line})") from err
+    except Exception as err:  # noqa: BLE001 - a damaged file fails anywhere in the un-pickler (KeyError, …)
+        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_informative_line(err)})") from err
+
+
+def refuse_unsafe_pickle(path: str | os.PathLike[str], allowed_globals: Sequence[str] = ()) -> set[str]:
+    """Read the globals ``path``'s pickle names, without executing any of it, and raise
+    ``UnsafeCheckpointError`` (naming the file and each global) when one is neither a tensor, a plain
+    container nor in ``allowed_globals``. Returns the ``allowed_globals`` it names (to allow when loading).
+
+    For zip files (everything ``torch.save`` wrote since PyTorch 1.6) PyTorch lists the globals; for the
+    legacy format and plain pickles the opcodes are read.
     """
     path = Path(path)
     if not path.is_file():
@@ -106,19 +129,9 @@ def safe_torch_load(path: str | os.PathLike[str], allowed_globals: Sequence[str]
     if refused:
         raise UnsafeCheckpointError(
             f"refusing to load {path}: its pickle references {', '.join(refused)}, which is not a tensor or plain "
-            "container and could run code when un-pickled (this tool loads weights only, with weights_only=True)"
+            "container and could run code when un-pickled (only weights are loaded, with weights_only=True)"
         )
-    needed = [_resolve_global(name) for name in sorted(found & allowed)]
-    try:
-        with torch.serialization.safe_globals(needed):
-            return torch.load(path, map_location="cpu", weights_only=True, mmap=mmap and is_zip)
-    except pickle.UnpicklingError as err:
-        line = _first_informative_line(err)
-        if "GLOBAL" in line or "global" in line:
-            raise UnsafeCheckpointError(f"refusing to load {path}: {line}") from err
-        raise ConvertError(f"{path}: not a checkpoint torch.load(weights_only=True) can read ({line})") from err
-    except Exception as err:  # noqa: BLE001 - a damaged file fails anywhere in the un-pickler (KeyError, …)
-        raise ConvertError(f"{path}: not a readable PyTorch checkpoint ({_first_informative_line(err)})") from err
+    return found & allowed
 
 
 def _allowed_by_default(name: str) -> bool:
@@ -293,6 +306,7 @@ __all__ = [
     "SafetensorsReader",
     "TensorLike",
     "lazy_map",
+    "refuse_unsafe_pickle",
     "safe_torch_load",
     "write_safetensors",
 ]

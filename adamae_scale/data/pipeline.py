@@ -45,6 +45,7 @@ import contextlib
 import json
 import random
 import re
+import signal
 import sys
 import tarfile
 import warnings
@@ -398,6 +399,14 @@ def decode_clip(src: Iterable[dict[str, Any]], cfg: ShardDataConfig, rng_for: Rn
             yield {"key": item["key"], "url": item["url"], "error": f"{type(err).__name__}: {err}"[:300]}
 
 
+def ignore_stop_signals(worker_id: int) -> None:
+    """A DataLoader worker's start: SIGTERM and SIGINT are ignored. SLURM, ``scancel`` and Ctrl-C signal the whole
+    process group; a worker that died of it would fail the main process's next batch before it could checkpoint.
+    The main process stops the workers itself when it exits."""
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
 # -- one epoch of one rank, as seen by a DataLoader worker ---------------------------------------------------------
 
 
@@ -608,6 +617,7 @@ class ShardClips:
             prefetch_factor=self.cfg.prefetch if self.cfg.workers > 0 else None,
             pin_memory=torch.cuda.is_available(),
             generator=torch.Generator().manual_seed(self.cfg.seed),  # leaves the global torch RNG alone
+            worker_init_fn=ignore_stop_signals,
         )
         self._loader = iter(loader)
         self._epoch_slots = 0

@@ -78,6 +78,7 @@ class Checkpointer:
         try:
             if rank == 0:
                 shutil.rmtree(tag_dir, ignore_errors=True)  # a stale partial folder from an interrupted save
+                drop_universal(self.folder, tag)  # converted from the checkpoint this save replaces
                 tag_dir.mkdir(parents=True)
                 # The architecture, so conversion tools can rebuild the network without the Hydra config.
                 metadata = {**self.metadata, "step": step, "world_size": world}
@@ -131,7 +132,7 @@ class Checkpointer:
         tags = [t for t in self.tags() if t <= newest]
         for old in tags[: -self.keep_last]:
             shutil.rmtree(self.folder / old, ignore_errors=True)
-            shutil.rmtree(self.folder / f"{old}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+            drop_universal(self.folder, old)
 
     def tags(self) -> list[str]:
         """The tag folders present, oldest first (complete or not)."""
@@ -163,8 +164,12 @@ class Checkpointer:
             if problem is not None:
                 raise NoUsableCheckpoint(f"train.resume={resume}: {problem}")
         config = path / "config.json"
-        world_size = json.loads(config.read_text()).get("world_size") if config.is_file() else None
-        return CheckpointRef(path.parent, path.name, world_size)
+        recorded = json.loads(config.read_text()) if config.is_file() else {}
+        # The step from the checkpoint itself: a tag folder may have been renamed (best/, step_N.diverged/).
+        step = recorded.get("step")
+        return CheckpointRef(
+            path.parent, path.name, recorded.get("world_size"), step if isinstance(step, int) else None
+        )
 
     def _newest_verified(self) -> Path | None:
         latest = self.latest_tag()
@@ -186,6 +191,7 @@ class Checkpointer:
 
     def load(self, engine: TrainingEngine, ref: CheckpointRef) -> dict[str, Any]:
         """Load ``ref`` into the engine (model, optimizer, scheduler); returns the saved client state."""
+        refuse_unsafe_pickles(ref.path)
         load_path, client_state = engine.load_checkpoint(str(ref.folder), tag=ref.tag)
         if load_path is None:
             raise RuntimeError(f"train.resume: DeepSpeed could not load checkpoint {ref.path}")
@@ -204,7 +210,7 @@ class Checkpointer:
                 target = self.folder / f"{tag}{DIVERGED_SUFFIX}"
                 shutil.rmtree(target, ignore_errors=True)
                 os.replace(self.folder / tag, target)
-                shutil.rmtree(self.folder / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+                drop_universal(self.folder, tag)
         if keep:
             atomic_write_text(self.folder / "latest", keep[-1])
             return keep[-1]
@@ -269,6 +275,10 @@ def _print_rank0(line: str) -> None:
 
 
 UNIVERSAL_SUFFIX = "_universal"
+# In a universal folder: the sha256 of the source checkpoint's manifest.json it was converted from.
+UNIVERSAL_SOURCE = "source_manifest.sha256"
+# DeepSpeed's pointer to the newest universal folder (ds_to_universal writes it; we pass tags explicitly).
+LATEST_UNIVERSAL = "latest_universal"
 TAG_PATTERN = re.compile(r"step_\d{8}")
 
 
@@ -277,6 +287,7 @@ class CheckpointRef:
     folder: Path
     tag: str
     world_size: int | None = None
+    saved_step: int | None = None  # as recorded in its config.json
 
     @property
     def path(self) -> Path:
@@ -288,16 +299,47 @@ class CheckpointRef:
 
     @property
     def step(self) -> int:
-        return int(self.tag[len("step_") :].removesuffix(UNIVERSAL_SUFFIX))
+        if self.saved_step is not None:
+            return self.saved_step
+        match = re.fullmatch(r"step_(\d+)", self.tag.removesuffix(UNIVERSAL_SUFFIX))
+        if match is None:
+            raise NoUsableCheckpoint(
+                f"train.resume={self.path}: its config.json records no step and the folder is not named "
+                "step_NNNNNNNN; rename it so, or start over with train.resume=none"
+            )
+        return int(match.group(1))
+
+
+def drop_universal(folder: Path, tag: str) -> None:
+    """Remove ``tag``'s universal form (its source is being replaced or set aside) and a ``latest_universal``
+    that would then name a missing folder."""
+    shutil.rmtree(folder / f"{tag}{UNIVERSAL_SUFFIX}", ignore_errors=True)
+    latest = folder / LATEST_UNIVERSAL
+    try:
+        named = latest.read_text().strip()
+    except OSError:
+        return
+    if not named or not (folder / named).is_dir():
+        latest.unlink(missing_ok=True)
+
+
+def _manifest_digest(tag_dir: Path) -> str:
+    """sha256 of ``tag_dir``'s manifest.json (``none`` without one): which save of the tag this is."""
+    manifest = tag_dir / MANIFEST
+    return _sha256(manifest) if manifest.is_file() else "none"
 
 
 def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
-    """DeepSpeed's universal (world-size independent) form of ``ref``, converted once by rank 0 with
-    DeepSpeed's own ``ds_to_universal`` into ``TAG_universal`` (built under a temporary name, then
-    renamed, so a half-converted folder is never used). Every rank must call this."""
-    import deepspeed.comm as dist
-
+    """DeepSpeed's universal (world-size independent) form of ``ref``, converted by rank 0 with DeepSpeed's
+    own ``ds_to_universal`` into ``TAG_universal`` (built under a temporary name, then renamed, so a
+    half-converted folder is never used). The folder records the source's manifest digest and is converted
+    again when the source has changed since. Every rank must call this."""
     target = ref.folder / f"{ref.tag}{UNIVERSAL_SUFFIX}"
+    refuse_unsafe_pickles(ref.path)  # on every rank, so all stop together: the converter un-pickles in full
+    source = _manifest_digest(ref.path)
+    recorded = target / UNIVERSAL_SOURCE
+    if is_rank0 and target.is_dir() and (not recorded.is_file() or recorded.read_text().strip() != source):
+        shutil.rmtree(target)
     if is_rank0 and not target.is_dir():
         tmp = ref.folder / f".{target.name}.tmp"
         shutil.rmtree(tmp, ignore_errors=True)
@@ -320,9 +362,25 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
         proc = subprocess.run(cmd, capture_output=True, text=True)
         if proc.returncode != 0:
             raise RuntimeError(f"converting {ref.path} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
+        atomic_write_text(tmp / UNIVERSAL_SOURCE, source)
         os.replace(tmp, target)
-    dist.barrier()
-    return CheckpointRef(ref.folder, target.name, ref.world_size)
+        atomic_write_text(ref.folder / LATEST_UNIVERSAL, target.name)  # the converter wrote the temporary name
+    barrier()
+    return CheckpointRef(ref.folder, target.name, ref.world_size, ref.saved_step)
+
+
+def refuse_unsafe_pickles(tag_dir: Path) -> None:
+    """Raise ``NoUsableCheckpoint`` naming the file and the global when a ``.pt`` file under ``tag_dir`` pickles
+    anything besides tensors, plain containers and DeepSpeed's few state classes. DeepSpeed un-pickles its files
+    in full (``weights_only=False``), which would run such code: this scan reads the pickles without running them."""
+    from ..base.errors import ConvertError
+    from ..base.weights import DEEPSPEED_GLOBALS, refuse_unsafe_pickle
+
+    for path in sorted(tag_dir.rglob("*.pt")):
+        try:
+            refuse_unsafe_pickle(path, DEEPSPEED_GLOBALS)
+        except ConvertError as err:
+            raise NoUsableCheckpoint(f"train.resume: {err}") from err
 
 
 def _read_client_state(tag_dir: Path) -> dict[str, Any]:

@@ -110,6 +110,36 @@ def recorded_ds(resume: Any, checkpoints: Path) -> str | None:
     return ds if isinstance(ds, str) and ds != AUTO else None
 
 
+def zero_stage(ds: str) -> int | None:
+    """The ZeRO stage of a concrete ``ds`` (a shipped name or a JSON path), or None when it cannot be read."""
+    from .setup import load_ds_config
+
+    try:
+        stage = load_ds_config(ds).get("zero_optimization", {}).get("stage", 0)
+    except (OSError, ValueError, AttributeError):
+        return None
+    return stage if isinstance(stage, int) else None
+
+
+# DeepSpeed's checkpoint layout per ZeRO stage: ZeRO-0 keeps the optimizer in the model states, ZeRO-1 and 2
+# share flat per-rank partitions (one loads into the other), ZeRO-3 partitions the parameters too.
+_CHECKPOINT_LAYOUT = {0: "whole", 1: "partitioned optimizer", 2: "partitioned optimizer", 3: "partitioned parameters"}
+
+
+def refuse_another_stage(ds: str, recorded: str) -> None:
+    """An explicit ``ds`` whose ZeRO stage lays its checkpoint out differently from the resumed checkpoint's stage:
+    DeepSpeed cannot load one into the other, so say so before anything is built."""
+    from .checkpoint import NoUsableCheckpoint
+
+    wanted, written = zero_stage(ds), zero_stage(recorded)
+    if wanted is not None and written is not None and _CHECKPOINT_LAYOUT[wanted] != _CHECKPOINT_LAYOUT[written]:
+        raise NoUsableCheckpoint(
+            f"ds={ds}: the checkpoint to resume was written with ds={recorded} (ZeRO stage {written}) and DeepSpeed "
+            f"cannot load it into stage {wanted}; pass ds={recorded} (or ds=auto, which keeps the checkpoint's "
+            "stage), or start over with train.resume=none"
+        )
+
+
 def resolve_ds(
     ds: str, num_params: int, world_size: int, local_world_size: int, recorded: str | None = None
 ) -> tuple[str, str | None]:
@@ -126,6 +156,8 @@ def resolve_for_run(ds: str, num_params: int, world_size: int, rank: int, resume
     """``resolve_ds`` for a run about to start (``train.resume`` and its checkpoint folder say what it continues),
     printing the choice on rank 0 when ``auto`` made one."""
     recorded = recorded_ds(resume, checkpoints)
+    if recorded is not None and ds != AUTO:
+        refuse_another_stage(ds, recorded)
     resolved, why = resolve_ds(ds, num_params, world_size, local_world_size(world_size), recorded)
     if why is not None and rank == 0:
         print(f"[adamae] ds={ds} → {resolved}: {why}", flush=True)

@@ -238,13 +238,21 @@ class Trainer:
             return None
         return float(norm)
 
-    def _save_checked(self) -> None:
-        """Checkpoint now, unless the current weights just gave a non-finite loss (then at the next good step);
-        weights that are not finite are never saved."""
-        if self.skipped_in_a_row > 0:
+    def _save_checked(self, last_step: bool) -> None:
+        """Checkpoint now. After a skipped step (the weights just gave a non-finite loss) a periodic save waits for
+        the next good step; the run's last save (its end, a signal) is written anyway, since skipped steps leave
+        the weights of the last good step, and a run must not end without a checkpoint. Weights that are not finite
+        are never saved."""
+        if self.skipped_in_a_row > 0 and not last_step:
             self._save_pending = True
             self._say(f"[adamae] step {self.step}: checkpoint postponed (this step was skipped)")
             return
+        if self.skipped_in_a_row > 0:
+            good = self.step - self.skipped_in_a_row
+            self._say(
+                f"[adamae] step {self.step}: the run ends after {self.skipped_in_a_row} skipped step(s): saving the "
+                f"weights of step {good}, unchanged since"
+            )
         if self.guard is not None and not weights_finite(self.engine.module):
             self._stop_diverged(f"step {self.step}: the weights are not finite", self.step)
         self._save_pending = False
@@ -290,7 +298,7 @@ class Trainer:
                 for hook in self.hooks:
                     hook(self, last_step)
                 if self.checkpointer.should_save(self.step, last_step) or self._save_pending:
-                    self._save_checked()
+                    self._save_checked(last_step)
                 bar.update(1)
                 if self.stopped_by_signal:
                     break
