@@ -330,6 +330,58 @@ def test_resume_past_unreadable_shards_is_exact_and_does_not_report_them_again(s
     assert state["ranks"][0]["unreadable"] == {noise: 0, cut: 2}
 
 
+def keys_by_epoch(stream: ShardClips, epochs: int) -> dict[int, list[str]]:
+    """The keys ``stream`` delivers, by epoch, until it has begun ``epochs`` epochs past its first."""
+    by_epoch = defaultdict(list)
+    while len(by_epoch) <= epochs:
+        batch = next(stream)
+        for key, epoch in zip(batch["key"], batch["epoch"].tolist(), strict=True):
+            by_epoch[epoch].append(key)
+    return by_epoch
+
+
+def test_resume_with_other_shards_or_seed_starts_the_next_epoch_over_them_and_says_why(shards, tmp_path):
+    tars = sorted(str(p) for p in shards["jpg"].glob("*.tar"))
+    cut = tmp_path / "shard-000009.tar"
+    cut_keys = write_truncated_shard(cut, Path(tars[0]))
+    whole = cut.with_name("whole.tar")
+    with tarfile.open(tars[0]) as f, tarfile.open(whole, "w") as out:
+        for member in f:
+            data = f.extractfile(member).read()
+            member.name = f"cut{member.name}"
+            out.addfile(member, io.BytesIO(data))
+    options = dict(workers=0, shuffle_buffer=4, shuffle_initial=2, **CLIP)
+
+    # An interrupted run over 4 shards and a truncated one; the user then completes the shard job: the
+    # truncated shard is made again whole, under its name, and a fifth shard comes.
+    before = ShardClips(ShardDataConfig(urls=tars[:4] + [str(cut)], **options), batch_size=2)
+    keys_by_epoch(before, 1)
+    assert before.unreadable == {str(cut): len(cut_keys)}
+    state = json.loads(json.dumps(before.state_dict()))
+    before.close()
+    whole.replace(cut)
+    after = ShardClips(ShardDataConfig(urls=tars + [str(cut)], **options), batch_size=2)
+    with pytest.warns(UserWarning, match=r"another layout or stream \(shards 5->6\): starting epoch 2 from"):
+        after.load_state_dict(state)
+    by_epoch = keys_by_epoch(after, 1)
+    assert min(by_epoch) == 2  # not the rest of epoch 1, whose samples were over other shards
+    every = sorted(all_keys(shards["jpg"]) | all_keys(tmp_path))
+    assert sorted(by_epoch[2]) == every  # each sample once, the new shard's and the remade shard's whole
+    after.close()
+
+    # Another seed orders the samples otherwise: the rest of the epoch cannot be told apart.
+    before = ShardClips(ShardDataConfig(urls=tars, **options), batch_size=2)
+    for _ in range(3):
+        next(before)
+    state = before.state_dict()
+    after = ShardClips(ShardDataConfig(urls=tars, seed=7, **options), batch_size=2)
+    with pytest.warns(UserWarning, match=r"\(seed 0->7\): starting epoch 1 from"):
+        after.load_state_dict(state)
+    assert min(keys_by_epoch(after, 0)) == 1
+    for stream in (before, after):
+        stream.close()
+
+
 def test_two_ranks_with_unreadable_shards_exactly_once_and_resume(shards, tmp_path):
     urls, noise, cut, usable = with_unreadable_shards(shards, tmp_path)
     cfg = dict(urls=urls, workers=2, shuffle_buffer=4, shuffle_initial=2, **CLIP)

@@ -42,6 +42,7 @@ number of batches consumed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import re
@@ -742,8 +743,33 @@ class ShardClips:
             "repeated_aug": self.cfg.repeated_aug,
             "resampled": self.cfg.resampled,
             "seed": self.cfg.seed,
+            "stream": self._stream_fingerprint(),
             "ranks": ranks,
         }
+
+    def _stream_fingerprint(self) -> dict[str, Any]:
+        """What fixes the order of the samples besides the layout: the shard list, the seed and the shuffle."""
+        return {
+            "shards": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16],
+            "num_shards": len(self.urls),
+            "seed": self.cfg.seed,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            "shuffle_initial": self.cfg.shuffle_initial,
+        }
+
+    def _stream_changes(self, state: Mapping[str, Any]) -> list[str]:
+        """How the saved stream differs from this one, e.g. ``["shards 4->5", "seed 0->1"]`` (a state saved before
+        the fingerprint existed: its seed only)."""
+        saved = state.get("stream", {"seed": state.get("seed")})
+        now = self._stream_fingerprint()
+        changes = []
+        if "shards" in saved and saved["shards"] != now["shards"]:
+            before, after = saved["num_shards"], now["num_shards"]
+            changes.append(f"shards {before}->{after}" if before != after else f"another list of {after} shards")
+        for name in ("seed", "shuffle_buffer", "shuffle_initial"):
+            if name in saved and saved[name] != now[name]:
+                changes.append(f"{name} {saved[name]}->{now[name]}")
+        return changes
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue where ``state`` (saved by any rank, e.g. rank 0) left this rank."""
@@ -752,19 +778,26 @@ class ShardClips:
         self.close()
         self._current = None
         self.batches = int(state["batches"])
-        same_layout = (
-            state["world_size"] == self.world_size
-            and state["workers"] == self.workers
-            and state["batch_size"] == self.batch_size
-            and state.get("repeated_aug", 1) == self.cfg.repeated_aug
-            and state["resampled"] == self.cfg.resampled
-            and len(state["ranks"]) == self.world_size
-        )
+        layout = {
+            "world": (state["world_size"], self.world_size),
+            "workers": (state["workers"], self.workers),
+            "batch": (state["batch_size"], self.batch_size),
+            "repeated_aug": (state.get("repeated_aug", 1), self.cfg.repeated_aug),
+            "resampled": (state["resampled"], self.cfg.resampled),
+        }
+        changes = [f"{name} {was}->{now}" for name, (was, now) in layout.items() if was != now]
+        changes += self._stream_changes(state)
+        same_layout = not changes and len(state["ranks"]) == self.world_size
         # The shards found unreadable so far (older states have none): this rank's own, or with another
-        # layout every rank's. They change no stream, only what is reported and counted again.
+        # layout every rank's. They change no stream, only what is reported and counted again. With another
+        # shard list, none: a shard of the same name may have been made again since (adamae-shards --resume).
         found = [state["ranks"][self.rank]] if same_layout else state["ranks"]
+        same_shards = state.get("stream", {}).get("shards", "") in ("", self._stream_fingerprint()["shards"])
         self.unreadable = {
-            url: int(usable) for rank in found for url, usable in rank.get("unreadable", {}).items() if url in self.urls
+            url: int(usable)
+            for rank in found
+            for url, usable in rank.get("unreadable", {}).items()
+            if url in self.urls and same_shards
         }
         if self.cfg.resampled:
             # An endless draw with replacement: a fresh stream seeded by the resume point, not a replay.
@@ -775,14 +808,13 @@ class ShardClips:
             self._drop = 0
             return
         if not same_layout:
-            # Another number of ranks, workers or batch size: positions do not carry over. Start the next
-            # epoch after the furthest one any rank had begun, so no clip of a finished epoch repeats.
+            # Another number of ranks, workers or batch size, or another shard list, seed or shuffle: positions do
+            # not carry over. Start the next epoch after the furthest one any rank had begun, so no clip of a
+            # finished epoch repeats.
             self.epoch = max(int(r["epoch"]) for r in state["ranks"]) + 1
             self.point, self._drop = ResumePoint.start(self.workers), 0
             warnings.warn(
-                f"data: resuming with another layout (world {state['world_size']}->{self.world_size}, "
-                f"workers {state['workers']}->{self.workers}, batch {state['batch_size']}->"
-                f"{self.batch_size}, repeated_aug {state.get('repeated_aug', 1)}->{self.cfg.repeated_aug}): "
+                f"data: resuming with another layout or stream ({', '.join(changes)}): "
                 f"starting epoch {self.epoch} from its beginning",
                 stacklevel=2,
             )
