@@ -276,6 +276,15 @@ def test_resume_keeps_verified_shards_and_remakes_the_rest(folder, tmp_path):
         build_shards(
             root, out, ShardOptions(samples_per_shard=1, short_side=48, min_frames=8), resume=True, progress=False
         )
+    # Another --label-map (or none, where the job had one) would number the re-made shards' labels otherwise.
+    labels = full["label_map"]
+    assert len(labels) >= 2
+    swapped = dict(zip(labels, reversed(list(labels.values())), strict=True))
+    (out / names[0]).write_bytes(b"lost")
+    with pytest.raises(ValueError, match=r"number labels with another map \('\w+': \d there, \d now;") as refused:
+        build_shards(root, out, opts, label_map=swapped, resume=True, progress=False)
+    assert "\n" not in str(refused.value) and "manifest.json" in str(refused.value)
+    assert (out / names[0]).read_bytes() == b"lost"  # refused before making anything
 
 
 def test_annotation_files_with_root(folder, tmp_path):

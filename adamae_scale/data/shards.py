@@ -484,6 +484,7 @@ class ShardJob:
             "format": fmt,
             "num_videos": len(self.records),
             "options": asdict(opts),
+            "label_map": self.labels,  # --label-map or the sorted names: a resume must number labels alike
         }
 
     def video(self, position: int) -> tuple[int, int, str, dict[str, Any], dict[str, Any]]:
@@ -677,6 +678,12 @@ def _start_manifest(
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{shown}: not valid JSON ({err}); remove OUT_DIR to start over") from None
+    if "label_map" in identity and manifest.get("label_map") != identity["label_map"]:
+        raise ValueError(
+            f"--resume: the shards in {storage.redact(str(out_dir))} number labels with another map "
+            f"({_label_map_difference(manifest.get('label_map') or {}, identity['label_map'])}): "
+            f"pass the --label-map of that job (its map is in {shown})"
+        )
     differing = [k for k in identity if manifest.get(k) != identity[k]]
     if differing:
         detail = "; ".join(f"{k}: was {manifest.get(k)!r}, now {identity[k]!r}" for k in differing)
@@ -691,6 +698,14 @@ def _start_manifest(
     kept = len(manifest["shards"]) - len(redo)
     log(f"adamae-shards: resuming {storage.redact(str(out_dir))}: {kept} shards verified, {len(redo)} to re-make")
     return manifest, redo
+
+
+def _label_map_difference(before: dict[str, int], now: dict[str, int], shown: int = 3) -> str:
+    """``class0: 2 there, 0 now; ...`` for the first labels the two maps number differently."""
+    differing = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+    parts = [f"{name!r}: {before.get(name, 'none')} there, {now.get(name, 'none')} now" for name in differing[:shown]]
+    more = f"; {len(differing) - shown} more" if len(differing) > shown else ""
+    return "; ".join(parts) + more
 
 
 # -- command line ----------------------------------------------------------------------------------------------
