@@ -158,6 +158,19 @@ def test_jpeg_frames_fps_resampling_and_clip_splitting(tmp_path):
     numbers = [frame_number(decode_jpeg(files["mjpeg"][offsets[k] : offsets[k + 1]])) for k in (0, 2, 4, 10)]
     assert numbers == [0, 5, 10, 25]
 
+    # Clips shorter than --min-frames: refused up front when --fps fixes their length, else the video is skipped
+    # and reported (1 s of a 15 fps video is 15 frames), never silently left out.
+    with pytest.raises(ValueError, match=r"--clip-duration 1.0 at --fps 10.0 gives clips of 10 frames, fewer than"):
+        ShardOptions(fps=10.0, clip_duration=1.0, min_frames=16)
+    write_video(tmp_path / "slow" / "slow.mp4", num_frames=45, fps=15)
+    slow = build_shards(
+        tmp_path / "slow", tmp_path / "slow_out", ShardOptions(clip_duration=1.0, short_side=32), progress=False
+    )
+    assert slow["num_samples"] == 0
+    assert [(f["path"], f["reason"]) for f in slow["failures"]] == [
+        ("slow.mp4", "clips of 15 frames at 15 fps (--clip-duration 1.0) are fewer than --min-frames 16")
+    ]
+
 
 def stored_frames(files: dict[str, bytes], meta: dict) -> np.ndarray:
     """A sample's frames exactly as stored: the mp4 decoded without any display correction (it must need

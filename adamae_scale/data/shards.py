@@ -98,6 +98,13 @@ class ShardOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.min_frames < 1:
             raise ValueError(f"--min-frames must be >= 1, got {self.min_frames}")
+        if self.clip_duration is not None and self.fps is not None:
+            clip_frames = max(1, round(self.clip_duration * self.fps))
+            if clip_frames < self.min_frames:
+                raise ValueError(
+                    f"--clip-duration {self.clip_duration} at --fps {self.fps} gives clips of {clip_frames} frames, "
+                    f"fewer than --min-frames {self.min_frames}: expected a longer --clip-duration"
+                )
         if self.samples_per_shard is None and self.bytes_per_shard is None:
             raise ValueError("give --samples-per-shard or --bytes-per-shard (or both)")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.prefix):
@@ -228,6 +235,11 @@ def transcode(path: Path | bytes, opts: ShardOptions, key_prefix: str, meta: dic
                 **described,
             }
             samples.append(Sample(key, clip_meta, [("json", json.dumps(clip_meta).encode())] + files))
+        if not samples:
+            raise VideoError(
+                f"clips of {clip_frames} frames at {fps:.4g} fps (--clip-duration {opts.clip_duration}) are fewer "
+                f"than --min-frames {opts.min_frames}"
+            )
         return samples
 
 

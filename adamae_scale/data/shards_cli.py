@@ -90,7 +90,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="split each video into consecutive clips of this many seconds (one sample each; "
-        "a tail shorter than --min-frames is dropped)",
+        "a tail shorter than --min-frames is dropped; a video with no clip that long is reported as skipped)",
     )
     video.add_argument(
         "--min-frames",
