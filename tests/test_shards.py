@@ -360,6 +360,37 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "no such file or directory" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--preset", "veryfastt"], "--preset 'veryfastt': expected one of libx264's presets ultrafast, "),
+        (["--crf", "80"], "--crf must be in 0-51 (libx264's range), got 80"),
+        (["--gop", "-1"], "--gop must be >= 1, got -1"),
+        (["--jpeg-quality", "500"], "--jpeg-quality must be in 1-100, got 500"),
+        (["--samples-per-shard", "-3"], "--samples-per-shard must be > 0, got -3"),
+        (["--bytes-per-shard", "0.1"], "--bytes-per-shard must be > 0, got 0"),
+    ],
+)
+def test_bad_encoder_and_shard_options_are_one_line_before_any_video(tmp_path, flags, message):
+    write_video(tmp_path / "in" / "gen.mp4", num_frames=20)
+    proc = run_cli(str(tmp_path / "in"), str(tmp_path / "out"), *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("adamae-shards: error: ") and message in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_whose_every_video_fails_exits_non_zero(tmp_path, capsys):
+    from adamae_scale.data.shards_cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "noise.mp4").write_bytes(os.urandom(5000))
+    write_video(tmp_path / "in" / "short.mp4", num_frames=5)
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adamae-shards: error: every video was skipped, e.g. ")
+    assert last.endswith(f"(all reasons in {tmp_path / 'out' / 'manifest.json'})")
+
+
 def test_help_documents_every_option():
     parser = build_parser()
     proc = run_cli("--help")

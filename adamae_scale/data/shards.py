@@ -58,6 +58,18 @@ from .video import VIDEO_EXTENSIONS, Geometry, Mp4Encoder, VideoError, VideoRead
 
 MANIFEST = "manifest.json"
 STORES = ("mp4", "jpg")
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
 
 
 def tool_version() -> str:
@@ -98,6 +110,20 @@ class ShardOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.min_frames < 1:
             raise ValueError(f"--min-frames must be >= 1, got {self.min_frames}")
+        if self.short_side < 0:
+            raise ValueError(f"--short-side must be >= 0 (0: keep the size), got {self.short_side}")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: expected one of libx264's presets {', '.join(X264_PRESETS)}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"--crf must be in 0-51 (libx264's range), got {self.crf}")
+        if self.gop < 1:
+            raise ValueError(f"--gop must be >= 1, got {self.gop}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be in 1-100, got {self.jpeg_quality}")
+        for name in ("samples_per_shard", "bytes_per_shard"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.clip_duration is not None and self.fps is not None:
             clip_frames = max(1, round(self.clip_duration * self.fps))
             if clip_frames < self.min_frames:
