@@ -411,11 +411,12 @@ def square_or_die(job: tuple[int, int]) -> tuple[int, object]:
     return position, value * value
 
 
-def test_a_crashing_decoder_process_is_reported_and_the_job_goes_on():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crashing_decoder_process_is_reported_and_the_job_goes_on(workers):
     from adamae_scale.data.shards import ordered_map
 
     jobs = [(i, -1 if i == 3 else i) for i in range(8)]
-    results = list(ordered_map(square_or_die, jobs, workers=2, window=4))
+    results = list(ordered_map(square_or_die, jobs, workers=workers, window=4))
     assert [p for p, _ in results] == list(range(8))
     assert results[3] == (3, "decoder process crashed on this file")
     assert [r for p, r in results if p != 3] == [i * i for i in range(8) if i != 3]

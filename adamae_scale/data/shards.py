@@ -300,12 +300,11 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
     """``fn(job)`` for every job, results in job order, at most ``window`` jobs in flight.
 
     A worker process that dies (a decoder crash) breaks the pool: the job at the head is retried alone
-    and reported as crashed if it kills its worker again; the pool is rebuilt for the others.
+    and reported as crashed if it kills its worker again; the pool is rebuilt for the others. Even one worker
+    is a child process, so that a crash never takes this process down.
     """
     jobs = iter(jobs)
-    if workers <= 1:
-        yield from map(fn, jobs)
-        return
+    workers = max(1, workers)
     window = window or 4 * workers
     pool = _process_pool(workers)
     pending: deque = deque()
