@@ -236,6 +236,10 @@ def run_main(capsys, *args: str) -> tuple[int, str]:
 def test_bad_storage_is_one_line_naming_the_url(s3, monkeypatch, capsys):
     import s3fs
 
+    fs, _ = storage.filesystem("s3://shards")
+    fs.pipe({"shards/unmerged/shard-000000.tar": b"", "shards/unmerged/parts/part-00000-of-00002.json": b"{}"})
+    with pytest.raises(ValueError, match=r"^data.urls=s3://shards/unmerged: has parts/ .* run `adamae-shards merge"):
+        shard_urls("s3://shards/unmerged")
     status, line = run_main(capsys, "s3://videos/clips", "s3://no-such-bucket/out", *CLI_OPTS)
     assert status == 2 and "s3://no-such-bucket/out: the bucket 'no-such-bucket' does not exist" in line
     with pytest.raises(ValueError) as err:  # adamae-pretrain prints it as its one error line

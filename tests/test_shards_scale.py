@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from adamae_scale.data.distribute import MergeError, build_distributed, merge_parts, part_from_environment
+from adamae_scale.data.pipeline import shard_urls
 from adamae_scale.data.shards import ShardOptions, build_shards, sha256_file
 
 from .conftest import REPO, cli_env
@@ -171,6 +172,12 @@ def test_parts_one_killed_and_rerun_then_merged(videos, pool, tmp_path):
         merge_parts(out)
     assert str(err.value) == f"{out}: part(s) 1/3 not finished: rerun them with --part I/3 --resume"
     assert not (out / "manifest.json").exists()
+    with pytest.raises(ValueError) as unmerged:  # training on it now would silently use the shards there so far
+        shard_urls(str(out))
+    assert str(unmerged.value) == (
+        f"data.urls={out}: has parts/ from adamae-shards --part but no manifest.json: run `adamae-shards merge {out}` "
+        "first"
+    )
 
     rerun = subprocess.run(
         shards_cli(*common, "--part", "1/3", "--resume"), cwd=REPO, env=cli_env(), capture_output=True, text=True

@@ -67,6 +67,7 @@ from ..base.collectives import all_gather, all_reduce
 from ..base.pixels import normalized
 from ..base.seeds import derive_seed
 from . import storage
+from .distribute import PARTS
 from .sections import ShardData, check_repeated_aug
 from .shards import MANIFEST
 from .transforms import crop_resize, rand_augment_clip
@@ -147,6 +148,8 @@ def _object_store_urls(text: str) -> list[str] | None:
             manifest = storage.join(text, MANIFEST)
             if storage.exists(manifest):
                 return _manifest_shards(manifest, storage.read_text(manifest), text.rstrip("/"))
+            if storage.exists(storage.join(text, PARTS)):
+                raise ValueError(_unmerged(shown))
             names = storage.names(text, "*.tar")
             if not names:
                 raise ValueError(f"data.urls={shown}: no .tar shards and no {MANIFEST} in that folder")
@@ -160,6 +163,13 @@ def _object_store_urls(text: str) -> list[str] | None:
     except storage.StorageError as err:
         raise ValueError(f"data.urls={shown}: {str(err).removeprefix(shown + ': ')}") from None
     return list(braceexpand.braceexpand(text))
+
+
+def _unmerged(folder: str) -> str:
+    return (
+        f"data.urls={folder}: has {PARTS}/ from adamae-shards --part but no {MANIFEST}: run "
+        f"`adamae-shards merge {folder}` first"
+    )
 
 
 def _manifest_shards(where: str, text: str, folder: str) -> list[str]:
@@ -197,6 +207,8 @@ def shard_urls(urls: str | Sequence[str]) -> list[str]:
             manifest = path / MANIFEST
             if manifest.is_file():
                 return shard_urls(str(manifest))
+            if (path / PARTS).is_dir():
+                raise ValueError(_unmerged(text))
             expanded = sorted(str(p) for p in path.glob("*.tar"))
             if not expanded:
                 raise ValueError(f"data.urls={text}: no .tar shards and no {MANIFEST} in that folder")
