@@ -576,3 +576,26 @@ def test_missing_or_wrong_urls_fail_before_training_with_one_line(tmp_path, tiny
     proc = run_pretrain(*base, f"data.urls='{tmp_path}/shard-{{000000..000003}}.tar'", check=False)
     assert proc.returncode == 2 and "4 shard(s) not found" in proc.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.crop_scales=[]", "data.crop_scales=[]: expected a non-empty list of crop sizes in (0, 1]"),
+        (
+            "data.crop_scales=[1.0,0.0]",
+            "data.crop_scales=[1.0, 0.0]: expected a non-empty list of crop sizes in (0, 1]",
+        ),
+        ("data.max_distort=-1", "data.max_distort must be an integer >= 0, got -1"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer must be an integer >= 0, got -1"),
+        ("data.corrupt_check_after=-1", "data.corrupt_check_after must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_augmentation_and_stream_options_fail_the_config_check(shards, tiny_run, override, message):
+    from adamae_scale import schema
+
+    base = [o for o in tiny_run if not o.startswith("data=")] + ["data=shards", f"data.urls={shards['jpg']}"]
+    schema.validate(schema.compose(base))
+    with pytest.raises(ValueError) as refused:  # adamae-pretrain and adamae-finetune print it before starting
+        schema.validate(schema.compose([*base, override]))
+    assert str(refused.value).startswith(message)

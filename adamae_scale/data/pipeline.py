@@ -113,7 +113,17 @@ class ShardDataConfig:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
-        self.crop_scales = tuple(float(s) for s in self.crop_scales)
+        scales = self.crop_scales
+        if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in scales):
+            raise ValueError(
+                f"data.crop_scales={list(scales)!r}: expected a non-empty list of crop sizes in (0, 1] "
+                "(fractions of the short side), e.g. [1.0, 0.875]"
+            )
+        self.crop_scales = tuple(float(s) for s in scales)
+        for name in ("max_distort", "shuffle_buffer", "shuffle_initial", "corrupt_check_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data.{name} must be an integer >= 0, got {value!r}")
         if self.sampling_rate < 1:
             raise ValueError(f"data.sampling_rate must be >= 1, got {self.sampling_rate}")
         if not 0.0 <= self.max_corrupt_fraction < 1.0:
