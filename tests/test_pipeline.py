@@ -285,6 +285,54 @@ def test_an_unreadable_shard_above_the_corrupt_limit_stops_with_one_line(shards,
     assert noise not in capfd.readouterr().err  # stopped, not skipped: named once, in the error
 
 
+class FailingRead(io.BufferedReader):
+    """A shard's reader whose storage fails (a connection reset) once ``limit`` bytes were read."""
+
+    def __init__(self, path: str, limit: int):
+        super().__init__(io.FileIO(path))
+        self.limit = limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.limit:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(size if size is not None and size >= 0 else self.limit - self.tell())
+
+
+def test_a_read_error_skips_the_shard_for_that_epoch_only(shards, monkeypatch, capfd):
+    import webdataset
+
+    urls = sorted(str(p) for p in shards["jpg"].glob("*.tar"))
+    flaky, opened = urls[2], []
+    real_gopen = webdataset.gopen
+
+    def gopen(url, *args, **kwargs):
+        if url != flaky:
+            return real_gopen(url, *args, **kwargs)
+        opened.append(url)
+        if len(opened) == 1:  # epoch 0: the file system is not there
+            raise OSError(116, "Stale file handle", url)
+        if len(opened) == 2:  # epoch 1: it fails half-way through the shard
+            return FailingRead(url, Path(url).stat().st_size // 2)
+        return real_gopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(webdataset, "gopen", gopen)
+    stream = ShardClips(ShardDataConfig(urls=urls, workers=0, **CLIP), batch_size=1)
+    by_epoch = keys_by_epoch(stream, 3)
+    with tarfile.open(flaky) as f:
+        flaky_keys = {m.name.split(".")[0] for m in f}
+    every = all_keys(shards["jpg"])
+    assert set(by_epoch[0]) == every - flaky_keys
+    assert set(by_epoch[0]) < set(by_epoch[1]) < every  # the samples read before the error are used
+    assert sorted(by_epoch[2]) == sorted(every)  # read again, whole: the error was not remembered as damage
+    assert stream.unreadable == {} and stream.state_dict()["ranks"][0]["unreadable"] == {}
+    assert stream.metrics()["data_corrupt"] == 0
+    stream.close()
+    err = capfd.readouterr().err
+    assert f"[adamae] data: could not read shard {flaky} (OSError: [Errno 116] Stale file handle" in err
+    assert f"could not read shard {flaky} (ConnectionResetError after " in err
+    assert err.count("could not read shard") == 2 and "unreadable" not in err
+
+
 def test_resampled_draws_skip_an_unreadable_shard_once_known(shards, tmp_path, capfd):
     noise = write_random_shard(tmp_path / "shard-000005.tar")
     urls = sorted(str(p) for p in shards["jpg"].glob("*.tar")) + [noise]

@@ -30,6 +30,10 @@ to the damage again. The samples delivered from a shard are the same whether its
 or not, so this knowledge never changes the stream; it is saved with the position all the same, so a
 resumed run neither reports nor counts a shard twice.
 
+A shard that cannot be opened or read (the storage fails after its retries, a file system hiccups) is not damaged:
+its worker sends ``(url, reason)``, the rank prints it, and the shard is skipped for the rest of that epoch only;
+it is opened again the next time it comes, and nothing of it is remembered or saved.
+
 DeepSpeed saves the client state of rank 0 only, so ``state_dict()`` gathers every rank's position
 (a collective: every rank must call it, as the trainer does at each checkpoint) and each rank picks its
 own on ``load_state_dict``. Per-rank positions, not one rank-independent batch count, because ranks
@@ -282,12 +286,15 @@ def shard_samples(
     known: dict[str, int],
     on_unreadable: Callable[[str, str, int], None],
     on_member_error: Callable[[Exception], bool],
+    on_read_error: Callable[[str, str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """``{url}`` → the shard's raw samples ``{__key__, __url__, json, mp4 | mjpeg | ...}``.
 
-    A shard whose tar stream cannot be read to its end yields the complete samples before the damage, sets
+    A shard whose tar stream is damaged (not a tar, truncated) yields the complete samples before the damage, sets
     ``known[url]`` to their number and calls ``on_unreadable(url, reason, usable)``, once. A shard already
-    in ``known`` is read for that many samples only, never up to the damage again.
+    in ``known`` is read for that many samples only, never up to the damage again. A shard that cannot be opened
+    or read (storage or network failing, after its retries) ends there for this pass, ``on_read_error(url,
+    reason)`` (without one: ``on_unreadable``), and is tried again the next time it comes.
     """
     for source in src:
         url = source["url"]
@@ -307,6 +314,12 @@ def shard_samples(
             files.close()
         if damage:
             err, files_read = damage[0]
+            if not _is_format_damage(err):
+                if on_read_error is None:
+                    on_unreadable(url, _read_error_reason(err, files_read), usable)
+                else:
+                    on_read_error(url, _read_error_reason(err, files_read))
+                continue
             known[url] = usable
             on_unreadable(url, _damage_reason(err, files_read), usable)
 
@@ -329,8 +342,22 @@ def _tar_files(url: str, damage: list[tuple[Exception, int]]) -> Generator[dict[
                 stream.close()
 
 
+def _is_format_damage(err: Exception) -> bool:
+    """The bytes themselves are bad (reading them again gives the same), as opposed to an open or read failure."""
+    return isinstance(err, (tarfile.TarError, EOFError))
+
+
+def _error_message(err: Exception) -> str:
+    return " ".join(str(err).split(" @ <")[0].split())[:200]  # webdataset appends " @ <stream>"
+
+
+def _read_error_reason(err: Exception, files: int) -> str:
+    where = f" after {files} files" if files else ""
+    return f"{type(err).__name__}{where}: {_error_message(err)}"
+
+
 def _damage_reason(err: Exception, files: int) -> str:
-    message = " ".join(str(err).split(" @ <")[0].split())[:200]  # webdataset appends " @ <stream>"
+    message = _error_message(err)
     if files == 0:
         if isinstance(err, tarfile.ReadError):
             return f"not a tar archive ({message})"
@@ -459,6 +486,7 @@ class EpochClips(IterableDataset):
         self.known = dict(unreadable or {})  # unreadable shard → its usable samples, as this worker knows
         self.tar_errors: list[str] = []
         self.found: list[tuple[str, str, int]] = []  # shards found unreadable since the last batch
+        self.read_errors: list[tuple[str, str]] = []  # shards that failed to read since the last batch
 
     def _rng_for(self, worker: int) -> RngFor:
         cfg, epoch = self.cfg, self.epoch
@@ -478,6 +506,9 @@ class EpochClips(IterableDataset):
 
     def _on_unreadable(self, url: str, reason: str, usable: int) -> None:
         self.found.append((url, reason, usable))
+
+    def _on_read_error(self, url: str, reason: str) -> None:
+        self.read_errors.append((url, reason))
 
     def stages(self, worker: int, workers: int) -> list:
         cfg = self.cfg
@@ -503,7 +534,7 @@ class EpochClips(IterableDataset):
         stages = source + [
             lambda src: usable_shards(src, self.known, shard_count),
             # raw samples {__key__, json, mp4 | mjpeg}; a broken tar stream ends its shard, reported once
-            lambda src: shard_samples(src, self.known, self._on_unreadable, self._on_tar_error),
+            lambda src: shard_samples(src, self.known, self._on_unreadable, self._on_tar_error, self._on_read_error),
             lambda src: choose_window(src, cfg.num_frames, cfg.sampling_rate, window_rng),  # compact windows
         ]
         if cfg.shuffle_buffer > 1:
@@ -526,7 +557,8 @@ class EpochClips(IterableDataset):
             slots = list(islice(samples, self.batch_size // self.cfg.repeated_aug))
             errors, self.tar_errors = self.tar_errors, []
             unreadable, self.found = self.found, []
-            if not slots and not errors and not unreadable:
+            read_errors, self.read_errors = self.read_errors, []
+            if not slots and not errors and not unreadable and not read_errors:
                 return
             good = [s for s in slots if "views" in s]
             bad = [f"{s.get('url', '?')} {s['key']}: {s['error']}" for s in slots if "error" in s] + errors
@@ -544,6 +576,7 @@ class EpochClips(IterableDataset):
                 "corrupt": len(bad),
                 "tar_errors": len(errors),
                 "unreadable": unreadable,  # counted and printed once per rank by the main process
+                "read_errors": read_errors,  # printed by the main process; the shard is read again next time
             }
             if good:
                 batch["video"] = _normalized_batch([view for s in good for view in s["views"]])
@@ -687,6 +720,13 @@ class ShardClips:
         for url, reason, usable in new:
             kept = f"; its first {usable} samples, complete before that, are used" if usable else ""
             print(f"[adamae] data: skipping unreadable shard {url}: {reason}{kept}", file=sys.stderr, flush=True)
+        for url, reason in batch.get("read_errors", ()):
+            print(
+                f"[adamae] data: could not read shard {url} ({reason}): skipped in epoch {self.epoch}, read again "
+                "in the next",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _describe(self, url: str) -> str:
         return f"{url} ({self._reasons[url]})" if url in self._reasons else url
