@@ -404,16 +404,11 @@ def test_help_documents_every_option():
         assert phrase in text
 
 
-def square_or_die(job: tuple[int, int]) -> tuple[int, object]:
-    position, value = job
-    if value < 0:
-        os._exit(1)  # a decoder crash takes its whole worker process down
-    return position, value * value
-
-
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_crashing_decoder_process_is_reported_and_the_job_goes_on(workers):
     from adamae_scale.data.shards import ordered_map
+
+    from .crashing_job import square_or_die
 
     jobs = [(i, -1 if i == 3 else i) for i in range(8)]
     results = list(ordered_map(square_or_die, jobs, workers=workers, window=4))

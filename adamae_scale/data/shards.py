@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -309,24 +309,32 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
     pool = _process_pool(workers)
     pending: deque = deque()
 
+    def submit(job: Any) -> Future | None:
+        try:
+            return pool.submit(fn, job)
+        except BrokenProcessPool:  # a job submitted earlier crashed meanwhile: handled when this one's turn comes
+            return None
+
     def refill() -> None:
         while len(pending) < window:
             job = next(jobs, None)
             if job is None:
                 return
-            pending.append((job, pool.submit(fn, job)))
+            pending.append((job, submit(job)))
 
     try:
         refill()
         while pending:
             job, future = pending.popleft()
             try:
+                if future is None:
+                    raise BrokenProcessPool
                 result = future.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 result = _run_alone(fn, job)
                 pool = _process_pool(workers)
-                pending = deque((j, pool.submit(fn, j)) for j, _ in pending)
+                pending = deque((j, submit(j)) for j, _ in pending)
             yield result
             refill()
     finally:
