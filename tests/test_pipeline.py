@@ -287,6 +287,54 @@ def test_an_unreadable_shard_above_the_corrupt_limit_stops_with_one_line(shards,
     assert noise not in capfd.readouterr().err  # stopped, not skipped: named once, in the error
 
 
+class FailingRead(io.BufferedReader):
+    """A shard's reader whose storage fails (a connection reset) once ``limit`` bytes were read."""
+
+    def __init__(self, path: str, limit: int):
+        super().__init__(io.FileIO(path))
+        self.limit = limit
+
+    def read(self, size: int | None = -1) -> bytes:
+        if self.tell() >= self.limit:
+            raise ConnectionResetError(104, "Connection reset by peer")
+        return super().read(size if size is not None and size >= 0 else self.limit - self.tell())
+
+
+def test_a_read_error_skips_the_shard_for_that_epoch_only(shards, monkeypatch, capfd):
+    import webdataset
+
+    urls = sorted(str(p) for p in shards["jpg"].glob("*.tar"))
+    flaky, opened = urls[2], []
+    real_gopen = webdataset.gopen
+
+    def gopen(url, *args, **kwargs):
+        if url != flaky:
+            return real_gopen(url, *args, **kwargs)
+        opened.append(url)
+        if len(opened) == 1:  # epoch 0: the file system is not there
+            raise OSError(116, "Stale file handle", url)
+        if len(opened) == 2:  # epoch 1: it fails half-way through the shard
+            return FailingRead(url, Path(url).stat().st_size // 2)
+        return real_gopen(url, *args, **kwargs)
+
+    monkeypatch.setattr(webdataset, "gopen", gopen)
+    stream = ShardClips(ShardDataConfig(urls=urls, workers=0, **CLIP), batch_size=1)
+    by_epoch = keys_by_epoch(stream, 3)
+    with tarfile.open(flaky) as f:
+        flaky_keys = {m.name.split(".")[0] for m in f}
+    every = all_keys(shards["jpg"])
+    assert set(by_epoch[0]) == every - flaky_keys
+    assert set(by_epoch[0]) < set(by_epoch[1]) < every  # the samples read before the error are used
+    assert sorted(by_epoch[2]) == sorted(every)  # read again, whole: the error was not remembered as damage
+    assert stream.unreadable == {} and stream.state_dict()["ranks"][0]["unreadable"] == {}
+    assert stream.metrics()["data_corrupt"] == 0
+    stream.close()
+    err = capfd.readouterr().err
+    assert f"[adamae] data: could not read shard {flaky} (OSError: [Errno 116] Stale file handle" in err
+    assert f"could not read shard {flaky} (ConnectionResetError after " in err
+    assert err.count("could not read shard") == 2 and "unreadable" not in err
+
+
 def test_resampled_draws_skip_an_unreadable_shard_once_known(shards, tmp_path, capfd):
     noise = write_random_shard(tmp_path / "shard-000005.tar")
     urls = sorted(str(p) for p in shards["jpg"].glob("*.tar")) + [noise]
@@ -330,6 +378,58 @@ def test_resume_past_unreadable_shards_is_exact_and_does_not_report_them_again(s
         for shard in state["ranks"][0]["unreadable"]:
             assert shard not in err  # known from the state: neither reported nor counted again
     assert state["ranks"][0]["unreadable"] == {noise: 0, cut: 2}
+
+
+def keys_by_epoch(stream: ShardClips, epochs: int) -> dict[int, list[str]]:
+    """The keys ``stream`` delivers, by epoch, until it has begun ``epochs`` epochs past its first."""
+    by_epoch = defaultdict(list)
+    while len(by_epoch) <= epochs:
+        batch = next(stream)
+        for key, epoch in zip(batch["key"], batch["epoch"].tolist(), strict=True):
+            by_epoch[epoch].append(key)
+    return by_epoch
+
+
+def test_resume_with_other_shards_or_seed_starts_the_next_epoch_over_them_and_says_why(shards, tmp_path):
+    tars = sorted(str(p) for p in shards["jpg"].glob("*.tar"))
+    cut = tmp_path / "shard-000009.tar"
+    cut_keys = write_truncated_shard(cut, Path(tars[0]))
+    whole = cut.with_name("whole.tar")
+    with tarfile.open(tars[0]) as f, tarfile.open(whole, "w") as out:
+        for member in f:
+            data = f.extractfile(member).read()
+            member.name = f"cut{member.name}"
+            out.addfile(member, io.BytesIO(data))
+    options = dict(workers=0, shuffle_buffer=4, shuffle_initial=2, **CLIP)
+
+    # An interrupted run over 4 shards and a truncated one; the user then completes the shard job: the
+    # truncated shard is made again whole, under its name, and a fifth shard comes.
+    before = ShardClips(ShardDataConfig(urls=tars[:4] + [str(cut)], **options), batch_size=2)
+    keys_by_epoch(before, 1)
+    assert before.unreadable == {str(cut): len(cut_keys)}
+    state = json.loads(json.dumps(before.state_dict()))
+    before.close()
+    whole.replace(cut)
+    after = ShardClips(ShardDataConfig(urls=tars + [str(cut)], **options), batch_size=2)
+    with pytest.warns(UserWarning, match=r"another layout or stream \(shards 5->6\): starting epoch 2 from"):
+        after.load_state_dict(state)
+    by_epoch = keys_by_epoch(after, 1)
+    assert min(by_epoch) == 2  # not the rest of epoch 1, whose samples were over other shards
+    every = sorted(all_keys(shards["jpg"]) | all_keys(tmp_path))
+    assert sorted(by_epoch[2]) == every  # each sample once, the new shard's and the remade shard's whole
+    after.close()
+
+    # Another seed orders the samples otherwise: the rest of the epoch cannot be told apart.
+    before = ShardClips(ShardDataConfig(urls=tars, **options), batch_size=2)
+    for _ in range(3):
+        next(before)
+    state = before.state_dict()
+    after = ShardClips(ShardDataConfig(urls=tars, seed=7, **options), batch_size=2)
+    with pytest.warns(UserWarning, match=r"\(seed 0->7\): starting epoch 1 from"):
+        after.load_state_dict(state)
+    assert min(keys_by_epoch(after, 0)) == 1
+    for stream in (before, after):
+        stream.close()
 
 
 def test_two_ranks_with_unreadable_shards_exactly_once_and_resume(shards, tmp_path):
@@ -550,3 +650,26 @@ def test_missing_or_wrong_urls_fail_before_training_with_one_line(tmp_path, tiny
     proc = run_pretrain(*base, f"data.urls='{tmp_path}/shard-{{000000..000003}}.tar'", check=False)
     assert proc.returncode == 2 and "4 shard(s) not found" in proc.stderr
     assert not (tmp_path / "x" / "metrics.jsonl").exists()
+
+
+@pytest.mark.parametrize(
+    ("override", "message"),
+    [
+        ("data.crop_scales=[]", "data.crop_scales=[]: expected a non-empty list of crop sizes in (0, 1]"),
+        (
+            "data.crop_scales=[1.0,0.0]",
+            "data.crop_scales=[1.0, 0.0]: expected a non-empty list of crop sizes in (0, 1]",
+        ),
+        ("data.max_distort=-1", "data.max_distort must be an integer >= 0, got -1"),
+        ("data.shuffle_buffer=-1", "data.shuffle_buffer must be an integer >= 0, got -1"),
+        ("data.corrupt_check_after=-1", "data.corrupt_check_after must be an integer >= 0, got -1"),
+    ],
+)
+def test_bad_augmentation_and_stream_options_fail_the_config_check(shards, tiny_run, override, message):
+    from adamae_scale import schema
+
+    base = [o for o in tiny_run if not o.startswith("data=")] + ["data=shards", f"data.urls={shards['jpg']}"]
+    schema.validate(schema.compose(base))
+    with pytest.raises(ValueError) as refused:  # adamae-pretrain and adamae-finetune print it before starting
+        schema.validate(schema.compose([*base, override]))
+    assert str(refused.value).startswith(message)

@@ -158,6 +158,19 @@ def test_jpeg_frames_fps_resampling_and_clip_splitting(tmp_path):
     numbers = [frame_number(decode_jpeg(files["mjpeg"][offsets[k] : offsets[k + 1]])) for k in (0, 2, 4, 10)]
     assert numbers == [0, 5, 10, 25]
 
+    # Clips shorter than --min-frames: refused up front when --fps fixes their length, else the video is skipped
+    # and reported (1 s of a 15 fps video is 15 frames), never silently left out.
+    with pytest.raises(ValueError, match=r"--clip-duration 1.0 at --fps 10.0 gives clips of 10 frames, fewer than"):
+        ShardOptions(fps=10.0, clip_duration=1.0, min_frames=16)
+    write_video(tmp_path / "slow" / "slow.mp4", num_frames=45, fps=15)
+    slow = build_shards(
+        tmp_path / "slow", tmp_path / "slow_out", ShardOptions(clip_duration=1.0, short_side=32), progress=False
+    )
+    assert slow["num_samples"] == 0
+    assert [(f["path"], f["reason"]) for f in slow["failures"]] == [
+        ("slow.mp4", "clips of 15 frames at 15 fps (--clip-duration 1.0) are fewer than --min-frames 16")
+    ]
+
 
 def stored_frames(files: dict[str, bytes], meta: dict) -> np.ndarray:
     """A sample's frames exactly as stored: the mp4 decoded without any display correction (it must need
@@ -276,6 +289,15 @@ def test_resume_keeps_verified_shards_and_remakes_the_rest(folder, tmp_path):
         build_shards(
             root, out, ShardOptions(samples_per_shard=1, short_side=48, min_frames=8), resume=True, progress=False
         )
+    # Another --label-map (or none, where the job had one) would number the re-made shards' labels otherwise.
+    labels = full["label_map"]
+    assert len(labels) >= 2
+    swapped = dict(zip(labels, reversed(list(labels.values())), strict=True))
+    (out / names[0]).write_bytes(b"lost")
+    with pytest.raises(ValueError, match=r"number labels with another map \('\w+': \d there, \d now;") as refused:
+        build_shards(root, out, opts, label_map=swapped, resume=True, progress=False)
+    assert "\n" not in str(refused.value) and "manifest.json" in str(refused.value)
+    assert (out / names[0]).read_bytes() == b"lost"  # refused before making anything
 
 
 def test_annotation_files_with_root(folder, tmp_path):
@@ -338,6 +360,37 @@ def test_cli_errors_are_one_clear_line(tmp_path):
     assert proc.returncode == 2 and "no such file or directory" in proc.stderr
 
 
+@pytest.mark.parametrize(
+    ("flags", "message"),
+    [
+        (["--preset", "veryfastt"], "--preset 'veryfastt': expected one of libx264's presets ultrafast, "),
+        (["--crf", "80"], "--crf must be in 0-51 (libx264's range), got 80"),
+        (["--gop", "-1"], "--gop must be >= 1, got -1"),
+        (["--jpeg-quality", "500"], "--jpeg-quality must be in 1-100, got 500"),
+        (["--samples-per-shard", "-3"], "--samples-per-shard must be > 0, got -3"),
+        (["--bytes-per-shard", "0.1"], "--bytes-per-shard must be > 0, got 0"),
+    ],
+)
+def test_bad_encoder_and_shard_options_are_one_line_before_any_video(tmp_path, flags, message):
+    write_video(tmp_path / "in" / "gen.mp4", num_frames=20)
+    proc = run_cli(str(tmp_path / "in"), str(tmp_path / "out"), *flags)
+    assert proc.returncode == 2
+    assert proc.stderr.strip().splitlines()[-1].startswith("adamae-shards: error: ") and message in proc.stderr
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_job_whose_every_video_fails_exits_non_zero(tmp_path, capsys):
+    from adamae_scale.data.shards_cli import main
+
+    (tmp_path / "in").mkdir()
+    (tmp_path / "in" / "noise.mp4").write_bytes(os.urandom(5000))
+    write_video(tmp_path / "in" / "short.mp4", num_frames=5)
+    assert main([str(tmp_path / "in"), str(tmp_path / "out"), "--workers", "1", "--no-progress"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adamae-shards: error: every video was skipped, e.g. ")
+    assert last.endswith(f"(all reasons in {tmp_path / 'out' / 'manifest.json'})")
+
+
 def test_help_documents_every_option():
     parser = build_parser()
     proc = run_cli("--help")
@@ -351,18 +404,14 @@ def test_help_documents_every_option():
         assert phrase in text
 
 
-def square_or_die(job: tuple[int, int]) -> tuple[int, object]:
-    position, value = job
-    if value < 0:
-        os._exit(1)  # a decoder crash takes its whole worker process down
-    return position, value * value
-
-
-def test_a_crashing_decoder_process_is_reported_and_the_job_goes_on():
+@pytest.mark.parametrize("workers", [1, 2])
+def test_a_crashing_decoder_process_is_reported_and_the_job_goes_on(workers):
     from adamae_scale.data.shards import ordered_map
 
+    from .crashing_job import square_or_die
+
     jobs = [(i, -1 if i == 3 else i) for i in range(8)]
-    results = list(ordered_map(square_or_die, jobs, workers=2, window=4))
+    results = list(ordered_map(square_or_die, jobs, workers=workers, window=4))
     assert [p for p, _ in results] == list(range(8))
     assert results[3] == (3, "decoder process crashed on this file")
     assert [r for p, r in results if p != 3] == [i * i for i in range(8) if i != 3]

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from adamae_scale.data.distribute import MergeError, build_distributed, merge_parts, part_from_environment
+from adamae_scale.data.pipeline import shard_urls
 from adamae_scale.data.shards import ShardOptions, build_shards, sha256_file
 
 from .conftest import REPO, cli_env
@@ -105,17 +106,24 @@ def test_ray_tasks_on_a_running_cluster_store_what_the_pool_stores(videos, pool,
     }
 
 
-def kill_first_writer(folder: Path, pattern: str, alive, exclude: int) -> tuple[str, int] | None:
-    """SIGKILL the process writing the first half-written shard that matches ``pattern`` (its pid ends the
-    temporary name) while ``alive()``; (temporary name, pid), or None if the job ended first."""
+def first_writer(folder: Path, pattern: str, alive, exclude: int) -> tuple[str, int] | None:
+    """The first half-written shard that matches ``pattern`` while ``alive()`` and the process writing it (its pid
+    ends the temporary name); None if the job ended first."""
     while alive():
         for tmp in folder.glob(pattern):
             pid = int(tmp.name.rsplit("-", 1)[1])
             if pid != exclude:
-                os.kill(pid, signal.SIGKILL)
                 return tmp.name, pid
         time.sleep(0.002)
     return None
+
+
+def kill_first_writer(folder: Path, pattern: str, alive, exclude: int) -> tuple[str, int] | None:
+    """SIGKILL the process writing the first half-written shard that matches ``pattern``: ``first_writer``."""
+    writer = first_writer(folder, pattern, alive, exclude)
+    if writer is not None:
+        os.kill(writer[1], signal.SIGKILL)
+    return writer
 
 
 def test_a_ray_worker_killed_mid_task_is_retried_and_every_video_written_once(videos, pool, ray_address, tmp_path):
@@ -146,12 +154,15 @@ def test_parts_one_killed_and_rerun_then_merged(videos, pool, tmp_path):
             env=cli_env(**slurm, SLURM_CPUS_PER_TASK="1", PYTHON=sys.executable),
             stderr=subprocess.PIPE,
             text=True,
+            start_new_session=True,  # a process group of its own, as SLURM gives a task
         )
 
     others = [array_task(0), array_task(2)]
     victim = array_task(1)  # shards 1 and 4; the recipe execs Python, so its pid is the part's
-    killed = kill_first_writer(out, ".shard-000001.tar.tmp-*", lambda: victim.poll() is None, exclude=os.getpid())
-    assert killed is not None and killed[1] == victim.pid and victim.wait(timeout=60) == -signal.SIGKILL
+    writing = first_writer(out, ".shard-000001.tar.tmp-*", lambda: victim.poll() is None, exclude=os.getpid())
+    assert writing is not None
+    os.killpg(victim.pid, signal.SIGKILL)  # pre-empted: SLURM kills the part and its decoding process
+    assert victim.wait(timeout=60) == -signal.SIGKILL
     for proc in others:
         _, err = proc.communicate(timeout=240)
         assert proc.returncode == 0, err[-3000:]
@@ -161,6 +172,12 @@ def test_parts_one_killed_and_rerun_then_merged(videos, pool, tmp_path):
         merge_parts(out)
     assert str(err.value) == f"{out}: part(s) 1/3 not finished: rerun them with --part I/3 --resume"
     assert not (out / "manifest.json").exists()
+    with pytest.raises(ValueError) as unmerged:  # training on it now would silently use the shards there so far
+        shard_urls(str(out))
+    assert str(unmerged.value) == (
+        f"data.urls={out}: has parts/ from adamae-shards --part but no manifest.json: run `adamae-shards merge {out}` "
+        "first"
+    )
 
     rerun = subprocess.run(
         shards_cli(*common, "--part", "1/3", "--resume"), cwd=REPO, env=cli_env(), capture_output=True, text=True

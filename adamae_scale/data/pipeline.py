@@ -30,6 +30,10 @@ to the damage again. The samples delivered from a shard are the same whether its
 or not, so this knowledge never changes the stream; it is saved with the position all the same, so a
 resumed run neither reports nor counts a shard twice.
 
+A shard that cannot be opened or read (the storage fails after its retries, a file system hiccups) is not damaged:
+its worker sends ``(url, reason)``, the rank prints it, and the shard is skipped for the rest of that epoch only;
+it is opened again the next time it comes, and nothing of it is remembered or saved.
+
 DeepSpeed saves the client state of rank 0 only, so ``state_dict()`` gathers every rank's position
 (a collective: every rank must call it, as the trainer does at each checkpoint) and each rank picks its
 own on ``load_state_dict``. Per-rank positions, not one rank-independent batch count, because ranks
@@ -42,6 +46,7 @@ number of batches consumed.
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import random
 import re
@@ -67,6 +72,7 @@ from ..base.collectives import all_gather, all_reduce
 from ..base.pixels import normalized
 from ..base.seeds import derive_seed
 from . import storage
+from .distribute import PARTS
 from .sections import ShardData, check_repeated_aug
 from .shards import MANIFEST
 from .transforms import crop_resize, rand_augment_clip
@@ -112,7 +118,17 @@ class ShardDataConfig:
         if isinstance(self.img_size, int):
             self.img_size = (self.img_size, self.img_size)
         self.img_size = (int(self.img_size[0]), int(self.img_size[1]))
-        self.crop_scales = tuple(float(s) for s in self.crop_scales)
+        scales = self.crop_scales
+        if not scales or any(isinstance(s, bool) or not isinstance(s, (int, float)) or not 0 < s <= 1 for s in scales):
+            raise ValueError(
+                f"data.crop_scales={list(scales)!r}: expected a non-empty list of crop sizes in (0, 1] "
+                "(fractions of the short side), e.g. [1.0, 0.875]"
+            )
+        self.crop_scales = tuple(float(s) for s in scales)
+        for name in ("max_distort", "shuffle_buffer", "shuffle_initial", "corrupt_check_after"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+                raise ValueError(f"data.{name} must be an integer >= 0, got {value!r}")
         if self.sampling_rate < 1:
             raise ValueError(f"data.sampling_rate must be >= 1, got {self.sampling_rate}")
         if not 0.0 <= self.max_corrupt_fraction < 1.0:
@@ -147,6 +163,8 @@ def _object_store_urls(text: str) -> list[str] | None:
             manifest = storage.join(text, MANIFEST)
             if storage.exists(manifest):
                 return _manifest_shards(manifest, storage.read_text(manifest), text.rstrip("/"))
+            if storage.exists(storage.join(text, PARTS)):
+                raise ValueError(_unmerged(shown))
             names = storage.names(text, "*.tar")
             if not names:
                 raise ValueError(f"data.urls={shown}: no .tar shards and no {MANIFEST} in that folder")
@@ -160,6 +178,13 @@ def _object_store_urls(text: str) -> list[str] | None:
     except storage.StorageError as err:
         raise ValueError(f"data.urls={shown}: {str(err).removeprefix(shown + ': ')}") from None
     return list(braceexpand.braceexpand(text))
+
+
+def _unmerged(folder: str) -> str:
+    return (
+        f"data.urls={folder}: has {PARTS}/ from adamae-shards --part but no {MANIFEST}: run "
+        f"`adamae-shards merge {folder}` first"
+    )
 
 
 def _manifest_shards(where: str, text: str, folder: str) -> list[str]:
@@ -197,6 +222,8 @@ def shard_urls(urls: str | Sequence[str]) -> list[str]:
             manifest = path / MANIFEST
             if manifest.is_file():
                 return shard_urls(str(manifest))
+            if (path / PARTS).is_dir():
+                raise ValueError(_unmerged(text))
             expanded = sorted(str(p) for p in path.glob("*.tar"))
             if not expanded:
                 raise ValueError(f"data.urls={text}: no .tar shards and no {MANIFEST} in that folder")
@@ -260,12 +287,15 @@ def shard_samples(
     known: dict[str, int],
     on_unreadable: Callable[[str, str, int], None],
     on_member_error: Callable[[Exception], bool],
+    on_read_error: Callable[[str, str], None] | None = None,
 ) -> Iterator[dict[str, Any]]:
     """``{url}`` → the shard's raw samples ``{__key__, __url__, json, mp4 | mjpeg | ...}``.
 
-    A shard whose tar stream cannot be read to its end yields the complete samples before the damage, sets
+    A shard whose tar stream is damaged (not a tar, truncated) yields the complete samples before the damage, sets
     ``known[url]`` to their number and calls ``on_unreadable(url, reason, usable)``, once. A shard already
-    in ``known`` is read for that many samples only, never up to the damage again.
+    in ``known`` is read for that many samples only, never up to the damage again. A shard that cannot be opened
+    or read (storage or network failing, after its retries) ends there for this pass, ``on_read_error(url,
+    reason)`` (without one: ``on_unreadable``), and is tried again the next time it comes.
     """
     for source in src:
         url = source["url"]
@@ -285,6 +315,12 @@ def shard_samples(
             files.close()
         if damage:
             err, files_read = damage[0]
+            if not _is_format_damage(err):
+                if on_read_error is None:
+                    on_unreadable(url, _read_error_reason(err, files_read), usable)
+                else:
+                    on_read_error(url, _read_error_reason(err, files_read))
+                continue
             known[url] = usable
             on_unreadable(url, _damage_reason(err, files_read), usable)
 
@@ -307,8 +343,22 @@ def _tar_files(url: str, damage: list[tuple[Exception, int]]) -> Generator[dict[
                 stream.close()
 
 
+def _is_format_damage(err: Exception) -> bool:
+    """The bytes themselves are bad (reading them again gives the same), as opposed to an open or read failure."""
+    return isinstance(err, (tarfile.TarError, EOFError))
+
+
+def _error_message(err: Exception) -> str:
+    return " ".join(str(err).split(" @ <")[0].split())[:200]  # webdataset appends " @ <stream>"
+
+
+def _read_error_reason(err: Exception, files: int) -> str:
+    where = f" after {files} files" if files else ""
+    return f"{type(err).__name__}{where}: {_error_message(err)}"
+
+
 def _damage_reason(err: Exception, files: int) -> str:
-    message = " ".join(str(err).split(" @ <")[0].split())[:200]  # webdataset appends " @ <stream>"
+    message = _error_message(err)
     if files == 0:
         if isinstance(err, tarfile.ReadError):
             return f"not a tar archive ({message})"
@@ -445,6 +495,7 @@ class EpochClips(IterableDataset):
         self.known = dict(unreadable or {})  # unreadable shard → its usable samples, as this worker knows
         self.tar_errors: list[str] = []
         self.found: list[tuple[str, str, int]] = []  # shards found unreadable since the last batch
+        self.read_errors: list[tuple[str, str]] = []  # shards that failed to read since the last batch
 
     def _rng_for(self, worker: int) -> RngFor:
         cfg, epoch = self.cfg, self.epoch
@@ -464,6 +515,9 @@ class EpochClips(IterableDataset):
 
     def _on_unreadable(self, url: str, reason: str, usable: int) -> None:
         self.found.append((url, reason, usable))
+
+    def _on_read_error(self, url: str, reason: str) -> None:
+        self.read_errors.append((url, reason))
 
     def stages(self, worker: int, workers: int) -> list:
         cfg = self.cfg
@@ -489,7 +543,7 @@ class EpochClips(IterableDataset):
         stages = source + [
             lambda src: usable_shards(src, self.known, shard_count),
             # raw samples {__key__, json, mp4 | mjpeg}; a broken tar stream ends its shard, reported once
-            lambda src: shard_samples(src, self.known, self._on_unreadable, self._on_tar_error),
+            lambda src: shard_samples(src, self.known, self._on_unreadable, self._on_tar_error, self._on_read_error),
             lambda src: choose_window(src, cfg.num_frames, cfg.sampling_rate, window_rng),  # compact windows
         ]
         if cfg.shuffle_buffer > 1:
@@ -512,7 +566,8 @@ class EpochClips(IterableDataset):
             slots = list(islice(samples, self.batch_size // self.cfg.repeated_aug))
             errors, self.tar_errors = self.tar_errors, []
             unreadable, self.found = self.found, []
-            if not slots and not errors and not unreadable:
+            read_errors, self.read_errors = self.read_errors, []
+            if not slots and not errors and not unreadable and not read_errors:
                 return
             good = [s for s in slots if "views" in s]
             bad = [f"{s.get('url', '?')} {s['key']}: {s['error']}" for s in slots if "error" in s] + errors
@@ -530,6 +585,7 @@ class EpochClips(IterableDataset):
                 "corrupt": len(bad),
                 "tar_errors": len(errors),
                 "unreadable": unreadable,  # counted and printed once per rank by the main process
+                "read_errors": read_errors,  # printed by the main process; the shard is read again next time
             }
             if good:
                 batch["video"] = _normalized_batch([view for s in good for view in s["views"]])
@@ -674,6 +730,13 @@ class ShardClips:
         for url, reason, usable in new:
             kept = f"; its first {usable} samples, complete before that, are used" if usable else ""
             print(f"[adamae] data: skipping unreadable shard {url}: {reason}{kept}", file=sys.stderr, flush=True)
+        for url, reason in batch.get("read_errors", ()):
+            print(
+                f"[adamae] data: could not read shard {url} ({reason}): skipped in epoch {self.epoch}, read again "
+                "in the next",
+                file=sys.stderr,
+                flush=True,
+            )
 
     def _describe(self, url: str) -> str:
         return f"{url} ({self._reasons[url]})" if url in self._reasons else url
@@ -752,8 +815,33 @@ class ShardClips:
             "repeated_aug": self.cfg.repeated_aug,
             "resampled": self.cfg.resampled,
             "seed": self.cfg.seed,
+            "stream": self._stream_fingerprint(),
             "ranks": ranks,
         }
+
+    def _stream_fingerprint(self) -> dict[str, Any]:
+        """What fixes the order of the samples besides the layout: the shard list, the seed and the shuffle."""
+        return {
+            "shards": hashlib.sha256("\n".join(self.urls).encode()).hexdigest()[:16],
+            "num_shards": len(self.urls),
+            "seed": self.cfg.seed,
+            "shuffle_buffer": self.cfg.shuffle_buffer,
+            "shuffle_initial": self.cfg.shuffle_initial,
+        }
+
+    def _stream_changes(self, state: Mapping[str, Any]) -> list[str]:
+        """How the saved stream differs from this one, e.g. ``["shards 4->5", "seed 0->1"]`` (a state saved before
+        the fingerprint existed: its seed only)."""
+        saved = state.get("stream", {"seed": state.get("seed")})
+        now = self._stream_fingerprint()
+        changes = []
+        if "shards" in saved and saved["shards"] != now["shards"]:
+            before, after = saved["num_shards"], now["num_shards"]
+            changes.append(f"shards {before}->{after}" if before != after else f"another list of {after} shards")
+        for name in ("seed", "shuffle_buffer", "shuffle_initial"):
+            if name in saved and saved[name] != now[name]:
+                changes.append(f"{name} {saved[name]}->{now[name]}")
+        return changes
 
     def load_state_dict(self, state: Mapping[str, Any]) -> None:
         """Continue where ``state`` (saved by any rank, e.g. rank 0) left this rank."""
@@ -762,19 +850,26 @@ class ShardClips:
         self.close()
         self._current = None
         self.batches = int(state["batches"])
-        same_layout = (
-            state["world_size"] == self.world_size
-            and state["workers"] == self.workers
-            and state["batch_size"] == self.batch_size
-            and state.get("repeated_aug", 1) == self.cfg.repeated_aug
-            and state["resampled"] == self.cfg.resampled
-            and len(state["ranks"]) == self.world_size
-        )
+        layout = {
+            "world": (state["world_size"], self.world_size),
+            "workers": (state["workers"], self.workers),
+            "batch": (state["batch_size"], self.batch_size),
+            "repeated_aug": (state.get("repeated_aug", 1), self.cfg.repeated_aug),
+            "resampled": (state["resampled"], self.cfg.resampled),
+        }
+        changes = [f"{name} {was}->{now}" for name, (was, now) in layout.items() if was != now]
+        changes += self._stream_changes(state)
+        same_layout = not changes and len(state["ranks"]) == self.world_size
         # The shards found unreadable so far (older states have none): this rank's own, or with another
-        # layout every rank's. They change no stream, only what is reported and counted again.
+        # layout every rank's. They change no stream, only what is reported and counted again. With another
+        # shard list, none: a shard of the same name may have been made again since (adamae-shards --resume).
         found = [state["ranks"][self.rank]] if same_layout else state["ranks"]
+        same_shards = state.get("stream", {}).get("shards", "") in ("", self._stream_fingerprint()["shards"])
         self.unreadable = {
-            url: int(usable) for rank in found for url, usable in rank.get("unreadable", {}).items() if url in self.urls
+            url: int(usable)
+            for rank in found
+            for url, usable in rank.get("unreadable", {}).items()
+            if url in self.urls and same_shards
         }
         if self.cfg.resampled:
             # An endless draw with replacement: a fresh stream seeded by the resume point, not a replay.
@@ -785,14 +880,13 @@ class ShardClips:
             self._drop = 0
             return
         if not same_layout:
-            # Another number of ranks, workers or batch size: positions do not carry over. Start the next
-            # epoch after the furthest one any rank had begun, so no clip of a finished epoch repeats.
+            # Another number of ranks, workers or batch size, or another shard list, seed or shuffle: positions do
+            # not carry over. Start the next epoch after the furthest one any rank had begun, so no clip of a
+            # finished epoch repeats.
             self.epoch = max(int(r["epoch"]) for r in state["ranks"]) + 1
             self.point, self._drop = ResumePoint.start(self.workers), 0
             warnings.warn(
-                f"data: resuming with another layout (world {state['world_size']}->{self.world_size}, "
-                f"workers {state['workers']}->{self.workers}, batch {state['batch_size']}->"
-                f"{self.batch_size}, repeated_aug {state.get('repeated_aug', 1)}->{self.cfg.repeated_aug}): "
+                f"data: resuming with another layout or stream ({', '.join(changes)}): "
                 f"starting epoch {self.epoch} from its beginning",
                 stacklevel=2,
             )

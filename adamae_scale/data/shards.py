@@ -32,7 +32,7 @@ import tempfile
 import time
 from collections import deque
 from collections.abc import Callable, Iterable, Iterator
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import Future, ProcessPoolExecutor
 from concurrent.futures.process import BrokenProcessPool
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -58,6 +58,18 @@ from .video import VIDEO_EXTENSIONS, Geometry, Mp4Encoder, VideoError, VideoRead
 
 MANIFEST = "manifest.json"
 STORES = ("mp4", "jpg")
+X264_PRESETS = (
+    "ultrafast",
+    "superfast",
+    "veryfast",
+    "faster",
+    "fast",
+    "medium",
+    "slow",
+    "slower",
+    "veryslow",
+    "placebo",
+)
 
 
 def tool_version() -> str:
@@ -98,6 +110,27 @@ class ShardOptions:
                 raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
         if self.min_frames < 1:
             raise ValueError(f"--min-frames must be >= 1, got {self.min_frames}")
+        if self.short_side < 0:
+            raise ValueError(f"--short-side must be >= 0 (0: keep the size), got {self.short_side}")
+        if self.preset not in X264_PRESETS:
+            raise ValueError(f"--preset {self.preset!r}: expected one of libx264's presets {', '.join(X264_PRESETS)}")
+        if not 0 <= self.crf <= 51:
+            raise ValueError(f"--crf must be in 0-51 (libx264's range), got {self.crf}")
+        if self.gop < 1:
+            raise ValueError(f"--gop must be >= 1, got {self.gop}")
+        if not 1 <= self.jpeg_quality <= 100:
+            raise ValueError(f"--jpeg-quality must be in 1-100, got {self.jpeg_quality}")
+        for name in ("samples_per_shard", "bytes_per_shard"):
+            value = getattr(self, name)
+            if value is not None and value <= 0:
+                raise ValueError(f"--{name.replace('_', '-')} must be > 0, got {value}")
+        if self.clip_duration is not None and self.fps is not None:
+            clip_frames = max(1, round(self.clip_duration * self.fps))
+            if clip_frames < self.min_frames:
+                raise ValueError(
+                    f"--clip-duration {self.clip_duration} at --fps {self.fps} gives clips of {clip_frames} frames, "
+                    f"fewer than --min-frames {self.min_frames}: expected a longer --clip-duration"
+                )
         if self.samples_per_shard is None and self.bytes_per_shard is None:
             raise ValueError("give --samples-per-shard or --bytes-per-shard (or both)")
         if not re.fullmatch(r"[A-Za-z0-9_-]+", self.prefix):
@@ -228,6 +261,11 @@ def transcode(path: Path | bytes, opts: ShardOptions, key_prefix: str, meta: dic
                 **described,
             }
             samples.append(Sample(key, clip_meta, [("json", json.dumps(clip_meta).encode())] + files))
+        if not samples:
+            raise VideoError(
+                f"clips of {clip_frames} frames at {fps:.4g} fps (--clip-duration {opts.clip_duration}) are fewer "
+                f"than --min-frames {opts.min_frames}"
+            )
         return samples
 
 
@@ -262,34 +300,41 @@ def ordered_map(fn: Callable, jobs: Iterable, workers: int, window: int | None =
     """``fn(job)`` for every job, results in job order, at most ``window`` jobs in flight.
 
     A worker process that dies (a decoder crash) breaks the pool: the job at the head is retried alone
-    and reported as crashed if it kills its worker again; the pool is rebuilt for the others.
+    and reported as crashed if it kills its worker again; the pool is rebuilt for the others. Even one worker
+    is a child process, so that a crash never takes this process down.
     """
     jobs = iter(jobs)
-    if workers <= 1:
-        yield from map(fn, jobs)
-        return
+    workers = max(1, workers)
     window = window or 4 * workers
     pool = _process_pool(workers)
     pending: deque = deque()
+
+    def submit(job: Any) -> Future | None:
+        try:
+            return pool.submit(fn, job)
+        except BrokenProcessPool:  # a job submitted earlier crashed meanwhile: handled when this one's turn comes
+            return None
 
     def refill() -> None:
         while len(pending) < window:
             job = next(jobs, None)
             if job is None:
                 return
-            pending.append((job, pool.submit(fn, job)))
+            pending.append((job, submit(job)))
 
     try:
         refill()
         while pending:
             job, future = pending.popleft()
             try:
+                if future is None:
+                    raise BrokenProcessPool
                 result = future.result()
             except BrokenProcessPool:
                 pool.shutdown(wait=False, cancel_futures=True)
                 result = _run_alone(fn, job)
                 pool = _process_pool(workers)
-                pending = deque((j, pool.submit(fn, j)) for j, _ in pending)
+                pending = deque((j, submit(j)) for j, _ in pending)
             yield result
             refill()
     finally:
@@ -484,6 +529,7 @@ class ShardJob:
             "format": fmt,
             "num_videos": len(self.records),
             "options": asdict(opts),
+            "label_map": self.labels,  # --label-map or the sorted names: a resume must number labels alike
         }
 
     def video(self, position: int) -> tuple[int, int, str, dict[str, Any], dict[str, Any]]:
@@ -677,6 +723,12 @@ def _start_manifest(
         manifest = json.loads(storage.read_text(path))
     except json.JSONDecodeError as err:
         raise ValueError(f"{shown}: not valid JSON ({err}); remove OUT_DIR to start over") from None
+    if "label_map" in identity and manifest.get("label_map") != identity["label_map"]:
+        raise ValueError(
+            f"--resume: the shards in {storage.redact(str(out_dir))} number labels with another map "
+            f"({_label_map_difference(manifest.get('label_map') or {}, identity['label_map'])}): "
+            f"pass the --label-map of that job (its map is in {shown})"
+        )
     differing = [k for k in identity if manifest.get(k) != identity[k]]
     if differing:
         detail = "; ".join(f"{k}: was {manifest.get(k)!r}, now {identity[k]!r}" for k in differing)
@@ -691,6 +743,14 @@ def _start_manifest(
     kept = len(manifest["shards"]) - len(redo)
     log(f"adamae-shards: resuming {storage.redact(str(out_dir))}: {kept} shards verified, {len(redo)} to re-make")
     return manifest, redo
+
+
+def _label_map_difference(before: dict[str, int], now: dict[str, int], shown: int = 3) -> str:
+    """``class0: 2 there, 0 now; ...`` for the first labels the two maps number differently."""
+    differing = sorted(name for name in set(before) | set(now) if before.get(name) != now.get(name))
+    parts = [f"{name!r}: {before.get(name, 'none')} there, {now.get(name, 'none')} now" for name in differing[:shown]]
+    more = f"; {len(differing) - shown} more" if len(differing) > shown else ""
+    return "; ".join(parts) + more
 
 
 # -- command line ----------------------------------------------------------------------------------------------

@@ -8,12 +8,13 @@ import json
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
 from . import storage
 from .annotations import FORMATS, AnnotationError
 from .distribute import IncompleteJob, MergeError, build_distributed, merge_parts, part_from_environment
 from .distribute import part_name as manifest_name
-from .shards import MANIFEST, STORES, ShardOptions, build_shards, parse_size
+from .shards import MANIFEST, STORES, X264_PRESETS, ShardOptions, build_shards, parse_size
 
 
 class _HelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -90,7 +91,7 @@ def build_parser() -> argparse.ArgumentParser:
         type=float,
         default=None,
         help="split each video into consecutive clips of this many seconds (one sample each; "
-        "a tail shorter than --min-frames is dropped)",
+        "a tail shorter than --min-frames is dropped; a video with no clip that long is reported as skipped)",
     )
     video.add_argument(
         "--min-frames",
@@ -106,15 +107,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="per sample: mp4 = the clip re-encoded as H.264; jpg = every frame as a JPEG, "
         "back to back in one .mjpeg member (about 10x larger, decodes faster)",
     )
-    store.add_argument("--crf", type=int, default=23, help="H.264 quality (lower = better, larger)")
-    store.add_argument("--preset", default="veryfast", help="x264 speed preset")
+    store.add_argument("--crf", type=int, default=23, help="H.264 quality 0-51 (lower = better, larger)")
+    store.add_argument("--preset", default="veryfast", help=f"x264 speed preset: {', '.join(X264_PRESETS)}")
     store.add_argument(
         "--gop",
         type=int,
         default=16,
         help="H.264 key-frame interval in frames: smaller = faster random windows, larger files",
     )
-    store.add_argument("--jpeg-quality", type=int, default=90, help="JPEG quality 1-95 for --store jpg")
+    store.add_argument(
+        "--jpeg-quality", type=int, default=90, help="JPEG quality 1-100 for --store jpg (above 95 mostly adds bytes)"
+    )
     out = parser.add_argument_group("shards")
     out.add_argument(
         "--samples-per-shard",
@@ -185,14 +188,27 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def nothing_stored(manifest: dict[str, Any], where: str, prog: str) -> bool:
+    """True, after saying so in one line, when every video of the job was skipped."""
+    if manifest["num_samples"] or not manifest["failures"]:
+        return False
+    first = manifest["failures"][0]
+    print(
+        f"{prog}: error: every video was skipped, e.g. {first['path']}: {first['reason']} (all reasons in {where})",
+        file=sys.stderr,
+    )
+    return True
+
+
 def merge_main(argv: list[str]) -> int:
     args = build_merge_parser().parse_args(argv)
     try:
-        merge_parts(args.out_dir, verify=args.verify)
+        manifest = merge_parts(args.out_dir, verify=args.verify)
     except (MergeError, storage.StorageError, FileNotFoundError, ValueError) as err:
         print(f"adamae-shards merge: error: {storage.redact(str(err))}", file=sys.stderr)
         return 1
-    return 0
+    where = storage.join(storage.redact(str(args.out_dir)), MANIFEST)
+    return 1 if nothing_stored(manifest, where, "adamae-shards merge") else 0
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -263,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
         f" ({manifest['num_failures']} videos skipped, reasons in {where})",
         file=sys.stderr,
     )
+    if part is None and nothing_stored(manifest, where, "adamae-shards"):
+        return 1
     if part is not None:
         print(f"adamae-shards: when every part is done: adamae-shards merge {out}", file=sys.stderr)
     return 0
