@@ -38,8 +38,9 @@ class TokenSampler(nn.Module):
     """``logits = head(block(x + pos_embed_probs))``: unnormalised log-probabilities ``[B, N]``.
 
     Structure and initialisation follow the reference ``get_token_probs``: a block of width D with
-    8 heads, mlp ratio 4, no qkv bias, LayerNorm eps 1e-5, dropout 0.1 (after the attention projection and fc2); ``pos_embed_probs`` starts
-    at zero. ``width`` and ``pool`` (with the token ``grid``) select the cheaper blocks of the module docstring.
+    8 heads, mlp ratio 4, no qkv bias, LayerNorm eps 1e-5, dropout 0.1 (after the attention projection and
+    fc2); ``pos_embed_probs`` starts at zero. ``width`` and ``pool`` (with the token ``grid``) select the
+    cheaper blocks of the module docstring.
     """
 
     def __init__(
