@@ -13,6 +13,8 @@ optimizer groups, the objective and the data) and calls these steps in order:
 
 from __future__ import annotations
 
+import json
+import sys
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
@@ -91,14 +93,34 @@ class RunBuilder:
         spec = self.cfg.engine_spec(self.ds)
         setup.init_distributed(spec.name)
         train = self.cfg.train
+        metadata = {**metadata, "global_batch": self.global_batch}
         self.checkpointer = Checkpointer(
             self.cfg.run.run_dir / "checkpoints", train.ckpt_every, metadata, train.keep_last, checkpoint_bytes
         )
         resume_from = self.checkpointer.find(train.resume)
+        if resume_from is not None and self.is_rank0:
+            self._say_if_the_batch_changed(resume_from)
         self.backend = engines.backend(spec, self.env.world_size)
         if resume_from is not None:
             resume_from = self.backend.resume_from(resume_from, self.env.world_size, self.is_rank0)
         self.resume_from = resume_from
+
+    def _say_if_the_batch_changed(self, ref: CheckpointRef) -> None:
+        """Resuming on another world size (or micro-batch) changes the global batch, and with it the lr the
+        schedule scales to: allowed, but said in one line, with how to keep the checkpoint's batch."""
+        config = ref.path / "config.json"
+        recorded = json.loads(config.read_text()).get("global_batch") if config.is_file() else None
+        if not isinstance(recorded, int) or recorded == self.global_batch:
+            return
+        train, ranks = self.cfg.train, self.env.world_size
+        print(
+            f"[adamae] warning: train.resume={ref.path} was trained at a global batch of {recorded}; this run's is "
+            f"{self.global_batch} (train.micro_batch_size={train.micro_batch_size} x train.accumulation="
+            f"{train.accumulation} x {ranks} ranks), so the lr schedule now peaks at {self.schedule.peak_lr:.3g}; "
+            f"to keep {recorded}, choose micro_batch_size x accumulation = {recorded / ranks:g}",
+            file=sys.stderr,
+            flush=True,
+        )
 
     def build_engine(
         self,

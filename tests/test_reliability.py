@@ -269,9 +269,17 @@ def test_resuming_with_another_zero_stage_is_refused_in_one_line(saved_run, tmp_
 def test_a_renamed_checkpoint_folder_resumes_at_the_step_it_records(saved_run, tmp_path):
     run_dir, best = tmp_path / "run", tmp_path / "best"
     shutil.copytree(saved_run / "checkpoints" / "step_00000004", best)  # e.g. kept aside as the best one
-    run_pretrain(*FP32, "ds=zero1", "train.steps=5", f"train.resume={best}", f"run_dir={run_dir}")
+    proc = run_pretrain(*FP32, "ds=zero1", "train.steps=5", f"train.resume={best}", f"run_dir={run_dir}")
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 4
-    assert steps_logged(run_dir) == [5]
+    assert steps_logged(run_dir) == [5] and "global batch" not in proc.stderr
+
+    # Another global batch (here a smaller micro-batch; on another world size alike) resumes, and says so.
+    smaller = [*FP32, "ds=zero1", "train.steps=5", "train.micro_batch_size=2", f"train.resume={best}"]
+    proc = run_pretrain(*smaller, f"run_dir={tmp_path / 'smaller'}")
+    assert (
+        f"[adamae] warning: train.resume={best} was trained at a global batch of 4; this run's is 2 "
+        "(train.micro_batch_size=2 x train.accumulation=1 x 1 ranks), so the lr schedule now peaks at "
+    ) in proc.stderr and "to keep 4, choose micro_batch_size x accumulation = 4\n" in proc.stderr
 
 
 def converted_step(universal: Path) -> int:
