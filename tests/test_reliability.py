@@ -440,6 +440,17 @@ def test_a_full_disk_is_said_in_words_and_leaves_no_partial_checkpoint(tmp_path)
     assert steps_logged(run_dir) == [1, 2, 3, 4, 5, 6]
 
 
+def test_a_manifest_that_cannot_be_written_leaves_the_previous_checkpoint_newest(tmp_path):
+    run_dir = tmp_path / "run"
+    args = [*FP32, "ds=zero1", "train.steps=4", "train.ckpt_every=2", f"run_dir={run_dir}"]
+    proc = run_full_disk(*args, ADAMAE_FULL_DISK_FROM_STEP="4", ADAMAE_FULL_DISK_AT="manifest")
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    line = error_line(proc)
+    assert "checkpoint step_00000004 could not be written" in line and "the disk is full" in line
+    ckpts = run_dir / "checkpoints"
+    assert not (ckpts / "step_00000004").exists() and (ckpts / "latest").read_text() == "step_00000002"
+
+
 # -- 5. checks before anything starts ----------------------------------------------------------------------------
 def config(*overrides: str, run_dir: Path | None = None) -> dict:
     cfg = compose([*TINY_RUN, *overrides])

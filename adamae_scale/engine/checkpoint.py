@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from ..base.atomic import atomic_write_text
-from ..base.collectives import barrier, gather_objects, rank_and_world
+from ..base.collectives import any_rank, barrier, gather_objects, rank_and_world
 from .disk import check_free_space
 from .interface import TrainingEngine
 
@@ -91,6 +91,7 @@ class Checkpointer:
         except Exception as err:
             shutil.rmtree(tag_dir, ignore_errors=True)
             raise CheckpointWriteError(self._write_failure(tag, err)) from err
+        failure: OSError | None = None
         if rank == 0:
             files = {name: entry for part in entries for name, entry in part.items()}
             manifest = {
@@ -100,10 +101,17 @@ class Checkpointer:
                 "total_bytes": sum(e["bytes"] for e in files.values()),
                 "files": dict(sorted(files.items())),
             }
-            atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
-            atomic_write_text(self.folder / "latest", tag)
-            self._prune(tag)
-        barrier()
+            try:
+                atomic_write_text(tag_dir / MANIFEST, json.dumps(manifest, indent=1))
+                atomic_write_text(self.folder / "latest", tag)
+            except OSError as err:  # `latest` still names the previous checkpoint
+                failure = err
+                shutil.rmtree(tag_dir, ignore_errors=True)
+            else:
+                self._prune(tag)
+        if any_rank(failure is not None):  # every rank stops together, none waits in a barrier for rank 0
+            cause = failure if failure is not None else OSError("rank 0 could not write its manifest")
+            raise CheckpointWriteError(self._write_failure(tag, cause))
         return tag_dir
 
     def _expected_size(self) -> int:
