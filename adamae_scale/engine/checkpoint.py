@@ -341,40 +341,50 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
     """DeepSpeed's universal (world-size independent) form of ``ref``, converted by rank 0 with DeepSpeed's
     own ``ds_to_universal`` into ``TAG_universal`` (built under a temporary name, then renamed, so a
     half-converted folder is never used). The folder records the source's manifest digest and is converted
-    again when the source has changed since. Every rank must call this."""
+    again when the source has changed since. Every rank must call this; when the conversion fails, every rank
+    raises ``NoUsableCheckpoint`` with rank 0's reason (none waits for rank 0 in a barrier)."""
     target = ref.folder / f"{ref.tag}{UNIVERSAL_SUFFIX}"
     refuse_unsafe_pickles(ref.path)  # on every rank, so all stop together: the converter un-pickles in full
     source = _manifest_digest(ref.path)
     recorded = target / UNIVERSAL_SOURCE
     if is_rank0 and target.is_dir() and (not recorded.is_file() or recorded.read_text().strip() != source):
         shutil.rmtree(target)
-    if is_rank0 and not target.is_dir():
-        tmp = ref.folder / f".{target.name}.tmp"
-        shutil.rmtree(tmp, ignore_errors=True)
-        # A separate process: the converter forks worker pools, which must not inherit this
-        # process's communication threads.
-        cmd = [
-            sys.executable,
-            "-m",
-            "deepspeed.checkpoint.ds_to_universal",
-            "--input_folder",
-            str(ref.path),
-            "--output_folder",
-            str(tmp),
-            "--num_extract_workers",
-            "1",
-            "--num_merge_workers",
-            "1",
-            "--inject_missing_state",
-        ]
-        proc = subprocess.run(cmd, capture_output=True, text=True)
-        if proc.returncode != 0:
-            raise RuntimeError(f"converting {ref.path} to a universal checkpoint failed:\n{proc.stderr[-3000:]}")
-        atomic_write_text(tmp / UNIVERSAL_SOURCE, source)
-        os.replace(tmp, target)
-        atomic_write_text(ref.folder / LATEST_UNIVERSAL, target.name)  # the converter wrote the temporary name
-    barrier()
+    failure = _convert_to_universal(ref, target, source) if is_rank0 and not target.is_dir() else None
+    reasons = [reason for reason in gather_objects(failure) if reason]
+    if reasons:
+        raise NoUsableCheckpoint(reasons[0])
     return CheckpointRef(ref.folder, target.name, ref.world_size, ref.saved_step)
+
+
+def _convert_to_universal(ref: CheckpointRef, target: Path, source: str) -> str | None:
+    """Run DeepSpeed's ``ds_to_universal`` on ``ref`` into ``target``; the reason it failed, or None."""
+    tmp = ref.folder / f".{target.name}.tmp"
+    shutil.rmtree(tmp, ignore_errors=True)
+    # A separate process: the converter forks worker pools, which must not inherit this
+    # process's communication threads.
+    cmd = [
+        sys.executable,
+        "-m",
+        "deepspeed.checkpoint.ds_to_universal",
+        "--input_folder",
+        str(ref.path),
+        "--output_folder",
+        str(tmp),
+        "--num_extract_workers",
+        "1",
+        "--num_merge_workers",
+        "1",
+        "--inject_missing_state",
+    ]
+    proc = subprocess.run(cmd, capture_output=True, text=True)
+    if proc.returncode != 0:
+        shutil.rmtree(tmp, ignore_errors=True)
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        return f"train.resume: converting {ref.path} to a universal checkpoint for another world size failed: {last}"
+    atomic_write_text(tmp / UNIVERSAL_SOURCE, source)
+    os.replace(tmp, target)
+    atomic_write_text(ref.folder / LATEST_UNIVERSAL, target.name)  # the converter wrote the temporary name
+    return None
 
 
 def refuse_unsafe_pickles(tag_dir: Path) -> None:
