@@ -7,6 +7,7 @@ import json
 import os
 import pickle
 import random
+import re
 import signal
 import subprocess
 import sys
@@ -333,6 +334,68 @@ def test_a_read_error_skips_the_shard_for_that_epoch_only(shards, monkeypatch, c
     assert f"[adamae] data: could not read shard {flaky} (OSError: [Errno 116] Stale file handle" in err
     assert f"could not read shard {flaky} (ConnectionResetError after " in err
     assert err.count("could not read shard") == 2 and "unreadable" not in err
+
+
+def test_a_failing_pipe_command_is_a_read_error_not_a_damaged_shard(shards, tmp_path, capfd):
+    urls = sorted(str(p) for p in shards["jpg"].glob("*.tar"))
+    empty, cut = urls[1], urls[3]
+    size = Path(cut).stat().st_size
+    # Real commands that fail the first time they run, as a copy tool losing its connection does: one writes
+    # nothing, the other half the shard, and both exit non-zero; the next time, they copy the whole shard.
+    first, second = tmp_path / "first.ran", tmp_path / "second.ran"
+    piped = list(urls)
+    piped[1] = f"pipe:if [ -e {first} ]; then cat {empty}; else touch {first}; exit 7; fi"
+    piped[3] = f"pipe:if [ -e {second} ]; then cat {cut}; else touch {second}; head -c {size // 2} {cut}; exit 1; fi"
+    stream = ShardClips(ShardDataConfig(urls=piped, workers=0, **CLIP), batch_size=1)
+    by_epoch = keys_by_epoch(stream, 2)
+    with tarfile.open(empty) as f:
+        empty_keys = {m.name.split(".")[0] for m in f}
+    every = all_keys(shards["jpg"])
+    assert empty_keys < every and set(by_epoch[0]) < every - empty_keys  # without the empty one, the cut one partly
+    assert sorted(by_epoch[1]) == sorted(every)  # both read again, whole: neither was remembered as damaged
+    assert stream.unreadable == {} and stream.metrics()["data_corrupt"] == 0
+    stream.close()
+    err = capfd.readouterr().err
+    assert f"could not read shard {piped[1]} (OSError: the command exited with status 7)" in err
+    # How much of the cut shard came before the error depends on when webdataset saw the command exit.
+    assert re.search(
+        f"could not read shard {re.escape(piped[3])} \\(OSError( after \\d+ files)?: the command exited", err
+    )
+    assert err.count("could not read shard") == 2 and "unreadable" not in err
+
+
+def stored_keys(tar: str) -> list[str]:
+    with tarfile.open(tar) as f:
+        return list(dict.fromkeys(m.name.split(".")[0] for m in f))
+
+
+def test_a_one_pass_reader_opens_a_failing_shard_again_and_continues_where_it_stopped(shards, tmp_path, capfd):
+    from adamae_scale.data.eval_clips import shard_clips
+    from adamae_scale.data.pipeline import every_sample_once
+
+    tar = sorted(str(p) for p in shards["jpg"].glob("*.tar"))[3]
+    half, ran = Path(tar).stat().st_size // 2, tmp_path / "ran"
+    # Cut off half-way the first time it runs (a copy tool losing its connection), whole after that.
+    flaky = f"pipe:if [ -e {ran} ]; then cat {tar}; else touch {ran}; head -c {half} {tar}; exit 1; fi"
+    broken = f"pipe:head -c {half} {tar}; exit 1"  # never whole
+    unreadable: list[tuple[str, str, int]] = []
+    samples = every_sample_once([flaky, broken], lambda *why: unreadable.append(why), lambda err: True, pause_s=0)
+    keys = [(sample["__url__"], sample["__key__"]) for sample in samples]
+    given = sum(url == broken for url, _ in keys)
+    assert [key for url, key in keys if url == flaky] == stored_keys(tar)  # every sample once, in stored order
+    assert given < len(stored_keys(tar))  # the broken one's complete samples, once, in spite of 3 reads
+    assert [(url, usable) for url, _, usable in unreadable] == [(broken, given)]
+    assert re.fullmatch(
+        r"could not be read in 3 tries \(OSError( after \d+ files)?: the command exited with status 1\)",
+        unreadable[0][1],
+    )
+    err = capfd.readouterr().err
+    assert f"could not read shard {flaky} (OSError" in err and "opening it again (2 of 3) after its " in err
+    assert err.count("opening it again") == 3  # once for the flaky shard, twice for the broken one
+
+    # Pictures and evaluation read shards this way: the flaky shard's clips all come, each once.
+    ran.unlink()
+    assert [key for key, _ in shard_clips([flaky], 4, (32, 32), 2)] == stored_keys(tar)
 
 
 def test_resampled_draws_skip_an_unreadable_shard_once_known(shards, tmp_path, capfd):

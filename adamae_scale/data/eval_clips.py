@@ -16,7 +16,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .pipeline import RngFor, choose_window, shard_samples, shard_urls
+from .pipeline import RngFor, choose_window, every_sample_once, shard_urls
 from .video import VideoError, VideoReader, decode_jpeg, read_window
 
 
@@ -44,8 +44,9 @@ def shard_clips(
     urls: str | Sequence[str], num_frames: int, size: tuple[int, int], sampling_rate: int
 ) -> Iterator[tuple[str, torch.Tensor]]:
     """``(key, clip)`` for the samples of the shards in their stored order; corrupt samples and unreadable
-    shards are reported on stderr and skipped. ``ValueError`` for ``urls`` that name no shards."""
-    found = [{"url": url} for url in shard_urls(urls)]
+    shards are reported on stderr and skipped (a shard that fails to read is tried again first). ``ValueError``
+    for ``urls`` that name no shards."""
+    found = shard_urls(urls)
 
     def on_unreadable(url: str, reason: str, usable: int) -> None:
         print(f"[adamae] skipping the rest of unreadable shard {url}: {reason}", file=sys.stderr)
@@ -54,7 +55,7 @@ def shard_clips(
         print(f"[adamae] skipping a damaged shard member: {err}", file=sys.stderr)
         return True
 
-    samples = shard_samples(iter(found), {}, on_unreadable, on_member_error)
+    samples = every_sample_once(found, on_unreadable, on_member_error)
     # A missing generator makes ``window_indices`` take the centred window.
     centred = cast(RngFor, lambda key, purpose: None)
     for item in choose_window(samples, num_frames, sampling_rate, centred):

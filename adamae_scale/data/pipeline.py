@@ -30,7 +30,8 @@ to the damage again. The samples delivered from a shard are the same whether its
 or not, so this knowledge never changes the stream; it is saved with the position all the same, so a
 resumed run neither reports nor counts a shard twice.
 
-A shard that cannot be opened or read (the storage fails after its retries, a file system hiccups) is not damaged:
+A shard that cannot be opened or read (the storage fails after its retries, a file system hiccups, a ``pipe:``
+command exits non-zero) is not damaged:
 its worker sends ``(url, reason)``, the rank prints it, and the shard is skipped for the rest of that epoch only;
 it is opened again the next time it comes, and nothing of it is remembered or saved.
 
@@ -53,6 +54,7 @@ import re
 import signal
 import sys
 import tarfile
+import time
 import warnings
 import zlib
 from collections.abc import Callable, Generator, Iterable, Iterator, Mapping, Sequence
@@ -325,6 +327,44 @@ def shard_samples(
             on_unreadable(url, _damage_reason(err, files_read), usable)
 
 
+def every_sample_once(
+    urls: Iterable[str],
+    on_unreadable: Callable[[str, str, int], None],
+    on_member_error: Callable[[Exception], bool],
+    attempts: int = 3,
+    pause_s: float = 1.0,
+) -> Iterator[dict[str, Any]]:
+    """One pass over ``urls`` (evaluation, pictures): each shard's raw samples in stored order, each once. A shard
+    that cannot be read to its end (storage failing, a ``pipe:`` command exiting non-zero) is opened again, up
+    to ``attempts`` times in all with a growing pause, and continued after the samples it already gave, so a
+    passing hiccup does not change what is evaluated; after that it goes to ``on_unreadable`` like a damaged one."""
+    failed: list[str] = []
+
+    def read_failed(url: str, reason: str) -> None:
+        failed.append(reason)
+
+    for url in urls:
+        given = 0
+        for attempt in range(1, attempts + 1):
+            failed.clear()
+            samples = shard_samples([{"url": url}], {}, on_unreadable, on_member_error, on_read_error=read_failed)
+            for sample in islice(samples, given, None):  # the samples given before are read again, not yielded
+                given += 1
+                yield sample
+            if not failed:
+                break
+            if attempt == attempts:
+                on_unreadable(url, f"could not be read in {attempts} tries ({failed[0]})", given)
+                break
+            print(
+                f"[adamae] data: could not read shard {url} ({failed[0]}): opening it again ({attempt + 1} of "
+                f"{attempts}) after its first {given} samples",
+                file=sys.stderr,
+                flush=True,
+            )
+            time.sleep(pause_s * attempt)
+
+
 def _tar_files(url: str, damage: list[tuple[Exception, int]]) -> Generator[dict[str, Any], None, None]:
     """The shard's files ``{fname, data, __url__}``. An error that breaks the tar stream ends them and goes
     into ``damage`` with the number of files read before it, instead of being retried member by member."""
@@ -336,11 +376,26 @@ def _tar_files(url: str, damage: list[tuple[Exception, int]]) -> Generator[dict[
             files += 1
             yield member
     except Exception as err:
-        damage.append((err, files))
+        damage.append((_command_failure(stream) or err, files))
     finally:
         if stream is not None:
             with contextlib.suppress(Exception):  # a pipe: closed before its command wrote all, it exits non-zero
                 stream.close()
+
+
+def _command_failure(stream: Any) -> OSError | None:
+    """For a ``pipe:`` shard whose stream broke off: the command's failure (a copy tool that lost its connection
+    writes a short or empty stream and exits non-zero), which is a read error, not damage of the shard itself.
+    The rest of the output is read first, so the command is never stopped by a closed pipe and its own exit
+    status tells."""
+    proc = getattr(stream, "proc", None)  # webdataset's Pipe
+    if proc is None or proc.stdout is None:
+        return None
+    with contextlib.suppress(Exception):
+        while proc.stdout.read(1 << 20):
+            pass
+    status = proc.wait()
+    return OSError(f"the command exited with status {status}") if status != 0 else None
 
 
 def _is_format_damage(err: Exception) -> bool:

@@ -188,13 +188,14 @@ def build_merge_parser() -> argparse.ArgumentParser:
     return parser
 
 
-def nothing_stored(manifest: dict[str, Any], where: str, prog: str) -> bool:
-    """True, after saying so in one line, when every video of the job was skipped."""
+def nothing_stored(manifest: dict[str, Any], where: str, prog: str, part: str = "") -> bool:
+    """True, after saying so in one line, when every video of the job (or of its ``part``) was skipped."""
     if manifest["num_samples"] or not manifest["failures"]:
         return False
     first = manifest["failures"][0]
     print(
-        f"{prog}: error: every video was skipped, e.g. {first['path']}: {first['reason']} (all reasons in {where})",
+        f"{prog}: error: {part}every video was skipped, e.g. {first['path']}: {first['reason']} "
+        f"(all reasons in {where})",
         file=sys.stderr,
     )
     return True
@@ -279,7 +280,9 @@ def main(argv: list[str] | None = None) -> int:
         f" ({manifest['num_failures']} videos skipped, reasons in {where})",
         file=sys.stderr,
     )
-    if part is None and nothing_stored(manifest, where, "adamae-shards"):
+    # A part whose every video failed fails its array task too (often a node that cannot read or decode): its
+    # manifest is written all the same, so the merge still goes through once the rest is fine.
+    if nothing_stored(manifest, where, "adamae-shards", done):
         return 1
     if part is not None:
         print(f"adamae-shards: when every part is done: adamae-shards merge {out}", file=sys.stderr)

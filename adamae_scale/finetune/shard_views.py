@@ -19,7 +19,7 @@ import torch
 import torch.nn.functional as F
 
 from ..base.pixels import normalize
-from ..data.pipeline import mjpeg_frames, shard_samples, shard_urls
+from ..data.pipeline import every_sample_once, mjpeg_frames, shard_urls
 from ..data.video import VideoReader, decode_jpeg
 from . import evaluate
 
@@ -87,7 +87,7 @@ def rank_videos(
         print(f"[adamae] eval: unreadable shard {url}: {reason}", file=sys.stderr, flush=True)
 
     for shard, url in mine:
-        for position, sample in enumerate(shard_samples([{"url": url}], {}, unreadable, lambda err: True)):
+        for position, sample in enumerate(every_sample_once([url], unreadable, lambda err: True)):
             index = shard * 10_000_000 + position
             if done is not None and done(index):
                 continue
