@@ -8,6 +8,8 @@ import pytest
 
 from adamae_scale.models import AdaMAEConfig, config_for
 
+from . import forkserver
+
 REPO = Path(__file__).resolve().parents[1]
 
 # A model small enough for CI (2 cores) that still runs every stage of the real pipeline.
@@ -47,8 +49,14 @@ def free_port() -> int:
         return sock.getsockname()[1]
 
 
+def run_command(cmd: list, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)`` with ``cli_env()`` unless told; Python
+    commands through the fork server (``tests/forkserver.py``)."""
+    return forkserver.run_command([str(c) for c in cmd], env or cli_env(), REPO, timeout, server_env=cli_env())
+
+
 def _run(cmd: list[str], check: bool, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
-    proc = subprocess.run(cmd, cwd=REPO, env=env or cli_env(), capture_output=True, text=True, timeout=timeout)
+    proc = run_command(cmd, env, timeout)
     if check and proc.returncode != 0:
         raise AssertionError(
             f"{' '.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-6000:]}"
@@ -144,3 +152,9 @@ def checkpointing_config() -> AdaMAEConfig:
         mask_ratio=0.75,
         drop_path=0.1,
     )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _close_the_fork_server():
+    yield
+    forkserver.close()

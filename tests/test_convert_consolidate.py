@@ -18,7 +18,7 @@ from adamae_scale.base import weights as convert_io
 from adamae_scale.convert.folder import load_model
 from adamae_scale.models.adamae import Encoder
 
-from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_dumping_state, torchrun_cmd
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_command, run_dumping_state, torchrun_cmd
 
 WORLD_SIZE = {"zero0": 1, "zero1": 1, "zero2": 2, "zero3": 2}
 
@@ -46,15 +46,8 @@ def runs(tmp_path_factory):
 
 
 def convert(*args: str) -> subprocess.CompletedProcess:
-    """``adamae-convert ARGS`` as a user types it (a fresh process)."""
-    return subprocess.run(
-        [sys.executable, "-m", "adamae_scale.convert.cli", *map(str, args)],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    """``adamae-convert ARGS`` as a user types it."""
+    return run_command([sys.executable, "-m", "adamae_scale.convert.cli", *map(str, args)])
 
 
 # ZeRO-1 and ZeRO-2 checkpoints share one layout (zero_to_fp32's stage-1/2 path): zero1 runs with the slow tests.

@@ -18,7 +18,7 @@ from adamae_scale.data import storage
 from adamae_scale.data.pipeline import ShardClips, ShardDataConfig, shard_urls
 from adamae_scale.data.shards import ShardOptions, build_shards
 
-from .conftest import REPO, cli_env, free_port, run_pretrain
+from .conftest import cli_env, free_port, run_command, run_pretrain
 from .services import ACCESS_KEY_ID, SECRET_ACCESS_KEY, CuttingProxy, gcs_emulator, moto_server, s3_env
 from .test_pipeline import CLIP, make_videos, pretrain_overrides, summary
 from .test_shards import read_tar
@@ -46,14 +46,7 @@ def s3(tmp_path_factory):
 
 def shards_cli(*args: str, env: dict[str, str], unset: tuple[str, ...] = ()) -> subprocess.CompletedProcess:
     full = {k: v for k, v in cli_env(**env).items() if k not in unset}
-    return subprocess.run(
-        [sys.executable, "-m", "adamae_scale.data.shards_cli", *args],
-        cwd=REPO,
-        env=full,
-        capture_output=True,
-        text=True,
-        timeout=240,
-    )
+    return run_command([sys.executable, "-m", "adamae_scale.data.shards_cli", *args], env=full, timeout=240)
 
 
 def bucket_samples(prefix: str) -> dict[str, dict[str, bytes]]:

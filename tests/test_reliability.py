@@ -29,7 +29,7 @@ from adamae_scale.engine.guard import GuardedAdamW
 from adamae_scale.engine.trainer import Trainer, TrainPlan
 from adamae_scale.metrics import MetricsLogger, read_metrics
 
-from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_pretrain, run_torchrun
+from .conftest import REPO, TINY_RUN, cli_env, convert_cli, one_line_error, run_command, run_pretrain, run_torchrun
 
 FP32 = [*TINY_RUN, "precision=fp32", "eval.focus_batches=0"]
 FULL_DISK_SCRIPT = Path(__file__).with_name("pretrain_with_full_disk.py")
@@ -287,6 +287,18 @@ def converted_step(universal: Path) -> int:
     return int(torch.load(universal / "zero" / "decoder.head.bias" / "step.pt", weights_only=True))
 
 
+def test_a_failed_universal_conversion_stops_every_rank_with_rank0s_reason(saved_run, tmp_path):
+    run_dir = tmp_path / "run"
+    shutil.copytree(saved_run, run_dir)
+    tag = run_dir / "checkpoints" / "step_00000004"
+    (tag / "zero_pp_rank_0_mp_rank_00_optim_states.pt").unlink()  # DeepSpeed's converter cannot work without it
+    run_torchrun(2, str(tag), str(tmp_path), target=("-m", "tests.dist_universal"), timeout=240)
+    said = [(tmp_path / f"rank{r}.txt").read_text() for r in range(2)]
+    assert said[0] == said[1], said  # rank 1 did not wait for rank 0 in a barrier: it stopped with its reason
+    assert said[0].startswith(f"NoUsableCheckpoint: train.resume: converting {tag} to a universal checkpoint")
+    assert "\n" not in said[0] and not list(tag.parent.glob("*universal*")), said[0]
+
+
 def test_a_rewritten_checkpoint_is_never_resumed_through_its_old_universal_form(saved_run, tmp_path):
     run_dir = tmp_path / "run"
     shutil.copytree(saved_run, run_dir)
@@ -408,14 +420,7 @@ def test_resumed_metrics_have_every_step_once_in_order(tmp_path):
 
 # -- 4. a full disk ----------------------------------------------------------------------------------------------
 def run_full_disk(*overrides: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, str(FULL_DISK_SCRIPT), *overrides],
-        cwd=REPO,
-        env=cli_env(**env),
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    return run_command([sys.executable, str(FULL_DISK_SCRIPT), *overrides], env=cli_env(**env))
 
 
 def test_a_full_disk_is_said_in_words_and_leaves_no_partial_checkpoint(tmp_path):

@@ -58,8 +58,9 @@ def zero3_two_ranks(tmp_path_factory):
     return losses(run_dir)
 
 
-# ZeRO-1 and ZeRO-2 share DeepSpeed's stage-1/2 optimizer: zero1 runs with the slow tests.
-@pytest.mark.parametrize("stage", [pytest.param("zero1", marks=pytest.mark.slow), "zero2", "zero3"])
+# ZeRO-1 and ZeRO-2 share DeepSpeed's stage-1/2 optimizer, which the default suite also runs on 2 ranks in the
+# accumulation, elastic resume and engine comparison tests: only ZeRO-3 runs by default, the others with the slow tests.
+@pytest.mark.parametrize("stage", [pytest.param(s, marks=pytest.mark.slow) for s in ("zero1", "zero2")] + ["zero3"])
 def test_one_and_two_ranks_give_the_same_loss_curve(tmp_path, request, stage):
     curves = {}
     for ranks in (1, 2):
@@ -102,11 +103,22 @@ def test_activation_checkpointing_gives_equal_gradients():
             torch.testing.assert_close(other[name], grad, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # four ranks' launches; the default twins: the gradient check above and the 1-rank one below
 def test_activation_checkpointing_with_zero3_and_bf16(tmp_path):
     common = [*INVARIANT, "ds=zero3", "precision=bf16", MICRO[2]]
     run_ranks(2, *common, f"run_dir={tmp_path / 'plain'}")
     run_ranks(2, *common, "model.checkpoint_every=1", f"run_dir={tmp_path / 'ckpt'}")
     np.testing.assert_allclose(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), rtol=1e-5)
+
+
+def test_activation_checkpointing_with_zero3_and_decoder_masking_on_one_rank(tmp_path):
+    # ZeRO-3 partitions on one rank too (each block's weights are gathered for its recompute and released again).
+    # fp32: bf16 is emulated on an AVX2-only CPU, several times slower; the 2-rank test above runs it in bf16.
+    common = [*INVARIANT, "ds=zero3", MICRO[1], "masking.decoder_ratio=0.5"]
+    run_pretrain(*common, f"run_dir={tmp_path / 'plain'}")
+    run_pretrain(*common, "model.checkpoint_every=1", f"run_dir={tmp_path / 'ckpt'}")
+    np.testing.assert_allclose(losses(tmp_path / "ckpt"), losses(tmp_path / "plain"), rtol=1e-5)
+    assert losses(tmp_path / "ckpt")[-1] < losses(tmp_path / "ckpt")[0]
 
 
 def test_zero3_cpu_offload_trains_like_zero3(tmp_path, zero3_two_ranks):
@@ -116,13 +128,12 @@ def test_zero3_cpu_offload_trains_like_zero3(tmp_path, zero3_two_ranks):
     np.testing.assert_allclose(losses(tmp_path / "offload"), zero3_two_ranks, rtol=1e-3)
 
 
-@pytest.mark.parametrize("first, second", [(2, 1), pytest.param(1, 2, marks=pytest.mark.slow)])
-def test_elastic_resume_across_world_sizes(tmp_path, first, second):
-    common = [*INVARIANT, "ds=zero2", "train.steps=6", "train.ckpt_every=3"]
-    run_ranks(2, *common, MICRO[2], f"run_dir={tmp_path / 'straight'}")
-    reference = losses(tmp_path / "straight")
-    # One direction per parameter (1 -> 2, marked slow, is the same code path the other way round).
-    run_dir = tmp_path / f"from{first}to{second}"
+ELASTIC = [*INVARIANT, "ds=zero2", "train.steps=6", "train.ckpt_every=3"]
+
+
+def resume_on_another_world_size(run_dir, first: int, second: int) -> None:
+    """Train on ``first`` ranks to a checkpoint at step 3, resume it on ``second`` ranks; the second run's fp32
+    master weights and AdamW moments are the first run's, re-sharded, not recomputed: bit for bit."""
     saved, loaded = {}, {}
     for ranks, state in ((first, saved), (second, loaded)):
         # The first run checkpoints at step 3 and dumps what it saved; the second resumes on the other
@@ -134,7 +145,7 @@ def test_elastic_resume_across_world_sizes(tmp_path, first, second):
         run_dumping_state(
             ranks,
             dumps["master"],
-            *common,
+            *ELASTIC,
             MICRO[ranks],
             "train.stop_after=3",
             f"run_dir={run_dir}",
@@ -144,10 +155,22 @@ def test_elastic_resume_across_world_sizes(tmp_path, first, second):
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == 3
     assert (run_dir / "checkpoints" / "step_00000003_universal").is_dir()
     assert saved.keys() == loaded.keys() and any(k.endswith(".exp_avg_sq") for k in saved)
-    for name, tensor in saved.items():  # re-sharded, not recomputed: bit for bit
+    for name, tensor in saved.items():
         assert torch.equal(loaded[name], tensor), name
 
-    run_ranks(second, *common, MICRO[second], f"run_dir={run_dir}")
+
+def test_a_two_rank_checkpoint_resumes_on_one_rank_with_the_same_states(tmp_path):
+    resume_on_another_world_size(tmp_path / "from2to1", 2, 1)
+
+
+@pytest.mark.slow  # a default twin above: the re-sharded states, without the runs to the end
+@pytest.mark.parametrize("first, second", [(2, 1), (1, 2)])
+def test_elastic_resume_across_world_sizes(tmp_path, first, second):
+    run_ranks(2, *ELASTIC, MICRO[2], f"run_dir={tmp_path / 'straight'}")
+    reference = losses(tmp_path / "straight")
+    run_dir = tmp_path / f"from{first}to{second}"
+    resume_on_another_world_size(run_dir, first, second)
+    run_ranks(second, *ELASTIC, MICRO[second], f"run_dir={run_dir}")
     summary = json.loads((run_dir / "summary.json").read_text())
     assert summary["resumed_from"] == 3 and summary["steps"] == 6
     np.testing.assert_allclose(losses(run_dir), reference, rtol=RTOL)
@@ -176,6 +199,7 @@ def test_sigterm_checkpoints_and_the_same_command_resumes(tmp_path):
     assert json.loads((run_dir / "summary.json").read_text())["resumed_from"] == stopped_at
 
 
+@pytest.mark.slow  # two 2-rank launches; the default twins: SIGTERM above, kill -9 in test_reliability.py
 def test_killed_rank_fails_the_launch_and_the_rerun_resumes(tmp_path):
     import psutil
 

@@ -16,7 +16,7 @@ from adamae_scale.data.shards import ShardOptions, build_shards, sha256_file
 from adamae_scale.data.shards_cli import build_parser
 from adamae_scale.data.video import Geometry, VideoReader, decode_jpeg
 
-from .conftest import REPO, cli_env
+from .conftest import REPO, cli_env, run_command
 from .media import (
     bright_corner,
     copy_real,
@@ -336,14 +336,7 @@ def test_annotation_files_with_root(folder, tmp_path):
 
 
 def run_cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        [sys.executable, "-m", "adamae_scale.data.shards_cli", *args],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    return run_command([sys.executable, "-m", "adamae_scale.data.shards_cli", *args], timeout=120)
 
 
 def test_cli_errors_are_one_clear_line(tmp_path):
@@ -389,6 +382,13 @@ def test_a_job_whose_every_video_fails_exits_non_zero(tmp_path, capsys):
     last = capsys.readouterr().err.strip().splitlines()[-1]
     assert last.startswith("adamae-shards: error: every video was skipped, e.g. ")
     assert last.endswith(f"(all reasons in {tmp_path / 'out' / 'manifest.json'})")
+
+    # One part of an array job alike: its manifest is written (the merge can go on), and the task fails.
+    part = tmp_path / "parts_out"
+    assert main([str(tmp_path / "in"), str(part), "--workers", "1", "--no-progress", "--part", "0/2"]) == 1
+    last = capsys.readouterr().err.strip().splitlines()[-1]
+    assert last.startswith("adamae-shards: error: part 0/2: every video was skipped, e.g. ")
+    assert last.endswith(f"(all reasons in {part / 'parts' / 'part-00000-of-00002.json'})")
 
 
 def test_help_documents_every_option():

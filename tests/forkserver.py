@@ -1,0 +1,182 @@
+"""Command-line runs for the test suite without paying the imports each time.
+
+Most tests run a command as a user does (``python -m adamae_scale.pretrain ...``), and most of such a run's CPU
+time on a 2-core machine is importing torch, DeepSpeed (whose engine imports ``torch._dynamo``), timm,
+torchvision, Hydra and TensorBoard: about 9 of its 13 seconds. A fork server imports them once per pytest
+worker; each run is then a fork of it that sets the command's argv, environment, working directory and
+standard streams and executes the module (or script) as ``__main__``, as ``python -m`` / ``python SCRIPT``
+would, and exits with its status. Nothing has run in the server but imports: no process group, no Hydra, no
+threads (checked), so the child starts where a fresh process would after its imports.
+
+Runs whose environment differs from the server's in anything but ``RUN_TIME_VARIABLES`` use a fresh process,
+as does every run when ``ADAMAE_TESTS_FRESH=1``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import select
+import signal
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+SERVER = r"""
+import json, os, runpy, sys, threading, traceback
+
+requests = os.fdopen(os.dup(0), "r")
+replies = os.fdopen(os.dup(1), "w")
+devnull = os.open(os.devnull, os.O_RDWR)
+os.dup2(devnull, 0)
+os.dup2(2, 1)  # an import that prints must not write into the reply channel
+
+import torch, torchvision, deepspeed, hydra, timm.layers, timm.optim  # noqa: E401
+import torch._dynamo  # DeepSpeed's engine imports it (its Muon optimizer is compiled on import)
+from torch.utils.tensorboard import SummaryWriter  # noqa: F401
+import adamae_scale.pretrain, adamae_scale.finetune.run, adamae_scale.convert.cli  # noqa: E401
+import adamae_scale.bench, adamae_scale.visual.cli, adamae_scale.data.shards_cli  # noqa: E401
+
+assert threading.active_count() == 1, threading.enumerate()  # a fork copies only the calling thread
+replies.write("ready\n")
+replies.flush()
+
+
+def child(request):
+    requests.close()
+    replies.close()
+    os.dup2(devnull, 0)
+    for fd, path in ((1, request["stdout"]), (2, request["stderr"])):
+        out = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        os.dup2(out, fd)
+        os.close(out)
+    os.environ.clear()
+    os.environ.update(request["env"])
+    os.chdir(request["cwd"])
+    sys.argv = list(request["argv"])
+    target = request["target"]
+    if target.startswith("-m "):
+        name = target[3:]
+        for loaded in (name, name + ".__main__"):  # executed afresh as __main__, as ``python -m`` does
+            sys.modules.pop(loaded, None)
+        runpy.run_module(name, run_name="__main__", alter_sys=True)
+    else:
+        sys.path[0] = os.path.dirname(os.path.abspath(target))
+        runpy.run_path(target, run_name="__main__")
+
+
+for line in requests:
+    request = json.loads(line)
+    sys.stdout.flush()
+    sys.stderr.flush()
+    pid = os.fork()
+    if pid == 0:
+        try:
+            child(request)
+        except SystemExit:
+            raise
+        except BaseException:
+            traceback.print_exc()
+            sys.exit(1)
+        sys.exit(0)
+    replies.write(json.dumps({"pid": pid}) + "\n")
+    replies.flush()
+    _, status = os.waitpid(pid, 0)
+    replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+    replies.flush()
+"""
+
+
+# Read when a run reads them, never at import: a run may set them differently from the server (pytest names the
+# current test in PYTEST_CURRENT_TEST).
+RUN_TIME_VARIABLES = ("ADAMAE_", "PYTEST_CURRENT_TEST")
+
+
+class ForkServer:
+    def __init__(self, env: dict[str, str], cwd: Path):
+        self.env, self.cwd = dict(env), cwd
+        self.logs = Path(tempfile.mkdtemp(prefix="adamae-forkserver-"))
+        self.proc = subprocess.Popen(
+            [sys.executable, "-c", SERVER],
+            cwd=cwd,
+            env=self.env,
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=open(self.logs / "server.log", "w"),  # noqa: SIM115 (the server's lifetime)
+            text=True,
+        )
+        assert self.proc.stdout is not None
+        if self.proc.stdout.readline().strip() != "ready":
+            raise RuntimeError(f"the fork server did not start: {(self.logs / 'server.log').read_text()[-3000:]}")
+        self.count = 0
+
+    def serves(self, env: dict[str, str]) -> bool:
+        if os.environ.get("ADAMAE_TESTS_FRESH") == "1" or self.proc.poll() is not None:
+            return False
+        keys = {k for k in set(env) | set(self.env) if not k.startswith(RUN_TIME_VARIABLES)}
+        return all(env.get(k) == self.env.get(k) for k in keys)
+
+    def run(self, cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
+        """``cmd`` (``[python, "-m", MODULE, ...]`` or ``[python, SCRIPT, ...]``) as a forked run."""
+        assert self.proc.stdin is not None and self.proc.stdout is not None
+        if cmd[1] == "-m":
+            target, argv = f"-m {cmd[2]}", [cmd[2], *cmd[3:]]
+        else:
+            target, argv = cmd[1], cmd[1:]
+        self.count += 1
+        out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
+        request = {"target": target, "argv": argv, "env": env, "cwd": str(self.cwd), "stdout": str(out)}
+        request["stderr"] = str(err)
+        self.proc.stdin.write(json.dumps(request) + "\n")
+        self.proc.stdin.flush()
+        pid = json.loads(self.proc.stdout.readline())["pid"]
+        ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
+        if not ready:
+            os.kill(pid, signal.SIGKILL)
+        returncode = json.loads(self.proc.stdout.readline())["returncode"]
+        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
+        out.unlink()
+        err.unlink()
+        if not ready:
+            raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        return subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
+
+    def close(self) -> None:
+        if self.proc.poll() is None:
+            assert self.proc.stdin is not None
+            self.proc.stdin.close()
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+        for path in self.logs.iterdir():
+            path.unlink()
+        self.logs.rmdir()
+
+
+_server: ForkServer | None = None
+
+
+def run_command(
+    cmd: list[str], env: dict[str, str], cwd: Path, timeout: float, server_env: dict[str, str]
+) -> subprocess.CompletedProcess:
+    """``cmd`` as ``subprocess.run(..., capture_output=True, text=True)`` would run it: through the fork server
+    (started on first use with ``server_env``) when it is a Python command (``-m MODULE`` or a script) whose
+    environment the server can serve."""
+    global _server
+    ours = len(cmd) > 2 and cmd[1] == "-m" and cmd[2].startswith("adamae_scale")
+    python = cmd[0] == sys.executable and (ours or (len(cmd) > 1 and cmd[1].endswith(".py")))
+    if python and os.environ.get("ADAMAE_TESTS_FRESH") != "1":
+        if _server is None:
+            _server = ForkServer(server_env, cwd)
+        if _server.serves(env) and Path(cwd) == _server.cwd:
+            return _server.run(cmd, env, timeout)
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+def close() -> None:
+    global _server
+    if _server is not None:
+        _server.close()
+        _server = None
