@@ -8,12 +8,19 @@ standard streams and executes the module (or script) as ``__main__``, as ``pytho
 would, and exits with its status. Nothing has run in the server but imports: no process group, no Hydra, no
 threads (checked), so the child starts where a fresh process would after its imports.
 
+A one-node ``torchrun`` of such a command (what ``tests.conftest.torchrun_cmd`` builds) runs as that many forks
+started together, each with the environment torchrun gives its workers (``RANK``, ``LOCAL_RANK``,
+``WORLD_SIZE``, ``LOCAL_WORLD_SIZE``, ``MASTER_ADDR``, ``MASTER_PORT`` ...): real ranks on gloo, as a launcher
+that sets the environment (SLURM's ``srun``) starts them. As under torchrun, the first rank that fails stops the
+others (SIGTERM, then SIGKILL after 30 s). Tests of the launchers themselves start them as processes.
+
 Runs whose environment differs from the server's in anything but ``RUN_TIME_VARIABLES`` use a fresh process,
 as does every run when ``ADAMAE_TESTS_FRESH=1``.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import select
@@ -24,7 +31,7 @@ import tempfile
 from pathlib import Path
 
 SERVER = r"""
-import json, os, runpy, sys, threading, traceback
+import json, os, runpy, signal, sys, threading, time, traceback
 
 requests = os.fdopen(os.dup(0), "r")
 replies = os.fdopen(os.dup(1), "w")
@@ -66,24 +73,46 @@ def child(request):
         runpy.run_path(target, run_name="__main__")
 
 
+def wait_all(pids):
+    # Every rank's exit status; when one fails the others get SIGTERM, then SIGKILL after 30 s, as torchrun does.
+    codes, stop_at = {}, None
+    while len(codes) < len(pids):
+        pid, status = os.waitpid(-1, os.WNOHANG)
+        if pid == 0:
+            if stop_at is not None and time.monotonic() > stop_at:
+                for other in set(pids) - set(codes):
+                    os.kill(other, signal.SIGKILL)
+                stop_at = float("inf")
+            time.sleep(0.02)
+            continue
+        codes[pid] = os.waitstatus_to_exitcode(status)
+        if codes[pid] != 0 and stop_at is None:
+            for other in set(pids) - set(codes):
+                os.kill(other, signal.SIGTERM)
+            stop_at = time.monotonic() + 30
+    return [codes[pid] for pid in pids]
+
+
 for line in requests:
     request = json.loads(line)
     sys.stdout.flush()
     sys.stderr.flush()
-    pid = os.fork()
-    if pid == 0:
-        try:
-            child(request)
-        except SystemExit:
-            raise
-        except BaseException:
-            traceback.print_exc()
-            sys.exit(1)
-        sys.exit(0)
-    replies.write(json.dumps({"pid": pid}) + "\n")
+    pids = []
+    for rank in request["ranks"]:
+        pid = os.fork()
+        if pid == 0:
+            try:
+                child({**request, **rank})
+            except SystemExit:
+                raise
+            except BaseException:
+                traceback.print_exc()
+                sys.exit(1)
+            sys.exit(0)
+        pids.append(pid)
+    replies.write(json.dumps({"pids": pids}) + "\n")
     replies.flush()
-    _, status = os.waitpid(pid, 0)
-    replies.write(json.dumps({"returncode": os.waitstatus_to_exitcode(status)}) + "\n")
+    replies.write(json.dumps({"returncodes": wait_all(pids)}) + "\n")
     replies.flush()
 """
 
@@ -117,29 +146,40 @@ class ForkServer:
         keys = {k for k in set(env) | set(self.env) if not k.startswith(RUN_TIME_VARIABLES)}
         return all(env.get(k) == self.env.get(k) for k in keys)
 
-    def run(self, cmd: list[str], env: dict[str, str], timeout: float) -> subprocess.CompletedProcess:
-        """``cmd`` (``[python, "-m", MODULE, ...]`` or ``[python, SCRIPT, ...]``) as a forked run."""
+    def run(self, cmd: list[str], envs: list[dict[str, str]], timeout: float) -> subprocess.CompletedProcess:
+        """``cmd`` (``[python, "-m", MODULE, ...]`` or ``[python, SCRIPT, ...]``) as one forked run per environment in
+        ``envs`` (ranks, started together); the output is theirs in order, the exit status 0 when every run exits
+        0 (one run: its own status; several: 1 otherwise, as torchrun's)."""
         assert self.proc.stdin is not None and self.proc.stdout is not None
         if cmd[1] == "-m":
             target, argv = f"-m {cmd[2]}", [cmd[2], *cmd[3:]]
         else:
             target, argv = cmd[1], cmd[1:]
-        self.count += 1
-        out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
-        request = {"target": target, "argv": argv, "env": env, "cwd": str(self.cwd), "stdout": str(out)}
-        request["stderr"] = str(err)
+        ranks = []
+        for env in envs:
+            self.count += 1
+            out, err = self.logs / f"{self.count}.out", self.logs / f"{self.count}.err"
+            ranks.append({"env": env, "stdout": str(out), "stderr": str(err)})
+        request = {"target": target, "argv": argv, "cwd": str(self.cwd), "ranks": ranks}
         self.proc.stdin.write(json.dumps(request) + "\n")
         self.proc.stdin.flush()
-        pid = json.loads(self.proc.stdout.readline())["pid"]
+        pids = json.loads(self.proc.stdout.readline())["pids"]
         ready, _, _ = select.select([self.proc.stdout], [], [], timeout)
         if not ready:
-            os.kill(pid, signal.SIGKILL)
-        returncode = json.loads(self.proc.stdout.readline())["returncode"]
-        stdout, stderr = out.read_text(errors="replace"), err.read_text(errors="replace")
-        out.unlink()
-        err.unlink()
+            for pid in pids:
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(pid, signal.SIGKILL)
+        codes = json.loads(self.proc.stdout.readline())["returncodes"]
+        stdout = stderr = ""
+        for rank in ranks:
+            for key in ("stdout", "stderr"):
+                path = Path(rank[key])
+                text = path.read_text(errors="replace")
+                path.unlink()
+                stdout, stderr = (stdout + text, stderr) if key == "stdout" else (stdout, stderr + text)
         if not ready:
             raise subprocess.TimeoutExpired(cmd, timeout, stdout, stderr)
+        returncode = codes[0] if len(codes) == 1 else int(any(codes))
         return subprocess.CompletedProcess(cmd, returncode, stdout, stderr)
 
     def close(self) -> None:
@@ -162,17 +202,45 @@ def run_command(
     cmd: list[str], env: dict[str, str], cwd: Path, timeout: float, server_env: dict[str, str]
 ) -> subprocess.CompletedProcess:
     """``cmd`` as ``subprocess.run(..., capture_output=True, text=True)`` would run it: through the fork server
-    (started on first use with ``server_env``) when it is a Python command (``-m MODULE`` or a script) whose
-    environment the server can serve."""
+    (started on first use with ``server_env``) when it is a Python command (``-m MODULE`` or a script), or a
+    one-node torchrun of one (``torchrun_ranks``), whose environment the server can serve."""
     global _server
-    ours = len(cmd) > 2 and cmd[1] == "-m" and cmd[2].startswith("adamae_scale")
-    python = cmd[0] == sys.executable and (ours or (len(cmd) > 1 and cmd[1].endswith(".py")))
+    launch = torchrun_ranks(cmd, env)
+    python_cmd, envs = launch if launch is not None else (cmd, [env])
+    ours = len(python_cmd) > 2 and python_cmd[1] == "-m" and python_cmd[2].startswith("adamae_scale")
+    script = len(python_cmd) > 1 and python_cmd[1].endswith(".py")
+    tests_module = len(python_cmd) > 2 and python_cmd[1] == "-m" and python_cmd[2].startswith("tests.")
+    python = python_cmd[0] == sys.executable and (ours or script or tests_module)
     if python and os.environ.get("ADAMAE_TESTS_FRESH") != "1":
         if _server is None:
             _server = ForkServer(server_env, cwd)
         if _server.serves(env) and Path(cwd) == _server.cwd:
-            return _server.run(cmd, env, timeout)
+            return _server.run(python_cmd, envs, timeout)
     return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
+
+
+# What ``tests.conftest.torchrun_cmd`` builds: torchrun of N ranks on this node with a given master address and port.
+TORCHRUN = ["-m", "torch.distributed.run", "--nproc_per_node", None, "--master_addr", None, "--master_port", None]
+
+
+def torchrun_ranks(cmd: list[str], env: dict[str, str]) -> tuple[list[str], list[dict[str, str]]] | None:
+    """A one-node ``torchrun --nproc_per_node N --master_addr A --master_port P TARGET ...`` as the Python command
+    each worker runs and the N environments torchrun gives its workers (rank, local rank, world sizes, master
+    address and port; the rendezvous store is then rank 0's, as without torchrun's agent). None for other commands."""
+    head = cmd[1 : 1 + len(TORCHRUN)]
+    if cmd[0] != sys.executable or len(head) < len(TORCHRUN):
+        return None
+    if any(want is not None and got != want for got, want in zip(head, TORCHRUN, strict=True)):
+        return None
+    nproc, addr, port = int(head[3]), head[5], head[7]
+    python_cmd = [sys.executable, *cmd[1 + len(TORCHRUN) :]]
+    envs = []
+    for rank in range(nproc):
+        ranks = {"RANK": rank, "LOCAL_RANK": rank, "GROUP_RANK": 0, "ROLE_RANK": rank}
+        sizes = {"WORLD_SIZE": nproc, "LOCAL_WORLD_SIZE": nproc, "GROUP_WORLD_SIZE": 1, "ROLE_WORLD_SIZE": nproc}
+        launch = {"MASTER_ADDR": addr, "MASTER_PORT": port, "ROLE_NAME": "default", "TORCHELASTIC_RESTART_COUNT": 0}
+        envs.append({**env, **{k: str(v) for k, v in {**ranks, **sizes, **launch}.items()}})
+    return python_cmd, envs
 
 
 def close() -> None:
