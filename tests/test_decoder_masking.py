@@ -172,6 +172,44 @@ def test_cheaper_samplers_give_every_token_its_own_probability(width, pool):
     ]
 
 
+def test_the_key_value_pooled_sampler_attends_over_cell_means_with_the_reference_s_parameters():
+    from einops import repeat
+
+    from adamae_scale.bench.flops import attention_flops, flop_counter
+
+    grid, n = (2, 4, 6), 2 * 4 * 6
+    torch.manual_seed(0)
+    reference = TokenSampler(192, n, num_heads=8, dropout=0.0)
+    pooled = TokenSampler(192, n, num_heads=8, dropout=0.0, grid=grid, kv_pool=2)
+    # The same parameters, name for name and shape for shape: the reference's weights load into it.
+    assert {k: v.shape for k, v in pooled.state_dict().items()} == {
+        k: v.shape for k, v in reference.state_dict().items()
+    }
+    pooled.load_state_dict(reference.state_dict())
+    # Clips whose 2x2 cells repeat one token, position table included: attending over the 4 copies of a key is
+    # attending over their mean, so both samplers give the same logits.
+    to_tokens = "b (t h w) d -> b (t h p1 w p2) d"
+    cell_sizes = {"t": 2, "h": 2, "w": 3, "p1": 2, "p2": 2}
+    tokens = repeat(torch.randn(3, 12, 192), to_tokens, **cell_sizes)
+    with torch.no_grad():
+        reference.pos_embed_probs.copy_(repeat(torch.randn(1, 12, 192), to_tokens, **cell_sizes))
+        pooled.pos_embed_probs.copy_(reference.pos_embed_probs)
+    torch.testing.assert_close(pooled(tokens), reference(tokens), rtol=1e-5, atol=1e-5)
+    # On distinct tokens they differ, and the tokens of one cell keep their own logits.
+    distinct = torch.randn(3, n, 192)
+    logits = pooled(distinct)
+    assert (logits - reference(distinct)).abs().amax() > 1e-3
+    in_cells = logits.view(3, 2, 2, 2, 3, 2)
+    assert (in_cells - in_cells.mean(dim=(3, 5), keepdim=True)).abs().amax() > 1e-3
+    # Every query reads a quarter of the keys: a quarter of the attention FLOPs.
+    counted = {}
+    for name, module in (("pooled", pooled), ("reference", reference)):
+        with flop_counter() as counter:
+            module(distinct)
+        counted[name] = attention_flops(counter)
+    assert counted["pooled"] * 4 == counted["reference"] > 0
+
+
 def _block_flops(sampler: TokenSampler, tokens: torch.Tensor) -> int:
     from adamae_scale.bench.flops import flop_counter
 
@@ -188,6 +226,8 @@ def test_bad_decoder_masking_values_are_one_line_errors():
         ("masking.decoder_mask=cells", "masking.decoder_mask must be one of ('running_cell', 'random')"),
         ("model.sampler_pool=3", "model.sampler_pool=3: expected a positive integer dividing the 4x4 token grid"),
         ("model.sampler_width_ratio=0.3", "model.sampler_width_ratio=0.3: expected a share in (0, 1] of the encoder"),
+        ("model.sampler_kv_pool=3", "model.sampler_kv_pool=3: expected a positive integer such that sampler_pool x"),
+        ("model.sampler_kv_pool=0", "model.sampler_kv_pool=0: expected an integer >= 1"),
     ):
         with pytest.raises(ValueError) as err:
             schema.validate(schema.compose([*TINY_RUN, override]))
@@ -219,6 +259,7 @@ DUAL = [
     "model.sampler_dropout=0.0",
     "model.sampler_width_ratio=0.5",
     "model.sampler_pool=2",
+    "model.sampler_kv_pool=2",
     "masking.decoder_ratio=0.5",
     "masking.decoder_mask=random",
     "precision=fp32",
@@ -246,7 +287,12 @@ def test_decoder_masking_resumes_exactly_and_consolidates(tmp_path, capsys):
     code, _, err = convert_cli(capsys, "consolidate", resumed / "checkpoints", tmp_path / "weights")
     assert code == 0, err
     model = load_model(tmp_path / "weights")  # strict: every tensor present, every shape as configured
-    assert (model.cfg.decoder_ratio, model.cfg.sampler_width, model.cfg.sampler_pool) == (0.5, 96, 2)
+    assert (model.cfg.decoder_ratio, model.cfg.sampler_width, model.cfg.sampler_pool, model.cfg.sampler_kv_pool) == (
+        0.5,
+        96,
+        2,
+        2,
+    )
 
 
 @pytest.mark.slow  # two 2-rank launches' worth of time; the default twin above covers resume and consolidation

@@ -21,12 +21,6 @@ from typing import Any
 from ..metrics import read_metrics
 from .settings import integer
 
-DEFAULTS = {
-    "variants": "default,decoder_cell,decoder_random,sampler_half,sampler_pool,sampler_bf16,fast,fast_pool",
-    "seeds": "3",
-    "parallel": "1",
-}
-
 # Each option, as adamae-pretrain overrides on top of +experiment=demo.
 VARIANTS: dict[str, list[str]] = {
     "default": [],
@@ -34,10 +28,13 @@ VARIANTS: dict[str, list[str]] = {
     "decoder_random": ["masking.decoder_ratio=0.5", "masking.decoder_mask=random"],
     "sampler_half": ["model.sampler_width_ratio=0.5"],
     "sampler_pool": ["model.sampler_pool=2"],
+    "sampler_kv_pool": ["model.sampler_kv_pool=2"],
     "sampler_bf16": ["model.sampler_precision=bf16"],
     "fast": ["+preset=fast"],
     "fast_pool": ["+preset=fast", "model.sampler_pool=2"],
+    "fast_kv_pool": ["+preset=fast", "model.sampler_kv_pool=2"],
 }
+DEFAULTS = {"variants": ",".join(VARIANTS), "seeds": "3", "parallel": "1"}
 FOCUS_KEYS = ("focus_ratio", "focus_ratio_topk")
 
 

@@ -80,6 +80,8 @@ def model_config(model: Mapping[str, Any], masking: Mapping[str, Any] | None = N
         raise ValueError(f"masking.ratio={ratio!r}: expected a number strictly between 0 and 1")
     if "sampler_pool" in model:
         number("model.sampler_pool", model["sampler_pool"], 1, integer=True)
+    if "sampler_kv_pool" in model:
+        number("model.sampler_kv_pool", model["sampler_kv_pool"], 1, integer=True)
     if "sampler_width_ratio" in model:
         number("model.sampler_width_ratio", model["sampler_width_ratio"], 0.0)
     decoder = masking if masking is not None else model

@@ -58,6 +58,7 @@ class AdaMAEConfig:
     sampler_precision: str = "fp32"  # fp32 (reference) | tf32 | bf16: the sampler block only (models/sampler.py)
     sampler_width_ratio: float = 1.0  # the sampler block's width as a share of the encoder's (1.0 = reference)
     sampler_pool: int = 1  # the sampler block runs over (pool x pool)-pooled spatial cells; 1 = every token
+    sampler_kv_pool: int = 1  # the sampler's attention reads keys/values pooled over (k x k) cells; 1 = every token
     # Decoder masking: the share of the encoder-masked tokens the decoder does not reconstruct (0 = all).
     decoder_ratio: float = 0.0
     decoder_mask: str = "running_cell"  # running_cell (VideoMAE V2, ratio 0.5) | random
@@ -89,6 +90,12 @@ class AdaMAEConfig:
             raise ValueError(
                 f"model.sampler_pool={self.sampler_pool}: expected a positive integer dividing the {grid_h}x{grid_w} "
                 "token grid"
+            )
+        cells = self.sampler_pool * self.sampler_kv_pool
+        if self.sampler_kv_pool < 1 or grid_h % cells or grid_w % cells:
+            raise ValueError(
+                f"model.sampler_kv_pool={self.sampler_kv_pool}: expected a positive integer such that "
+                f"sampler_pool x sampler_kv_pool = {cells} divides the {grid_h}x{grid_w} token grid"
             )
         if not 0.0 <= self.decoder_ratio < 1.0:
             raise ValueError(f"masking.decoder_ratio={self.decoder_ratio}: expected a share in [0, 1) (0 = off)")
@@ -224,6 +231,7 @@ class AdaMAE(nn.Module):
                 width=cfg.sampler_width,
                 pool=cfg.sampler_pool,
                 grid=cfg.layout.grid,
+                kv_pool=cfg.sampler_kv_pool,
             )
             if cfg.masking == "adaptive"
             else None

@@ -95,9 +95,18 @@ class Attention(nn.Module):
 
     With ``qkv_bias`` the query and value biases are separate parameters and the key bias is fixed at
     zero, as in the reference (a key bias shifts every logit of a query equally, so it is redundant).
+    ``kv_reduce`` (a module mapping ``(B, heads, N, head_dim)`` to ``(B, heads, M, head_dim)``) shortens the keys and
+    values that every query attends over; it has no parameters, so the weights are those of the plain attention.
     """
 
-    def __init__(self, dim: int, num_heads: int, qkv_bias: bool = True, proj_drop: float = 0.0):
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int,
+        qkv_bias: bool = True,
+        proj_drop: float = 0.0,
+        kv_reduce: nn.Module | None = None,
+    ):
         super().__init__()
         if dim % num_heads:
             raise ValueError(f"attention width {dim} is not divisible by num_heads={num_heads}")
@@ -112,6 +121,7 @@ class Attention(nn.Module):
             self.q_bias = self.v_bias = None
         self.proj = Linear(dim, dim)
         self.proj_drop = nn.Dropout(proj_drop)
+        self.kv_reduce = kv_reduce
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         batch, tokens, dim = x.shape
@@ -121,6 +131,8 @@ class Attention(nn.Module):
             qkv = qkv + torch.cat([self.q_bias, torch.zeros_like(self.v_bias), self.v_bias]).to(qkv.dtype)
         qkv = qkv.view(batch, tokens, 3, self.num_heads, dim // self.num_heads).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)  # each (B, heads, N, head_dim)
+        if self.kv_reduce is not None:
+            k, v = self.kv_reduce(k), self.kv_reduce(v)  # each (B, heads, M, head_dim)
         x = F.scaled_dot_product_attention(q, k, v)  # (B, heads, N, head_dim)
         x = x.transpose(1, 2).reshape(batch, tokens, dim)  # (B, N, D)
         return self.proj_drop(self.proj(x))
@@ -138,10 +150,11 @@ class Block(nn.Module):
         drop: float = 0.0,
         drop_path: float = 0.0,
         norm_eps: float = 1e-6,
+        kv_reduce: nn.Module | None = None,
     ):
         super().__init__()
         self.norm1 = nn.LayerNorm(dim, eps=norm_eps)
-        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop)
+        self.attn = Attention(dim, num_heads, qkv_bias=qkv_bias, proj_drop=drop, kv_reduce=kv_reduce)
         self.drop_path = _drop_path(drop_path)
         self.norm2 = nn.LayerNorm(dim, eps=norm_eps)
         self.mlp = Mlp(dim, round(dim * mlp_ratio), drop=drop)

@@ -14,7 +14,10 @@ neither, the module is the reference's, parameter for parameter:
   block FLOPs in the linears, 2x fewer in attention);
 - ``pool``: the block runs over (pool x pool) spatial cells of tokens, averaged (pool 2: 4x fewer tokens, ~4x
   fewer FLOPs in the linears and 16x in attention); every token's logit is the head of its cell's output plus
-  a per-token projection of its own embedding, so tokens of one cell still get their own probabilities.
+  a per-token projection of its own embedding, so tokens of one cell still get their own probabilities;
+- ``kv_pool``: every token keeps its own query, residual path and MLP, but its attention reads keys and values
+  averaged over (kv_pool x kv_pool) spatial cells (kv_pool 2: 4x fewer keys, 4x fewer attention FLOPs, the
+  linears unchanged). The parameters are the plain block's, so the reference's weights load into it.
 """
 
 from __future__ import annotations
@@ -39,8 +42,8 @@ class TokenSampler(nn.Module):
 
     Structure and initialisation follow the reference ``get_token_probs``: a block of width D with
     8 heads, mlp ratio 4, no qkv bias, LayerNorm eps 1e-5, dropout 0.1 (after the attention projection and
-    fc2); ``pos_embed_probs`` starts at zero. ``width`` and ``pool`` (with the token ``grid``) select the
-    cheaper blocks of the module docstring.
+    fc2); ``pos_embed_probs`` starts at zero. ``width``, ``pool`` and ``kv_pool`` (with the token ``grid``)
+    select the cheaper blocks of the module docstring.
     """
 
     def __init__(
@@ -53,12 +56,19 @@ class TokenSampler(nn.Module):
         width: int | None = None,
         pool: int = 1,
         grid: tuple[int, int, int] | None = None,
+        kv_pool: int = 1,
     ):
         super().__init__()
         if precision not in SAMPLER_PRECISIONS:
             raise ValueError(f"model.sampler_precision must be one of {SAMPLER_PRECISIONS}, got {precision!r}")
         if pool > 1 and (grid is None or grid[1] % pool or grid[2] % pool):
             raise ValueError(f"model.sampler_pool={pool} needs a token grid whose height and width it divides")
+        cells = pool * kv_pool
+        if kv_pool > 1 and (grid is None or grid[1] % cells or grid[2] % cells):
+            raise ValueError(
+                f"model.sampler_kv_pool={kv_pool} needs a token grid whose height and width sampler_pool x kv_pool "
+                "divides"
+            )
         self.precision = precision
         self.pool = pool
         self.grid = grid
@@ -69,7 +79,13 @@ class TokenSampler(nn.Module):
         self.proj = Linear(dim, width) if width != dim else None
         block_tokens = num_tokens // (pool * pool)
         self.pos_embed_probs = nn.Parameter(torch.zeros(1, block_tokens, width))
-        self.block = Block(width, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=dropout, norm_eps=1e-5)
+        kv_reduce = None
+        if kv_pool > 1:
+            assert grid is not None
+            kv_reduce = CellMean((grid[0], grid[1] // pool, grid[2] // pool), kv_pool)
+        self.block = Block(
+            width, num_heads, mlp_ratio=4.0, qkv_bias=False, drop=dropout, norm_eps=1e-5, kv_reduce=kv_reduce
+        )
         # Pooled: each token's own term, added to its cell's block output before the head.
         self.token_proj = Linear(dim, width) if pool > 1 else None
         self.head = Linear(width, 1)
@@ -100,6 +116,22 @@ class TokenSampler(nn.Module):
 
     def _unpooled(self, x: torch.Tensor) -> torch.Tensor:
         return repeat(x, "b (t h w) d -> b (t h p1 w p2) d", **self._cells())
+
+
+class CellMean(nn.Module):
+    """``(..., t*h*w, d)`` tokens of a (t, h, w) grid → their means over (cell x cell) spatial cells,
+    ``(..., t*(h/cell)*(w/cell), d)``, in the same (t, h, w) order."""
+
+    def __init__(self, grid: tuple[int, int, int], cell: int):
+        super().__init__()
+        t, h, w = grid
+        self.sizes = {"t": t, "h": h // cell, "w": w // cell, "p1": cell, "p2": cell}
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return reduce(x, "... (t h p1 w p2) d -> ... (t h w) d", "mean", **self.sizes)
+
+    def extra_repr(self) -> str:
+        return f"cell={self.sizes['p1']}"
 
 
 @contextlib.contextmanager
