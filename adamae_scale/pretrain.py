@@ -5,6 +5,7 @@ Runs as a single process with no launcher, or under ``deepspeed`` / ``torchrun``
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import sys
@@ -22,13 +23,13 @@ from .builder import RunBuilder, assemble_engine, claim_run_dir
 from .config import PretrainConfig
 from .data import SyntheticData, build_data
 from .engine import optim, setup
-from .engine.checkpoint import CheckpointWriteError, NoUsableCheckpoint
+from .engine.checkpoint import CheckpointRef, CheckpointWriteError, NoUsableCheckpoint
 from .engine.disk import InsufficientSpaceError, check_free_space
 from .engine.engines import Backend
 from .engine.interface import TrainingEngine
 from .engine.run_lock import RunDirBusy
 from .engine.trainer import Trainer, TrainingDiverged
-from .models import AdaMAE, build_model
+from .models import AdaMAE, AdaMAEConfig, build_model, make_config
 from .objective import AdaMAEObjective, evaluate_focus
 from .visual.tensorboard import panel_hooks, write_pictures
 
@@ -76,6 +77,8 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
             flush=True,
         )
         setup.warn_if_slow_bf16(cfg.run.precision)
+        if builder.resume_from is not None:
+            say_if_the_model_changed(builder.resume_from, model_cfg)
 
     env = builder.env
     data = build_data(cfg.data, model_cfg, train.micro_batch_size, env.rank, env.world_size)
@@ -102,6 +105,27 @@ def run(cfg: PretrainConfig) -> dict[str, Any]:
     del trainer, engine  # they hold the process group: let setup.shutdown destroy it for good
     setup.shutdown()
     return summary
+
+
+def say_if_the_model_changed(ref: CheckpointRef, model_cfg: AdaMAEConfig) -> None:
+    """Model settings that differ from the resumed checkpoint's, in one warning line. A change of a weight's shape
+    fails when the weights load; the others (the sampler's precision or attention, the mask or decoder ratio)
+    load silently and change the method from this step on, which whoever resumes with new options should know.
+    Settings the checkpoint predates count at their defaults: what the code that wrote it ran."""
+    try:
+        recorded = json.loads((ref.path / "config.json").read_text())["model"]
+        before = make_config(recorded).to_dict()
+    except (OSError, ValueError, KeyError, TypeError):
+        return  # no readable record (or one from a newer version): nothing to compare
+    now = model_cfg.to_dict()
+    changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items() if before.get(key) != value]
+    if changed:
+        print(
+            f"[adamae] warning: train.resume={ref.path} was trained with other model settings: {', '.join(changed)};"
+            " training continues with the new ones",
+            file=sys.stderr,
+            flush=True,
+        )
 
 
 def build_engine(cfg: PretrainConfig, backend: Backend | None, peak_lr: float) -> TrainingEngine:

@@ -2,6 +2,7 @@
 
 Every run is a real ``adamae-pretrain`` process with a real DeepSpeed engine on the tiny model."""
 
+import hashlib
 import json
 import os
 import random
@@ -280,6 +281,30 @@ def test_a_renamed_checkpoint_folder_resumes_at_the_step_it_records(saved_run, t
         f"[adamae] warning: train.resume={best} was trained at a global batch of 4; this run's is 2 "
         "(train.micro_batch_size=2 x train.accumulation=1 x 1 ranks), so the lr schedule now peaks at "
     ) in proc.stderr and "to keep 4, choose micro_batch_size x accumulation = 4\n" in proc.stderr
+
+
+def test_resuming_with_other_model_settings_says_which_in_one_warning(saved_run, tmp_path):
+    """Settings that keep every weight's shape load silently and change the method from the resumed step on: said
+    in one line. A setting the checkpoint predates counts at its default (what the code that wrote it ran)."""
+    run_dir, tag = tmp_path / "run", tmp_path / "step4"
+    shutil.copytree(saved_run / "checkpoints" / "step_00000004", tag)
+    config = json.loads((tag / "config.json").read_text())
+    del config["model"]["sampler_kv_pool"]  # as written before the option existed
+    (tag / "config.json").write_text(json.dumps(config))
+    manifest = json.loads((tag / MANIFEST).read_text())
+    written = (tag / "config.json").read_bytes()
+    manifest["files"]["config.json"] = {"bytes": len(written), "sha256": hashlib.sha256(written).hexdigest()}
+    (tag / MANIFEST).write_text(json.dumps(manifest))
+    same = [*FP32, "ds=zero1", "train.steps=5", f"train.resume={tag}"]
+    proc = run_pretrain(*same, f"run_dir={run_dir}")
+    assert "other model settings" not in proc.stderr and steps_logged(run_dir) == [5]
+    changed = [*same, "model.sampler_kv_pool=2", "model.sampler_precision=bf16"]
+    proc = run_pretrain(*changed, f"run_dir={tmp_path / 'changed'}")
+    assert (
+        f"[adamae] warning: train.resume={tag} was trained with other model settings: sampler_precision 'fp32' -> "
+        "'bf16', sampler_kv_pool 1 -> 2; training continues with the new ones\n"
+    ) in proc.stderr
+    assert steps_logged(tmp_path / "changed") == [5]
 
 
 def converted_step(universal: Path) -> int:
