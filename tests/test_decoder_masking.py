@@ -310,7 +310,12 @@ def test_decoder_masking_under_zero3_on_two_ranks_with_activation_checkpointing(
 def test_the_fast_preset_sets_only_options_that_passed_parity_and_composes_with_any_masking():
     cfg = schema.validate(schema.compose([*TINY_RUN, "+preset=fast"]))
     assert (cfg.decoder_ratio, cfg.decoder_mask) == (0.5, "running_cell")
-    assert (cfg.sampler_width_ratio, cfg.sampler_precision, cfg.sampler_pool) == (0.5, "bf16", 1)
+    assert (cfg.sampler_width_ratio, cfg.sampler_precision, cfg.sampler_pool, cfg.sampler_kv_pool) == (
+        0.5,
+        "bf16",
+        1,
+        2,
+    )
     assert cfg.mask_ratio == 0.75 and cfg.masking == "adaptive"  # the rest stays the paper's
     # Random masking with the preset keeps its decoder masking: the like-for-like baseline of adamae-bench.
     random = schema.validate(schema.compose([*TINY_RUN, "+preset=fast", "masking=random"]))
@@ -318,10 +323,21 @@ def test_the_fast_preset_sets_only_options_that_passed_parity_and_composes_with_
     from adamae_scale.bench.parity import VARIANTS
 
     assert VARIANTS["fast"] == ["+preset=fast"]
-    for key in ("decoder_cell", "sampler_half", "sampler_bf16"):  # each of the preset's options is measured alone
+    for key in ("decoder_cell", "sampler_half", "sampler_bf16", "sampler_kv_pool"):  # each option measured alone
         schema.validate(schema.compose([*TINY_RUN, *VARIANTS[key]]))
     pooled = schema.validate(schema.compose([*TINY_RUN, *VARIANTS["fast_pool"]]))  # measured, failed parity: not in it
-    assert (pooled.sampler_width_ratio, pooled.sampler_pool, pooled.decoder_ratio) == (0.5, 2, 0.5)
+    assert (pooled.sampler_width_ratio, pooled.sampler_pool, pooled.sampler_kv_pool, pooled.decoder_ratio) == (
+        0.5,
+        2,
+        1,
+        0.5,
+    )
+    # The preset as it was before key/value pooling joined it (measured beside it).
+    full = schema.validate(schema.compose([*TINY_RUN, *VARIANTS["fast_full_attention"]]))
+    assert (full.sampler_width_ratio, full.sampler_kv_pool, full.sampler_precision) == (0.5, 1, "bf16")
+    # At 16x224² (a 14x14 grid) the preset composes: 2 divides 14.
+    vit_b = schema.validate(schema.compose(["model=vit_base", "+preset=fast"]))
+    assert vit_b.layout.grid == (8, 14, 14) and vit_b.sampler_kv_pool == 2
 
 
 def test_parity_bench_runs_the_demo_per_option_and_seed_and_places_each_against_the_default_band(capsys):

@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
 # The CUDA check in one go (about 8 minutes on one H200), every figure as JSON lines in $GPU_CHECK_DIR:
 # 1. figures.jsonl: `adamae-bench step` alone on the device, micro-batch 32, bf16, 16x224² clips, one rank: the
-#    default, decoder masking, each cheaper sampler, +preset=fast (alone, with the pooled sampler and with the
-#    key/value-pooled one), with and without train.compile, ViT-B and ViT-L;
+#    default, decoder masking, each cheaper sampler, +preset=fast (alone, with the pooled sampler and without its
+#    key/value pooling), with and without train.compile, ViT-B and ViT-L;
 #    compare_random=true times random masking in the same run (like for like: with the row's decoder masking).
 #    One object per line: {"row": NAME, "result": {...}} or {"row": NAME, "error": "..."}.
 # 2. parity.jsonl: `adamae-bench parity` (make demo per option, 3 seeds each), one line per option, while
@@ -51,15 +51,15 @@ row vit_base/sampler_width_0.5 "${BASE[@]}" model.sampler_width_ratio=0.5
 row vit_base/sampler_pool_2 "${BASE[@]}" model.sampler_pool=2
 row vit_base/sampler_bf16 "${BASE[@]}" model.sampler_precision=bf16
 row vit_base/preset_fast "${BASE[@]}" +preset=fast compare_random=true
-row vit_base/preset_fast+sampler_pool_2 "${BASE[@]}" +preset=fast model.sampler_pool=2 compare_random=true breakdown=false
-row vit_base/preset_fast+sampler_kv_pool_2 "${BASE[@]}" +preset=fast model.sampler_kv_pool=2 compare_random=true breakdown=false
+row vit_base/preset_fast+sampler_pool_2 "${BASE[@]}" +preset=fast model.sampler_pool=2 model.sampler_kv_pool=1 compare_random=true breakdown=false
+row vit_base/preset_fast-sampler_kv_pool "${BASE[@]}" +preset=fast model.sampler_kv_pool=1 compare_random=true breakdown=false
 row vit_base/default/compile "${BASE[@]}" train.compile=true compare_random=true breakdown=false
 row vit_base/preset_fast/compile "${BASE[@]}" +preset=fast train.compile=true compare_random=true breakdown=false
 row vit_large/default "${LARGE[@]}" compare_random=true breakdown=false
 row vit_large/preset_fast "${LARGE[@]}" +preset=fast compare_random=true breakdown=false
 
 # Parity (figures independent of timing) and the CUDA tests share the device now that nothing is timed.
-for variant in default decoder_cell sampler_half sampler_pool sampler_bf16 fast fast_pool fast_kv_pool; do
+for variant in default decoder_cell sampler_half sampler_pool sampler_bf16 fast fast_pool; do
   (OMP_NUM_THREADS=1 "$PYTHON" -m adamae_scale.bench parity variants=$variant "${PARITY[@]}" >> "$DIR/parity.jsonl" 2>> "$DIR/parity.err") &
 done
 "$PYTHON" -m pytest -q -m gpu tests/test_gpu.py -p no:cacheprovider > "$DIR/test_gpu.log" 2>&1

@@ -61,7 +61,7 @@ def register_parity(sub: argparse._SubParsersAction) -> None:
         "another, and prints per option the seeds' focus_ratio (sampled masks), focus_ratio_topk, final loss_rec "
         "and seconds, with mean and range, and whether the option's mean focus lies below, within or above the "
         "default's range over the seeds. Settings: variants=default,decoder_cell,decoder_random,sampler_half,"
-        "sampler_pool,sampler_kv_pool,sampler_bf16,fast,fast_pool,fast_kv_pool seeds=N parallel=N (runs at a "
+        "sampler_pool,sampler_kv_pool,sampler_bf16,fast,fast_pool,fast_full_attention seeds=N parallel=N (runs at a "
         "time); any other key=value is added to every run (train.steps=300 ...).",
     )
 

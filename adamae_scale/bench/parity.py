@@ -31,8 +31,8 @@ VARIANTS: dict[str, list[str]] = {
     "sampler_kv_pool": ["model.sampler_kv_pool=2"],
     "sampler_bf16": ["model.sampler_precision=bf16"],
     "fast": ["+preset=fast"],
-    "fast_pool": ["+preset=fast", "model.sampler_pool=2"],
-    "fast_kv_pool": ["+preset=fast", "model.sampler_kv_pool=2"],
+    "fast_pool": ["+preset=fast", "model.sampler_pool=2", "model.sampler_kv_pool=1"],
+    "fast_full_attention": ["+preset=fast", "model.sampler_kv_pool=1"],
 }
 DEFAULTS = {"variants": ",".join(VARIANTS), "seeds": "3", "parallel": "1"}
 FOCUS_KEYS = ("focus_ratio", "focus_ratio_topk")
