@@ -118,8 +118,9 @@ for line in requests:
 
 
 # Read when a run reads them, never at import: a run may set them differently from the server (pytest names the
-# current test in PYTEST_CURRENT_TEST).
-RUN_TIME_VARIABLES = ("ADAMAE_", "PYTEST_CURRENT_TEST")
+# current test in PYTEST_CURRENT_TEST; torch sets TORCHINDUCTOR_CACHE_DIR in the pytest process the first time an
+# in-process test compiles, which used to send every later run of that worker to a fresh process).
+RUN_TIME_VARIABLES = ("ADAMAE_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_")
 
 
 class ForkServer:
