@@ -34,8 +34,13 @@ TINY_RUN = [
 ]
 
 
-def cli_env(**extra: str) -> dict[str, str]:
-    env = dict(os.environ)
+# The environment pytest started with, before any in-process test (torch, Ray, monkeypatch) changed os.environ:
+# the fork server's (tests/forkserver.py), since pytest imported torch & co. under it too.
+SESSION_ENV = dict(os.environ)
+
+
+def cli_env(*, base: dict[str, str] | None = None, **extra: str) -> dict[str, str]:
+    env = dict(os.environ if base is None else base)
     env.update(DS_ACCELERATOR="cpu", OMP_NUM_THREADS="1", PYTHONUNBUFFERED="1")
     for key in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT"):
         env.pop(key, None)
@@ -52,7 +57,8 @@ def free_port() -> int:
 def run_command(cmd: list, env: dict[str, str] | None = None, timeout: float = 300) -> subprocess.CompletedProcess:
     """``subprocess.run(cmd, cwd=REPO, capture_output=True, text=True)`` with ``cli_env()`` unless told; Python
     commands through the fork server (``tests/forkserver.py``)."""
-    return forkserver.run_command([str(c) for c in cmd], env or cli_env(), REPO, timeout, server_env=cli_env())
+    server_env = cli_env(base=SESSION_ENV)
+    return forkserver.run_command([str(c) for c in cmd], env or cli_env(), REPO, timeout, server_env=server_env)
 
 
 def _run(cmd: list[str], check: bool, timeout: int, env: dict[str, str] | None = None) -> subprocess.CompletedProcess:

@@ -14,8 +14,9 @@ started together, each with the environment torchrun gives its workers (``RANK``
 that sets the environment (SLURM's ``srun``) starts them. As under torchrun, the first rank that fails stops the
 others (SIGTERM, then SIGKILL after 30 s). Tests of the launchers themselves start them as processes.
 
-Runs whose environment differs from the server's in anything but ``RUN_TIME_VARIABLES`` use a fresh process,
-as does every run when ``ADAMAE_TESTS_FRESH=1``.
+The server starts with the environment pytest started with. A run whose environment differs from it in a
+variable the test set for that run (other than ``RUN_TIME_VARIABLES``) uses a fresh process, as does every run when
+``ADAMAE_TESTS_FRESH=1``; what in-process code set in pytest's own environment since does not count (see ``serves``).
 """
 
 from __future__ import annotations
@@ -117,10 +118,8 @@ for line in requests:
 """
 
 
-# Read when a run reads them, never at import: a run may set them differently from the server (pytest names the
-# current test in PYTEST_CURRENT_TEST; torch sets TORCHINDUCTOR_CACHE_DIR in the pytest process the first time an
-# in-process test compiles, which used to send every later run of that worker to a fresh process).
-RUN_TIME_VARIABLES = ("ADAMAE_", "PYTEST_CURRENT_TEST", "TORCHINDUCTOR_")
+# Read by our code when a run reads them, never at import: tests pass them to a run on purpose.
+RUN_TIME_VARIABLES = ("ADAMAE_",)
 
 
 class ForkServer:
@@ -144,8 +143,12 @@ class ForkServer:
     def serves(self, env: dict[str, str]) -> bool:
         if os.environ.get("ADAMAE_TESTS_FRESH") == "1" or self.proc.poll() is not None:
             return False
-        keys = {k for k in set(env) | set(self.env) if not k.startswith(RUN_TIME_VARIABLES)}
-        return all(env.get(k) == self.env.get(k) for k in keys)
+        # A difference the pytest process itself now has was made after its imports (and the server's, which started
+        # from the environment pytest started with): torch setting TORCHINDUCTOR_CACHE_DIR or
+        # PYTORCH_NVML_BASED_CUDA_CHECK, Ray its RAY_* variables, pytest PYTEST_CURRENT_TEST, a test's monkeypatch.
+        # Only what a test passes to the run itself (cli_env(FOO=...), its own dict) needs a fresh process.
+        keys = {k for k in set(env) | set(self.env) if env.get(k) != self.env.get(k)}
+        return all(k.startswith(RUN_TIME_VARIABLES) or env.get(k) == os.environ.get(k) for k in keys)
 
     def run(self, cmd: list[str], envs: list[dict[str, str]], timeout: float) -> subprocess.CompletedProcess:
         """``cmd`` (``[python, "-m", MODULE, ...]`` or ``[python, SCRIPT, ...]``) as one forked run per environment in
