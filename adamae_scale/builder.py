@@ -23,6 +23,7 @@ from typing import Any, Protocol
 import torch
 from torch import nn
 
+from .base.atomic import atomic_write_text
 from .config.compose import pinned_run_dir
 from .config.run import RunSection
 from .config.sections import EngineSection, TrainSection
@@ -108,8 +109,7 @@ class RunBuilder:
     def _say_if_the_batch_changed(self, ref: CheckpointRef) -> None:
         """Resuming on another world size (or micro-batch) changes the global batch, and with it the lr the
         schedule scales to: allowed, but said in one line, with how to keep the checkpoint's batch."""
-        config = ref.path / "config.json"
-        recorded = json.loads(config.read_text()).get("global_batch") if config.is_file() else None
+        recorded = ref.recorded.get("global_batch")
         if not isinstance(recorded, int) or recorded == self.global_batch:
             return
         train, ranks = self.cfg.train, self.env.world_size
@@ -177,9 +177,7 @@ class RunBuilder:
         """``summary.json`` (rank 0) and the metrics log closed. The caller then drops the trainer and the engine
         and calls ``setup.shutdown`` (they hold the process group)."""
         if self.is_rank0:
-            import json
-
-            (self.cfg.run.run_dir / "summary.json").write_text(json.dumps(summary, indent=2))
+            atomic_write_text(self.cfg.run.run_dir / "summary.json", json.dumps(summary, indent=2))
         trainer.logger.close()
 
     @staticmethod

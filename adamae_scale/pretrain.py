@@ -5,7 +5,6 @@ Runs as a single process with no launcher, or under ``deepspeed`` / ``torchrun``
 
 from __future__ import annotations
 
-import json
 import os
 import signal
 import sys
@@ -113,9 +112,8 @@ def say_if_the_model_changed(ref: CheckpointRef, model_cfg: AdaMAEConfig) -> Non
     load silently and change the method from this step on, which whoever resumes with new options should know.
     Settings the checkpoint predates count at their defaults: what the code that wrote it ran."""
     try:
-        recorded = json.loads((ref.path / "config.json").read_text())["model"]
-        before = make_config(recorded).to_dict()
-    except (OSError, ValueError, KeyError, TypeError):
+        before = make_config(ref.recorded["model"]).to_dict()
+    except (ValueError, KeyError, TypeError):
         return  # no readable record (or one from a newer version): nothing to compare
     now = model_cfg.to_dict()
     changed = [f"{key} {before[key]!r} -> {value!r}" for key, value in now.items() if before.get(key) != value]

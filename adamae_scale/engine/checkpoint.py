@@ -7,6 +7,7 @@ travels in DeepSpeed's ``client_state`` as plain ints and dicts.
 
 from __future__ import annotations
 
+import dataclasses
 import errno
 import hashlib
 import json
@@ -16,7 +17,7 @@ import shutil
 import subprocess
 import sys
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -176,7 +177,7 @@ class Checkpointer:
         # The step from the checkpoint itself: a tag folder may have been renamed (best/, step_N.diverged/).
         step = recorded.get("step")
         return CheckpointRef(
-            path.parent, path.name, recorded.get("world_size"), step if isinstance(step, int) else None
+            path.parent, path.name, recorded.get("world_size"), step if isinstance(step, int) else None, recorded
         )
 
     def _newest_verified(self) -> Path | None:
@@ -296,6 +297,8 @@ class CheckpointRef:
     tag: str
     world_size: int | None = None
     saved_step: int | None = None  # as recorded in its config.json
+    # Its config.json as read when it was found (empty when it has none): what the run that wrote it recorded.
+    recorded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def path(self) -> Path:
@@ -353,7 +356,7 @@ def to_universal(ref: CheckpointRef, is_rank0: bool) -> CheckpointRef:
     reasons = [reason for reason in gather_objects(failure) if reason]
     if reasons:
         raise NoUsableCheckpoint(reasons[0])
-    return CheckpointRef(ref.folder, target.name, ref.world_size, ref.saved_step)
+    return dataclasses.replace(ref, tag=target.name)
 
 
 def _convert_to_universal(ref: CheckpointRef, target: Path, source: str) -> str | None:
