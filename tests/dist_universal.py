@@ -17,7 +17,7 @@ def main() -> None:
     # A short timeout: a rank left waiting for rank 0 fails the test in a minute instead of half an hour.
     dist.init_process_group("gloo", rank=rank, world_size=world, timeout=timedelta(seconds=60))
     try:
-        got = to_universal(CheckpointRef(tag.parent, tag.name, world_size=world), is_rank0=rank == 0).tag
+        got = to_universal(CheckpointRef(tag.parent, tag.name, {"world_size": world}), is_rank0=rank == 0).tag
     except NoUsableCheckpoint as err:
         got = f"NoUsableCheckpoint: {err}"
     (out / f"rank{rank}.txt").write_text(got)

@@ -144,9 +144,12 @@ def test_checkpoints_are_complete_and_say_which_engine_wrote_them(runs):
     for spec, ref in (
         (
             engines.EngineSpec(micro_batch_size=4, name="fairscale", sharding="oss_sdp"),
-            CheckpointRef(deepspeed_tag.parent, "step_00000005", 2),
+            CheckpointRef(deepspeed_tag.parent, "step_00000005", {"world_size": 2}),
         ),
-        (engines.EngineSpec(micro_batch_size=4, name="deepspeed", ds="zero2"), CheckpointRef(tag.parent, tag.name, 2)),
+        (
+            engines.EngineSpec(micro_batch_size=4, name="deepspeed", ds="zero2"),
+            CheckpointRef(tag.parent, tag.name, {"world_size": 2}),
+        ),
     ):
         with pytest.raises(NoUsableCheckpoint, match="was written by engine="):
             engines.backend(spec, world_size=2).resume_from(ref, 2, True)

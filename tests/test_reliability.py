@@ -328,7 +328,7 @@ def test_a_rewritten_checkpoint_is_never_resumed_through_its_old_universal_form(
     run_dir = tmp_path / "run"
     shutil.copytree(saved_run, run_dir)
     ckpts = run_dir / "checkpoints"
-    four = CheckpointRef(ckpts, "step_00000004", world_size=2)  # as a 2-rank resume sees it
+    four = CheckpointRef(ckpts, "step_00000004", {"world_size": 2})  # as a 2-rank resume sees it
     universal = to_universal(four, is_rank0=True)
     assert converted_step(universal.path) == 4 and (ckpts / "latest_universal").read_text() == universal.tag
 
@@ -411,7 +411,7 @@ def test_resume_refuses_a_checkpoint_whose_pickle_would_run_code(saved_run, tmp_
 
     # Resuming on another world size converts with DeepSpeed's ds_to_universal, which un-pickles too.
     with pytest.raises(NoUsableCheckpoint, match="posix.system"):
-        to_universal(CheckpointRef(tag.parent, tag.name, world_size=2), is_rank0=True)
+        to_universal(CheckpointRef(tag.parent, tag.name, {"world_size": 2}), is_rank0=True)
     assert not marker.exists() and not (tag.parent / "step_00000004_universal").exists()
 
 

@@ -173,12 +173,7 @@ class Checkpointer:
             if problem is not None:
                 raise NoUsableCheckpoint(f"train.resume={resume}: {problem}")
         config = path / "config.json"
-        recorded = json.loads(config.read_text()) if config.is_file() else {}
-        # The step from the checkpoint itself: a tag folder may have been renamed (best/, step_N.diverged/).
-        step = recorded.get("step")
-        return CheckpointRef(
-            path.parent, path.name, recorded.get("world_size"), step if isinstance(step, int) else None, recorded
-        )
+        return CheckpointRef(path.parent, path.name, json.loads(config.read_text()) if config.is_file() else {})
 
     def _newest_verified(self) -> Path | None:
         latest = self.latest_tag()
@@ -295,14 +290,23 @@ TAG_PATTERN = re.compile(r"step_\d{8}")
 class CheckpointRef:
     folder: Path
     tag: str
-    world_size: int | None = None
-    saved_step: int | None = None  # as recorded in its config.json
     # Its config.json as read when it was found (empty when it has none): what the run that wrote it recorded.
     recorded: dict[str, Any] = field(default_factory=dict, compare=False, repr=False)
 
     @property
     def path(self) -> Path:
         return self.folder / self.tag
+
+    @property
+    def world_size(self) -> int | None:
+        """The world size the checkpoint was written on, as recorded (None when it records none)."""
+        return self.recorded.get("world_size")
+
+    @property
+    def saved_step(self) -> int | None:
+        """The step the checkpoint records: a tag folder may have been renamed (best/, step_N.diverged/)."""
+        step = self.recorded.get("step")
+        return step if isinstance(step, int) else None
 
     @property
     def universal(self) -> bool:
